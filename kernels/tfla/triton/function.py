@@ -1,0 +1,303 @@
+"""The Triton mLSTM as one autograd-aware torch.library custom op (opaque to torch.compile, no graph breaks).
+
+Math (see ../../../shared/spec/mlstm-kernels.md and ../reference.py). Per (batch, head), inside chunk c of L rows
+with entering state (C_c, n_c, m_c): a_j = log input gate (i_j, or logsigmoid(i_j) for gate="sig"),
+F_t = sum_{s<=t in chunk} logsigmoid(f_s), u_j = a_j - F_j, M_t = max_{j<=t} u_j (cummax).
+The max state needs only the gates: m_t = F_t + max(m_c, M_t), so it is computed here in PyTorch, O(S), before any
+kernel runs; the kernels then never rescale accumulators. With r_t = F_t - m_t = -max(m_c, M_t):
+  exp(D_tj - m_t) = exp(r_t + u_j) <= 1,   g_t = exp(r_t + m_c) (weight of the entering state),
+  e_j = exp(r_last + u_j) (weight of key j in the leaving state),   carry_c = exp(r_last + m_c).
+gate="sig": m = 0 everywhere, r_t = F_t.
+
+Backward. With delta_t = dh_t.h_t, denom_t = max(|qn_t|, lb_t) + eps (lb = exp(-m_t), or 1 for "sig"):
+  dh~_t = dh_t / denom_t,  dqn_t = -delta_t/denom_t sign(qn_t) [|qn_t| > lb_t],
+  dm_t = -delta_t - dqn_t qn_t + delta_t/denom_t lb_t [|qn_t| <= lb_t]     (derivative through the stabiliser)
+The kernels give dq, dk, dv (state terms included) and the row sums q.dq, k.dk. The log-gate gradients follow from
+D_tj = F_t - F_j + a_j:  dF_t = q_t.dq_t + dm_t - k_t.dk_t - I_t,  da_j = k_j.dk_j + I_j, where I_j routes dm_t to
+the argmax j of row t's max (the cummax index) exactly as autograd routes it through amax, and the entering state
+m_c takes the rows whose max is the state term. State transitions add <C_{c+1}, dC_{c+1}> + <n, dn> to dF at the
+chunk's last row. Then dlogsigmoid(f) is the reverse cumsum of dF inside each chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .launch import ChunkLayout, chunk_layout, mlstm_bwd, mlstm_bwd_delta, mlstm_fwd
+
+# Sequences up to this length run as one chunk (the whole sequence, tiled inside): what ViL at 224-512 px needs.
+SINGLE_CHUNK_MAX_SEQ_LEN = 1024
+DEFAULT_LONG_CHUNK_SIZE = 512
+
+
+def default_chunk_size(S: int) -> int:
+    return S if S <= SINGLE_CHUNK_MAX_SEQ_LEN else DEFAULT_LONG_CHUNK_SIZE
+
+
+def _gate_vectors(i: torch.Tensor, f: torch.Tensor, m0: Optional[torch.Tensor], exp_gate: bool, lay: ChunkLayout):
+    """r, u, mrow [BNH, NC, L]; mst [BNH, NC+1]; plus the cummax pieces the backward routes dm with."""
+    BNH = i.shape[0]
+    pad = lay.SP - lay.S
+    log_input = i.float() if exp_gate else F.logsigmoid(i.float())
+    log_forget = F.pad(F.logsigmoid(f.float()), (0, pad)).view(BNH, lay.NC, lay.L)
+    Fc = log_forget.cumsum(-1)  # [BNH, NC, L]
+    u = F.pad(log_input, (0, pad)).view(BNH, lay.NC, lay.L) - Fc
+    last = [lay.L - 1] * (lay.NC - 1) + [lay.S - (lay.NC - 1) * lay.L - 1]
+    if not exp_gate:
+        mst = torch.zeros(BNH, lay.NC + 1, device=i.device, dtype=torch.float32)
+        return Fc, u, torch.zeros_like(Fc), mst, None, None, last
+    M, idx = torch.cummax(u, dim=-1)
+    ms = [m0.float() if m0 is not None else torch.full((BNH,), float("-inf"), device=i.device)]
+    for c in range(lay.NC):
+        ms.append(Fc[:, c, last[c]] + torch.maximum(ms[c], M[:, c, last[c]]))
+    mst = torch.stack(ms, dim=1)  # [BNH, NC+1]
+    big = torch.maximum(mst[:, : lay.NC, None], M)
+    return -big, u, Fc + big, mst, M, idx, last
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *t.shape[2:])
+
+
+@torch.library.custom_op("tfla::mlstm_fwd", mutates_args=())
+def mlstm_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+    C0: Optional[torch.Tensor], n0: Optional[torch.Tensor], m0: Optional[torch.Tensor],
+    exp_gate: bool, normalize: bool, chunk_size: int, eps: float, return_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [B,NH,S,DHV]; states C [B,NH,NC+1,DQK,DHV], n [B,NH,NC+1,DQK], m [B,NH,NC+1] (empty when not kept); qn."""
+    return _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
+
+
+def _keeps_states(lay: ChunkLayout, has_init: bool, return_state: bool) -> bool:
+    return lay.NC > 1 or return_state or has_init
+
+
+def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+    B, NH, S, DQK = q.shape
+    DHV = v.shape[-1]
+    BNH = B * NH
+    lay = chunk_layout(S, chunk_size)
+    has_init = C0 is not None
+    qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
+    r, u, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
+                                             exp_gate, lay)
+    Cst = nst = None
+    if _keeps_states(lay, has_init, return_state):
+        Cst = torch.empty(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
+        nst = torch.empty(BNH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
+        if has_init:
+            Cst[:, 0] = _flat(C0).float()
+            nst[:, 0] = _flat(n0).float()
+    h, qn = mlstm_fwd(qf, kf, vf, r.reshape(BNH, -1), u.reshape(BNH, -1), mrow.reshape(BNH, -1), mst, Cst, nst,
+                      lay, exp_gate=exp_gate, normalize=normalize, eps=eps, has_init=has_init)
+    if Cst is None:
+        Cst = q.new_empty(0, dtype=torch.float32)
+        nst = q.new_empty(0, dtype=torch.float32)
+    else:  # views of fresh buffers, not of inputs
+        Cst = Cst.view(B, NH, lay.NC + 1, DQK, DHV)
+        nst = nst.view(B, NH, lay.NC + 1, DQK)
+    return h.view(B, NH, S, DHV), Cst, nst, mst.view(B, NH, lay.NC + 1), qn.view(B, NH, lay.SP)
+
+
+@mlstm_fwd_op.register_fake
+def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+    B, NH, S, DQK = q.shape
+    DHV = v.shape[-1]
+    lay = chunk_layout(S, chunk_size)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    if _keeps_states(lay, C0 is not None, return_state):
+        Cst = q.new_empty(B, NH, lay.NC + 1, DQK, DHV, **f32)
+        nst = q.new_empty(B, NH, lay.NC + 1, DQK, **f32)
+    else:
+        Cst = q.new_empty(0, **f32)
+        nst = q.new_empty(0, **f32)
+    return v.new_empty(B, NH, S, DHV), Cst, nst, q.new_empty(B, NH, lay.NC + 1, **f32), q.new_empty(B, NH, lay.SP, **f32)
+
+
+@torch.library.custom_op("tfla::mlstm_bwd", mutates_args=())
+def mlstm_bwd_op(
+    dh: torch.Tensor, dC: Optional[torch.Tensor], dn: Optional[torch.Tensor], dm: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+    C0: Optional[torch.Tensor], n0: Optional[torch.Tensor], m0: Optional[torch.Tensor],
+    h: torch.Tensor, Cst: torch.Tensor, nst: torch.Tensor, qn: torch.Tensor,
+    exp_gate: bool, normalize: bool, chunk_size: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state)."""
+    return _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+
+
+def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
+    B, NH, S, DQK = q.shape
+    DHV = v.shape[-1]
+    BNH = B * NH
+    lay = chunk_layout(S, chunk_size)
+    has_init = C0 is not None
+    has_final_grad = dC is not None or dn is not None or dm is not None
+    qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
+    dhf = _flat(dh.to(v.dtype).contiguous())
+    i2, f2 = _flat(i), _flat(f)
+    r, u, mrow, mst, M, idx, last = _gate_vectors(i2, f2, _flat(m0) if m0 is not None else None, exp_gate, lay)
+    qn = qn.reshape(BNH, lay.NC, lay.L)
+
+    # Per-row normaliser terms.
+    delta = mlstm_bwd_delta(_flat(h.contiguous()), dhf, lay).view(BNH, lay.NC, lay.L)
+    if normalize:
+        lower = torch.exp(-mrow) if exp_gate else torch.ones_like(qn)
+        rs = 1.0 / (torch.maximum(qn.abs(), lower) + eps)
+        active = qn.abs() > lower
+        d_denom = -delta * rs
+        dqn = torch.where(active, d_denom * torch.sign(qn), torch.zeros_like(qn))
+        dm_row = -delta - dqn * qn - torch.where(active, torch.zeros_like(qn), d_denom * lower)
+    else:
+        rs = torch.ones_like(qn)
+        dqn = torch.zeros_like(qn)
+        dm_row = -delta
+
+    keeps = Cst.numel() > 0
+    state_pass = has_init or lay.NC > 1
+    dCst = dnst = None
+    if state_pass or has_final_grad:
+        dCst = torch.zeros(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
+        dnst = torch.zeros(BNH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
+        if dC is not None:
+            dCst[:, lay.NC] = _flat(dC[:, :, lay.NC]).float()
+        if dn is not None:
+            dnst[:, lay.NC] = _flat(dn[:, :, lay.NC]).float()
+    Cf = _flat(Cst) if keeps else None
+    nf = _flat(nst) if keeps else None
+    dqf, dkf, dvf, qdq, kdk = mlstm_bwd(
+        qf, kf, vf, dhf, r.reshape(BNH, -1), u.reshape(BNH, -1), rs.reshape(BNH, -1), dqn.reshape(BNH, -1), mst,
+        Cf, nf, dCst, dnst, lay, has_final_grad=has_final_grad, state_pass=state_pass,
+    )
+    qdq = qdq.view(BNH, lay.NC, lay.L)
+    kdk = kdk.view(BNH, lay.NC, lay.L)
+
+    # A_c = <C_c, dC_c> + <n_c, dn_c>: what the state at boundary c contributes to the log gates.
+    A = None
+    if dCst is not None and keeps:
+        A = (Cf * dCst).sum((-2, -1)) + (nf * dnst).sum(-1)  # [BNH, NC+1]
+
+    dm_eff = dm_row.clone()
+    route = torch.zeros_like(dm_row)
+    dm0 = None
+    if exp_gate:
+        init_arg = mst[:, : lay.NC, None] > M  # the row's max is the entering-state term
+        DM = torch.zeros(BNH, device=q.device, dtype=torch.float32)
+        if dm is not None:
+            DM = DM + _flat(dm[:, :, lay.NC]).float()
+        if A is not None:
+            DM = DM - A[:, lay.NC]
+        for c in reversed(range(lay.NC)):
+            dm_eff[:, c, last[c]] += DM
+            DM = (dm_eff[:, c] * init_arg[:, c]).sum(-1)
+        if has_init:
+            dm0 = DM + A[:, 0]
+        # Deterministic segment sums: rows t whose argmax is j form one run of the (sorted) cummax indices.
+        local = torch.where(init_arg, torch.zeros_like(dm_eff), dm_eff).view(-1, lay.L)
+        idx2 = idx.reshape(-1, lay.L).contiguous()
+        cols = torch.arange(lay.L, device=q.device).expand_as(idx2).contiguous()
+        right = torch.searchsorted(idx2, cols, right=True)  # rows t with idx_t <= j
+        csum = torch.cumsum(local, -1)
+        prev = F.pad(csum, (1, 0))[:, :-1]
+        seg = csum.gather(-1, (right - 1).clamp(min=0)) - prev
+        route = torch.where(idx2 == cols, seg, torch.zeros_like(seg)).view(BNH, lay.NC, lay.L)
+    else:
+        dm_eff.zero_()
+
+    dF = qdq + dm_eff - kdk - route
+    if A is not None:
+        last_t = torch.tensor(last, device=q.device)
+        dF[:, torch.arange(lay.NC, device=q.device), last_t] += A[:, 1:]
+    da = kdk + route
+    dlf = dF.flip(-1).cumsum(-1).flip(-1).reshape(BNH, -1)[:, :S]
+    da = da.reshape(BNH, -1)[:, :S]
+    df = dlf * torch.sigmoid(-f2.float())
+    di = da if exp_gate else da * torch.sigmoid(-i2.float())
+
+    dC0, dn0, dm0_out = (q.new_empty(0, dtype=torch.float32) for _ in range(3))
+    if has_init:
+        dC0 = dCst[:, 0].reshape(B, NH, DQK, DHV)
+        dn0 = dnst[:, 0].reshape(B, NH, DQK)
+        dm0_out = (dm0 if dm0 is not None else torch.zeros(BNH, device=q.device)).reshape(B, NH)
+    return (dqf.view(B, NH, S, DQK), dkf.view(B, NH, S, DQK), dvf.view(B, NH, S, DHV),
+            di.reshape(B, NH, S).to(i.dtype), df.reshape(B, NH, S).to(f.dtype), dC0, dn0, dm0_out)
+
+
+@mlstm_bwd_op.register_fake
+def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
+    f32 = dict(dtype=torch.float32)
+    if C0 is not None:
+        dC0, dn0, dm0 = torch.empty_like(C0, **f32), torch.empty_like(n0, **f32), torch.empty_like(m0, **f32)
+    else:
+        dC0, dn0, dm0 = (q.new_empty(0, **f32) for _ in range(3))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(f),
+            dC0, dn0, dm0)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state = inputs
+    h, Cst, nst, mst, qn = output
+    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn)
+    ctx.cfg = (exp_gate, normalize, chunk_size, eps)
+    ctx.init_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
+
+
+def _backward(ctx, dh, dCst, dnst, dmst, dqn):
+    q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn = ctx.saved_tensors
+    exp_gate, normalize, chunk_size, eps = ctx.cfg
+    if dh is None:
+        dh = torch.zeros_like(h)
+    if dCst is not None and dCst.numel() == 0:
+        dCst = None
+    if dnst is not None and dnst.numel() == 0:
+        dnst = None
+    dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_bwd_op(
+        dh, dCst, dnst, dmst, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps
+    )
+    if C0 is None:
+        dC0 = dn0 = dm0 = None
+    else:
+        dC0, dn0, dm0 = dC0.to(ctx.init_dtypes[0]), dn0.to(ctx.init_dtypes[1]), dm0.to(ctx.init_dtypes[2])
+    return dq, dk, dv, di, df, dC0, dn0, dm0, None, None, None, None, None
+
+
+torch.library.register_autograd("tfla::mlstm_fwd", _backward, setup_context=_setup_context)
+
+
+def mlstm_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    *,
+    gate: str = "exp",
+    normalize: bool = True,
+    chunk_size: Optional[int] = None,
+    initial_state=None,
+    return_state: bool = False,
+    eps: float = 1e-6,
+):
+    """TFLA mLSTM on the Triton kernels; same contract as tfla.mlstm (inputs already checked there)."""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    S = q.shape[-2]
+    L = default_chunk_size(S) if chunk_size is None else int(chunk_size)
+    C0 = n0 = m0 = None
+    if initial_state is not None:
+        C0, n0, m0 = initial_state
+    h, Cst, nst, mst, _ = mlstm_fwd_op(q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
+    if not return_state:
+        return h
+    from ..reference import MLSTMState
+
+    NC = mst.shape[-1] - 1
+    return h, MLSTMState(Cst[:, :, NC], nst[:, :, NC], mst[:, :, NC])

@@ -1,0 +1,426 @@
+"""Raw Triton kernels of the tiled mLSTM (TFLA), forward and backward. Launch wrappers live in launch.py.
+
+Layout shared by every kernel (see function.py for how the vectors are made):
+- q, k [B*NH, S, DQK], v, h, dh [B*NH, S, DHV], contiguous, any S; rows are split into NC chunks of L rows
+  (the last may be short); a chunk index c and a row t inside it address global row c*L + t.
+- Per-row float32 vectors are [B*NH, SP] with SP = NC*L (padded at the end only), so global row s sits at s:
+  r_t (row log-scale), u_j (column log-scale), mrow_t (max state m_t), qn_t, rs_t = 1/denominator, dqn_t.
+  The decay matrix is exp(D_tj - m_t) = exp(r_t + u_j) for j <= t inside a chunk, never above 1 for gate="exp"
+  because r_t = -max(m_c, max_{j<=t} u_j) is built from the same u.
+- Chunk states [B*NH, NC+1, DQK, DHV] (C), [B*NH, NC+1, DQK] (n), [B*NH, NC+1] (m): index c is the state entering
+  chunk c, index NC the final state. The contribution of a chunk's entering state to row t is scaled by
+  g_t = exp(r_t + m_c); the weight of key j in the state leaving chunk c is e_j = exp(r_last + u_j).
+- 1/sqrt(DQK) enters the exponent as log_scale (query-key weights) or as `scale` (state terms).
+Matrix products take operands in the input dtype and accumulate in float32. No atomics: every output element is
+written by exactly one program, so results are identical run to run.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mlstm_fwd_h_kernel(
+    Q, K, V, H, R, U, MROW, QN, CST, NST, MST,
+    S, L, NC, SP, DQK, DHV, log_scale, scale, eps,
+    HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(r_t+u_j) v_j + g_t q_t C_c, normalised."""
+    pid_t = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bc = tl.program_id(2)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    t_loc = pid_t * BT + tl.arange(0, BT)
+    t_ok = t_loc < Lc
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DHV
+    q_base = Q + (bh * S + row0) * DQK
+    k_base = K + (bh * S + row0) * DQK
+    v_base = V + (bh * S + row0) * DHV
+    vec = bh * SP + row0
+    r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+
+    acc = tl.zeros((BT, BV), dtype=tl.float32)
+    qn = tl.zeros((BT,), dtype=tl.float32)
+    hi = tl.minimum((pid_t + 1) * BT, Lc)
+    for j0 in range(0, hi, BS):
+        s_loc = j0 + tl.arange(0, BS)
+        s_ok = s_loc < Lc
+        u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+        sc = tl.zeros((BT, BS), dtype=tl.float32)
+        for d0 in range(0, DQK, BK):
+            offs_d = d0 + tl.arange(0, BK)
+            d_ok = offs_d < DQK
+            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None], mask=s_ok[None, :] & d_ok[:, None], other=0.0)
+            sc += tl.dot(q_t, k_tr, input_precision=PREC)
+        causal = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
+        w = tl.where(causal, sc * tl.exp(r_t[:, None] + u_s[None, :] + log_scale), 0.0)
+        qn += tl.sum(w, 1)
+        v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
+        acc += tl.dot(w.to(v_s.dtype), v_s, input_precision=PREC)
+
+    if HAS_INIT:
+        st = bh * (NC + 1) + c
+        m_c = tl.load(MST + st)
+        g = tl.where(t_ok, tl.exp(r_t + m_c) * scale, 0.0)
+        acc_c = tl.zeros((BT, BV), dtype=tl.float32)
+        qn_c = tl.zeros((BT,), dtype=tl.float32)
+        for d0 in range(0, DQK, BK):
+            offs_d = d0 + tl.arange(0, BK)
+            d_ok = offs_d < DQK
+            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            c_dv = tl.load(CST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :],
+                           mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+            acc_c += tl.dot(q_t, c_dv.to(q_t.dtype), input_precision=PREC)
+            n_d = tl.load(NST + st * DQK + offs_d, mask=d_ok, other=0.0)
+            qn_c += tl.sum(q_t.to(tl.float32) * n_d[None, :], 1)
+        acc += g[:, None] * acc_c
+        qn += g * qn_c
+
+    if NORMALIZE:
+        if EXP_GATE:
+            m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+            lower = tl.exp(-m_t)
+        else:
+            lower = tl.full((BT,), 1.0, tl.float32)
+        denom = tl.maximum(tl.abs(qn), lower) + eps
+        acc = acc / denom[:, None]
+    h_base = H + (bh * S + row0) * DHV
+    tl.store(h_base + t_loc[:, None] * DHV + offs_v[None, :], acc.to(H.dtype.element_ty),
+             mask=t_ok[:, None] & v_ok[None, :])
+    tl.store(QN + vec + t_loc, qn, mask=t_ok & (pid_v == 0))
+
+
+@triton.jit
+def mlstm_fwd_state_kernel(
+    K, V, R, U, MST, CST, NST,
+    S, L, NC, SP, DQK, DHV,
+    HAS_INIT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T."""
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_d = pid_k * BK + tl.arange(0, BK)
+    d_ok = offs_d < DQK
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DHV
+    cv_off = offs_d[:, None] * DHV + offs_v[None, :]
+    cv_ok = d_ok[:, None] & v_ok[None, :]
+    n_write = d_ok & (pid_v == 0)
+    if HAS_INIT:
+        acc = tl.load(CST + bh * (NC + 1) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
+        acc_n = tl.load(NST + bh * (NC + 1) * DQK + offs_d, mask=d_ok, other=0.0)
+    else:
+        acc = tl.zeros((BK, BV), dtype=tl.float32)
+        acc_n = tl.zeros((BK,), dtype=tl.float32)
+        tl.store(CST + bh * (NC + 1) * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(NST + bh * (NC + 1) * DQK + offs_d, acc_n, mask=n_write)
+    for c in range(0, NC):
+        row0 = c * L
+        Lc = tl.minimum(L, S - row0)
+        vec = bh * SP + row0
+        r_last = tl.load(R + vec + Lc - 1)
+        m_c = tl.load(MST + bh * (NC + 1) + c)
+        carry = tl.exp(r_last + m_c)
+        acc = acc * carry
+        acc_n = acc_n * carry
+        k_base = K + (bh * S + row0) * DQK
+        v_base = V + (bh * S + row0) * DHV
+        for j0 in range(0, Lc, BS):
+            s_loc = j0 + tl.arange(0, BS)
+            s_ok = s_loc < Lc
+            u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+            e = tl.where(s_ok, tl.exp(r_last + u_s), 0.0)
+            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None], mask=s_ok[None, :] & d_ok[:, None], other=0.0)
+            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
+            kw = k_tr.to(tl.float32) * e[None, :]
+            acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
+            acc_n += tl.sum(kw, 1)
+        st = bh * (NC + 1) + c + 1
+        tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
+
+
+@triton.jit
+def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.constexpr):
+    """delta_t = sum_v dh[t, v] * h[t, v] (float32), the row term of the normaliser's gradient."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_t * BT + tl.arange(0, BT)
+    r_ok = rows < S
+    acc = tl.zeros((BT,), dtype=tl.float32)
+    for v0 in range(0, DHV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        msk = r_ok[:, None] & (offs_v[None, :] < DHV)
+        off = (bh * S + rows[:, None]) * DHV + offs_v[None, :]
+        h = tl.load(H + off, mask=msk, other=0.0).to(tl.float32)
+        dh = tl.load(DH + off, mask=msk, other=0.0).to(tl.float32)
+        acc += tl.sum(h * dh, 1)
+    tl.store(DELTA + bh * SP + rows, acc, mask=r_ok)
+
+
+@triton.jit
+def mlstm_bwd_state_kernel(
+    Q, DH, R, RS, DQN, MST, DCST, DNST,
+    S, L, NC, SP, DQK, DHV, scale,
+    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise)."""
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_d = pid_k * BK + tl.arange(0, BK)
+    d_ok = offs_d < DQK
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DHV
+    cv_off = offs_d[:, None] * DHV + offs_v[None, :]
+    cv_ok = d_ok[:, None] & v_ok[None, :]
+    n_write = d_ok & (pid_v == 0)
+    if HAS_FINAL:
+        acc = tl.load(DCST + (bh * (NC + 1) + NC) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
+        acc_n = tl.load(DNST + (bh * (NC + 1) + NC) * DQK + offs_d, mask=d_ok, other=0.0)
+    else:
+        acc = tl.zeros((BK, BV), dtype=tl.float32)
+        acc_n = tl.zeros((BK,), dtype=tl.float32)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        row0 = c * L
+        Lc = tl.minimum(L, S - row0)
+        vec = bh * SP + row0
+        r_last = tl.load(R + vec + Lc - 1)
+        m_c = tl.load(MST + bh * (NC + 1) + c)
+        carry = tl.exp(r_last + m_c)
+        acc = acc * carry
+        acc_n = acc_n * carry
+        q_base = Q + (bh * S + row0) * DQK
+        dh_base = DH + (bh * S + row0) * DHV
+        for t0 in range(0, Lc, BT):
+            t_loc = t0 + tl.arange(0, BT)
+            t_ok = t_loc < Lc
+            r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+            rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+            dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+            g = tl.where(t_ok, tl.exp(r_t + m_c) * scale, 0.0)
+            q_tr = tl.load(q_base + t_loc[None, :] * DQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
+                           other=0.0).to(tl.float32)
+            dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                           other=0.0)
+            acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
+            acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
+        st = bh * (NC + 1) + c
+        tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+
+
+@triton.jit
+def mlstm_bwd_dq_kernel(
+    Q, K, V, DH, R, U, RS, DQN, CST, NST, MST, DQ, QDQ,
+    S, L, NC, SP, DQK, DHV, log_scale, scale,
+    HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dq[t, k-slice] = sum_j dW_tj exp(r_t+u_j)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn."""
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_bc = tl.program_id(2)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    t_loc = pid_t * BT + tl.arange(0, BT)
+    t_ok = t_loc < Lc
+    offs_k = pid_k * BKO + tl.arange(0, BKO)
+    k_ok = offs_k < DQK
+    q_base = Q + (bh * S + row0) * DQK
+    k_base = K + (bh * S + row0) * DQK
+    v_base = V + (bh * S + row0) * DHV
+    dh_base = DH + (bh * S + row0) * DHV
+    vec = bh * SP + row0
+    r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+    rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+    dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+
+    acc = tl.zeros((BT, BKO), dtype=tl.float32)
+    hi = tl.minimum((pid_t + 1) * BT, Lc)
+    for j0 in range(0, hi, BS):
+        s_loc = j0 + tl.arange(0, BS)
+        s_ok = s_loc < Lc
+        u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+        dw = tl.zeros((BT, BS), dtype=tl.float32)
+        for v0 in range(0, DHV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            v_ok = offs_v < DHV
+            dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                           other=0.0)
+            v_tr = tl.load(v_base + s_loc[None, :] * DHV + offs_v[:, None], mask=s_ok[None, :] & v_ok[:, None],
+                           other=0.0)
+            dw += tl.dot(dh_t, v_tr, input_precision=PREC)
+        causal = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
+        ds = tl.where(causal, (dw * rs_t[:, None] + dqn_t[:, None]) * tl.exp(r_t[:, None] + u_s[None, :] + log_scale),
+                      0.0)
+        k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(ds.to(k_s.dtype), k_s, input_precision=PREC)
+
+    if HAS_INIT:
+        st = bh * (NC + 1) + c
+        m_c = tl.load(MST + st)
+        g = tl.where(t_ok, tl.exp(r_t + m_c) * scale, 0.0)
+        acc_c = tl.zeros((BT, BKO), dtype=tl.float32)
+        for v0 in range(0, DHV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            v_ok = offs_v < DHV
+            dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                           other=0.0)
+            c_tr = tl.load(CST + st * DQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
+                           mask=k_ok[None, :] & v_ok[:, None], other=0.0)
+            acc_c += tl.dot(dh_t, c_tr.to(dh_t.dtype), input_precision=PREC)
+        n_k = tl.load(NST + st * DQK + offs_k, mask=k_ok, other=0.0)
+        acc += g[:, None] * (acc_c * rs_t[:, None] + dqn_t[:, None] * n_k[None, :])
+
+    out_ok = t_ok[:, None] & k_ok[None, :]
+    tl.store(DQ + (bh * S + row0) * DQK + t_loc[:, None] * DQK + offs_k[None, :], acc.to(DQ.dtype.element_ty),
+             mask=out_ok)
+    q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(QDQ + pid_k * (tl.num_programs(2) // NC) * SP + vec + t_loc, tl.sum(q_t * acc, 1), mask=t_ok)
+
+
+@triton.jit
+def mlstm_bwd_dk_kernel(
+    Q, K, V, DH, R, U, RS, DQN, DCST, DNST, DK, KDK,
+    S, L, NC, SP, DQK, DHV, log_scale,
+    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dk[j, k-slice] = sum_{t>=j} dW_tj exp(r_t+u_j)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1})."""
+    pid_s = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_bc = tl.program_id(2)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    s_loc = pid_s * BS + tl.arange(0, BS)
+    s_ok = s_loc < Lc
+    offs_k = pid_k * BKO + tl.arange(0, BKO)
+    k_ok = offs_k < DQK
+    q_base = Q + (bh * S + row0) * DQK
+    k_base = K + (bh * S + row0) * DQK
+    v_base = V + (bh * S + row0) * DHV
+    dh_base = DH + (bh * S + row0) * DHV
+    vec = bh * SP + row0
+    u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+
+    acc = tl.zeros((BS, BKO), dtype=tl.float32)
+    t_start = ((pid_s * BS) // BT) * BT
+    for t0 in range(t_start, Lc, BT):
+        t_loc = t0 + tl.arange(0, BT)
+        t_ok = t_loc < Lc
+        r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+        dw_tr = tl.zeros((BS, BT), dtype=tl.float32)
+        for v0 in range(0, DHV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            v_ok = offs_v < DHV
+            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :],
+                          other=0.0)
+            dh_tr = tl.load(dh_base + t_loc[None, :] * DHV + offs_v[:, None], mask=t_ok[None, :] & v_ok[:, None],
+                            other=0.0)
+            dw_tr += tl.dot(v_s, dh_tr, input_precision=PREC)
+        causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
+        ds_tr = tl.where(causal,
+                         (dw_tr * rs_t[None, :] + dqn_t[None, :]) * tl.exp(r_t[None, :] + u_s[:, None] + log_scale),
+                         0.0)
+        q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
+
+    if HAS_FINAL:
+        st = bh * (NC + 1) + c + 1
+        r_last = tl.load(R + vec + Lc - 1)
+        e = tl.where(s_ok, tl.exp(r_last + u_s), 0.0)
+        acc_f = tl.zeros((BS, BKO), dtype=tl.float32)
+        for v0 in range(0, DHV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            v_ok = offs_v < DHV
+            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :],
+                          other=0.0)
+            dc_tr = tl.load(DCST + st * DQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
+                            mask=k_ok[None, :] & v_ok[:, None], other=0.0)
+            acc_f += tl.dot(v_s, dc_tr.to(v_s.dtype), input_precision=PREC)
+        dn_k = tl.load(DNST + st * DQK + offs_k, mask=k_ok, other=0.0)
+        acc += e[:, None] * (acc_f + dn_k[None, :])
+
+    out_ok = s_ok[:, None] & k_ok[None, :]
+    tl.store(DK + (bh * S + row0) * DQK + s_loc[:, None] * DQK + offs_k[None, :], acc.to(DK.dtype.element_ty),
+             mask=out_ok)
+    k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(KDK + pid_k * (tl.num_programs(2) // NC) * SP + vec + s_loc, tl.sum(k_s * acc, 1), mask=s_ok)
+
+
+@triton.jit
+def mlstm_bwd_dv_kernel(
+    Q, K, DH, R, U, RS, DCST, DV,
+    S, L, NC, SP, DQK, DHV, log_scale,
+    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BVO: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(r_t+u_j)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}."""
+    pid_s = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bc = tl.program_id(2)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    s_loc = pid_s * BS + tl.arange(0, BS)
+    s_ok = s_loc < Lc
+    offs_v = pid_v * BVO + tl.arange(0, BVO)
+    v_ok = offs_v < DHV
+    q_base = Q + (bh * S + row0) * DQK
+    k_base = K + (bh * S + row0) * DQK
+    dh_base = DH + (bh * S + row0) * DHV
+    vec = bh * SP + row0
+    u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+
+    acc = tl.zeros((BS, BVO), dtype=tl.float32)
+    t_start = ((pid_s * BS) // BT) * BT
+    for t0 in range(t_start, Lc, BT):
+        t_loc = t0 + tl.arange(0, BT)
+        t_ok = t_loc < Lc
+        r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+        sc_tr = tl.zeros((BS, BT), dtype=tl.float32)
+        for d0 in range(0, DQK, BK):
+            offs_d = d0 + tl.arange(0, BK)
+            d_ok = offs_d < DQK
+            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            q_tr = tl.load(q_base + t_loc[None, :] * DQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
+                           other=0.0)
+            sc_tr += tl.dot(k_s, q_tr, input_precision=PREC)
+        causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
+        w_tr = tl.where(causal, sc_tr * tl.exp(r_t[None, :] + u_s[:, None] + log_scale) * rs_t[None, :], 0.0)
+        dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        acc += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
+
+    if HAS_FINAL:
+        st = bh * (NC + 1) + c + 1
+        r_last = tl.load(R + vec + Lc - 1)
+        e = tl.where(s_ok, tl.exp(r_last + u_s), 0.0)
+        acc_f = tl.zeros((BS, BVO), dtype=tl.float32)
+        for d0 in range(0, DQK, BK):
+            offs_d = d0 + tl.arange(0, BK)
+            d_ok = offs_d < DQK
+            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            dc = tl.load(DCST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :],
+                         mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+            acc_f += tl.dot(k_s, dc.to(k_s.dtype), input_precision=PREC)
+        acc += e[:, None] * acc_f
+
+    tl.store(DV + (bh * S + row0) * DHV + s_loc[:, None] * DHV + offs_v[None, :], acc.to(DV.dtype.element_ty),
+             mask=s_ok[:, None] & v_ok[None, :])

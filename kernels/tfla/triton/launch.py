@@ -1,0 +1,176 @@
+"""Launch wrappers for the kernels in kernels.py: block sizes, grids, output allocation. No autograd here."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+
+from .kernels import (
+    mlstm_bwd_delta_kernel,
+    mlstm_bwd_dk_kernel,
+    mlstm_bwd_dq_kernel,
+    mlstm_bwd_dv_kernel,
+    mlstm_bwd_state_kernel,
+    mlstm_fwd_h_kernel,
+    mlstm_fwd_state_kernel,
+)
+
+
+class ChunkLayout(NamedTuple):
+    """How S rows are split: NC chunks of L rows (the last may be short); per-row vectors are padded to SP = NC*L."""
+
+    S: int
+    L: int
+    NC: int
+    SP: int
+
+
+def chunk_layout(S: int, chunk_size: int) -> ChunkLayout:
+    L = max(1, min(chunk_size, S))
+    NC = triton.cdiv(S, L)
+    return ChunkLayout(S, L, NC, NC * L)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _dim_block(d: int, cap: int) -> int:
+    """Tile width along a head dim: the whole (padded) dim when it fits under cap, else 64-wide slices."""
+    p = _pow2(d)
+    return p if p <= cap else 64
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get float32 products (as torch.matmul without TF32), half types the tensor cores' native path.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _warps(*tile: int) -> int:
+    return 8 if math.prod(tile) >= 64 * 256 else 4
+
+
+def mlstm_fwd(
+    q: torch.Tensor,  # [BNH, S, DQK]
+    k: torch.Tensor,  # [BNH, S, DQK]
+    v: torch.Tensor,  # [BNH, S, DHV]
+    r: torch.Tensor,  # [BNH, SP]
+    u: torch.Tensor,  # [BNH, SP]
+    mrow: torch.Tensor,  # [BNH, SP]
+    mst: torch.Tensor,  # [BNH, NC+1]
+    Cst: Optional[torch.Tensor],  # [BNH, NC+1, DQK, DHV], index 0 filled when has_init
+    nst: Optional[torch.Tensor],  # [BNH, NC+1, DQK]
+    lay: ChunkLayout,
+    *,
+    exp_gate: bool,
+    normalize: bool,
+    eps: float,
+    has_init: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns h [BNH, S, DHV] and qn [BNH, SP]; fills Cst/nst[:, 1:] (chunk states) when given."""
+    BNH, S, DQK = q.shape
+    DHV = v.shape[-1]
+    prec = _precision(q.dtype)
+    scale = 1.0 / math.sqrt(DQK)
+    if Cst is not None:
+        BK, BV = 64, 64
+        grid = (triton.cdiv(DQK, BK), triton.cdiv(DHV, BV), BNH)
+        mlstm_fwd_state_kernel[grid](
+            k, v, r, u, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
+            HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
+        )
+    h = torch.empty_like(v)
+    qn = torch.zeros(BNH, lay.SP, device=q.device, dtype=torch.float32)
+    BT = BS = 64
+    BK = _dim_block(DQK, 128)
+    BV = min(_pow2(DHV), 128)
+    grid = (triton.cdiv(lay.L, BT), triton.cdiv(DHV, BV), BNH * lay.NC)
+    dummy = r
+    mlstm_fwd_h_kernel[grid](
+        q, k, v, h, r, u, mrow, qn,
+        Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, math.log(scale), scale, eps,
+        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate,
+        BT=BT, BS=BS, BK=BK, BV=BV, PREC=prec, num_warps=_warps(BT, BV),
+    )
+    return h, qn
+
+
+def mlstm_bwd_delta(h: torch.Tensor, dh: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
+    BNH, S, DHV = h.shape
+    delta = torch.zeros(BNH, lay.SP, device=h.device, dtype=torch.float32)
+    BT, BV = 64, min(_pow2(DHV), 128)
+    mlstm_bwd_delta_kernel[(triton.cdiv(S, BT), BNH)](h, dh, delta, S, lay.SP, DHV, BT=BT, BV=BV, num_warps=4)
+    return delta
+
+
+def mlstm_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dh: torch.Tensor,  # [BNH, S, DHV], contiguous, v's dtype
+    r: torch.Tensor,
+    u: torch.Tensor,
+    rs: torch.Tensor,  # [BNH, SP] 1/denominator
+    dqn: torch.Tensor,  # [BNH, SP]
+    mst: torch.Tensor,
+    Cst: Optional[torch.Tensor],
+    nst: Optional[torch.Tensor],
+    dCst: Optional[torch.Tensor],  # [BNH, NC+1, DQK, DHV]: index NC holds dC_final on entry; filled with dC_c
+    dnst: Optional[torch.Tensor],
+    lay: ChunkLayout,
+    *,
+    has_final_grad: bool,
+    state_pass: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32)."""
+    BNH, S, DQK = q.shape
+    DHV = v.shape[-1]
+    prec = _precision(q.dtype)
+    scale = 1.0 / math.sqrt(DQK)
+    log_scale = math.log(scale)
+    dummy = r
+    if state_pass:
+        BK, BV = 64, 64
+        grid = (triton.cdiv(DQK, BK), triton.cdiv(DHV, BV), BNH)
+        mlstm_bwd_state_kernel[grid](
+            q, dh, r, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
+            HAS_FINAL=has_final_grad, BT=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
+        )
+    has_final = dCst is not None
+    BT = BS = 64
+    BV_in = _dim_block(DHV, 128)
+    BK_in = _dim_block(DQK, 128)
+    BKO = min(_pow2(DQK), 128)
+    BVO = min(_pow2(DHV), 128)
+    nko = triton.cdiv(DQK, BKO)
+
+    dq = torch.empty_like(q)
+    qdq = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(lay.L, BT), nko, BNH * lay.NC)
+    mlstm_bwd_dq_kernel[grid](
+        q, k, v, dh, r, u, rs, dqn,
+        Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, log_scale, scale,
+        HAS_INIT=Cst is not None, BT=BT, BS=BS, BV=BV_in, BKO=BKO, PREC=prec, num_warps=_warps(BT, BKO),
+    )
+    dk = torch.empty_like(k)
+    kdk = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(lay.L, BS), nko, BNH * lay.NC)
+    mlstm_bwd_dk_kernel[grid](
+        q, k, v, dh, r, u, rs, dqn,
+        dCst if has_final else dummy, dnst if has_final else dummy, dk, kdk,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, log_scale,
+        HAS_FINAL=has_final, BT=BT, BS=BS, BV=BV_in, BKO=BKO, PREC=prec, num_warps=_warps(BS, BKO),
+    )
+    dv = torch.empty_like(v)
+    grid = (triton.cdiv(lay.L, BS), triton.cdiv(DHV, BVO), BNH * lay.NC)
+    mlstm_bwd_dv_kernel[grid](
+        q, k, dh, r, u, rs, dCst if has_final else dummy, dv,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, log_scale,
+        HAS_FINAL=has_final, BT=BT, BS=BS, BK=BK_in, BVO=BVO, PREC=prec, num_warps=_warps(BS, BVO),
+    )
+    return dq, dk, dv, qdq.sum(0), kdk.sum(0)
