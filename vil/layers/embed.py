@@ -1,14 +1,10 @@
 """Patch embedding, the 2D position-embedding grid and the input checks in front of them."""
 
-from __future__ import annotations
-
-from typing import List, Optional, Tuple, Union
-
 import torch
 import torch.fx
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, resample_patch_embed, to_2tuple
+from torch import nn
 
 
 @register_notrace_function
@@ -16,9 +12,9 @@ from timm.layers import register_notrace_function, resample_patch_embed, to_2tup
 def check_image(
     x: torch.Tensor,
     in_chans: int,
-    img_size: Tuple[int, int],
-    patch_size: Tuple[int, int],
-    stride: Tuple[int, int],
+    img_size: tuple[int, int],
+    patch_size: tuple[int, int],
+    stride: tuple[int, int],
     strict_img_size: bool,
 ) -> None:
     """Raise a ValueError that names the problem and the fix when `x` is not a batch of images the model takes."""
@@ -37,7 +33,10 @@ def check_image(
             f"img_size=({height}, {width}), call model.set_input_size(img_size=({height}, {width})), or create it "
             f"with dynamic_img_size=True to accept any size"
         )
-    for name, size, patch, step in (("height", height, patch_size[0], stride[0]), ("width", width, patch_size[1], stride[1])):
+    for name, size, patch, step in (
+        ("height", height, patch_size[0], stride[0]),
+        ("width", width, patch_size[1], stride[1]),
+    ):
         if size < patch or (size - patch) % step != 0:
             ok = max(patch, patch + round((size - patch) / step) * step)
             raise ValueError(
@@ -47,7 +46,7 @@ def check_image(
 
 
 @register_notrace_function
-def resample_pos_embed(pos_embed: torch.Tensor, grid_size: List[int]) -> torch.Tensor:
+def resample_pos_embed(pos_embed: torch.Tensor, grid_size: list[int]) -> torch.Tensor:
     """Bicubic resampling of a position-embedding grid [1, H, W, D] to [1, grid_size[0], grid_size[1], D].
 
     No antialiasing, as in the authors' code, so that resampled checkpoints compute what their model computes.
@@ -65,7 +64,7 @@ torch.fx.wrap("check_image")
 torch.fx.wrap("resample_pos_embed")
 
 
-def _grid_size(img_size: Tuple[int, int], patch_size: Tuple[int, int], stride: Tuple[int, int]) -> Tuple[int, int]:
+def _grid_size(img_size: tuple[int, int], patch_size: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
     return (img_size[0] - patch_size[0]) // stride[0] + 1, (img_size[1] - patch_size[1]) // stride[1] + 1
 
 
@@ -77,25 +76,25 @@ class PatchEmbed(nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Tuple[int, int]] = 224,
-        patch_size: Union[int, Tuple[int, int]] = 16,
-        stride: Optional[Union[int, Tuple[int, int]]] = None,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        stride: int | tuple[int, int] | None = None,
         in_chans: int = 3,
         embed_dim: int = 192,
         strict_img_size: bool = True,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.img_size: Tuple[int, int] = to_2tuple(img_size)
-        self.patch_size: Tuple[int, int] = to_2tuple(patch_size)
-        self.stride: Tuple[int, int] = to_2tuple(stride if stride is not None else patch_size)
+        self.img_size: tuple[int, int] = to_2tuple(img_size)
+        self.patch_size: tuple[int, int] = to_2tuple(patch_size)
+        self.stride: tuple[int, int] = to_2tuple(stride if stride is not None else patch_size)
         self.in_chans = in_chans
         self.strict_img_size = strict_img_size
         for size, patch in zip(self.img_size, self.patch_size):
             if size < patch:
                 raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
-        self.grid_size: Tuple[int, int] = _grid_size(self.img_size, self.patch_size, self.stride)
+        self.grid_size: tuple[int, int] = _grid_size(self.img_size, self.patch_size, self.stride)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(
             in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride, device=device, dtype=dtype
@@ -106,14 +105,14 @@ class PatchEmbed(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight.view(self.proj.weight.shape[0], -1))
         nn.init.zeros_(self.proj.bias)
 
-    def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+    def feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
         """Token grid (H', W') for an image of size img_size."""
         return _grid_size(img_size, self.patch_size, self.stride)
 
     def set_input_size(
         self,
-        img_size: Optional[Union[int, Tuple[int, int]]] = None,
-        patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+        img_size: int | tuple[int, int] | None = None,
+        patch_size: int | tuple[int, int] | None = None,
     ) -> None:
         """Change the nominal image size and/or the patch size (the kernel is resampled, as timm's PatchEmbed)."""
         if patch_size is not None:

@@ -1,12 +1,9 @@
 """Block-diagonal linear map: the q/k/v projections of the ViL layer."""
 
-from __future__ import annotations
-
 import math
-from typing import Optional
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -22,8 +19,8 @@ class BlockDiagonalLinear(nn.Module):
         dim: int,
         block_size: int = 4,
         bias: bool = True,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dim % block_size != 0:
@@ -35,7 +32,7 @@ class BlockDiagonalLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
-    def reset_parameters(self, std: Optional[float] = None) -> None:
+    def reset_parameters(self, std: float | None = None) -> None:
         """Normal init with `std` (default: the small-init std of the block width); bias 0."""
         nn.init.normal_(self.weight, mean=0.0, std=math.sqrt(2 / (5 * self.block_size)) if std is None else std)
         if self.bias is not None:

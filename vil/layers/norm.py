@@ -6,13 +6,9 @@ authors' checkpoints store three of their norms as offsets (effective scale = 1 
 computes exactly what the authors' model computes.
 """
 
-from __future__ import annotations
-
-from typing import Optional
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class MultiHeadLayerNorm(nn.Module):
@@ -25,8 +21,8 @@ class MultiHeadLayerNorm(nn.Module):
         num_heads: int,
         eps: float = 1e-5,
         bias: bool = True,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:

@@ -4,17 +4,14 @@ Tensors flow channels-last on the token grid, [B, H, W, C], so the convolution a
 input (any resolution at run time); the mLSTM sees the row-major sequence S = H * W of that grid.
 """
 
-from __future__ import annotations
-
 import math
-from typing import Optional
 
 import torch
 import torch.fx
-import torch.nn as nn
 import torch.nn.functional as F
 from tfla import mlstm
 from timm.layers import register_notrace_function
+from torch import nn
 
 from .linear import BlockDiagonalLinear
 from .norm import MultiHeadLayerNorm
@@ -29,7 +26,7 @@ def mlstm_op(
     i: torch.Tensor,
     f: torch.Tensor,
     backend: str = "auto",
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """tfla's mLSTM (exponential input gate), kept opaque to TorchScript and torch.fx: the kernel dispatch is
     Python. q, k: [B, NH, S, DQK]; v: [B, NH, S, DHV]; i, f: [B, NH, S] pre-activations -> h [B, NH, S, DHV]."""
@@ -47,8 +44,8 @@ class GridConv2d(nn.Conv2d):
         dim: int,
         kernel_size: int = 3,
         bias: bool = True,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if kernel_size % 2 != 1:
             raise ValueError(f"GridConv2d keeps the grid size and needs an odd kernel_size, got {kernel_size}")
@@ -57,7 +54,9 @@ class GridConv2d(nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(
+            x.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
         return y.permute(0, 2, 3, 1)
 
 
@@ -70,8 +69,8 @@ class CausalConv1d(nn.Conv1d):
         dim: int,
         kernel_size: int = 4,
         bias: bool = True,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(dim, dim, kernel_size, padding=0, groups=dim, bias=bias, device=device, dtype=dtype)
 
@@ -92,9 +91,9 @@ class MatrixLSTM(nn.Module):
         norm_bias: bool = True,
         norm_eps: float = 1e-5,
         backend: str = "auto",
-        chunk_size: Optional[int] = None,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        chunk_size: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -156,14 +155,14 @@ class ViLLayer(nn.Module):
         proj_bias: bool = True,
         norm_bias: bool = True,
         norm_eps: float = 1e-5,
-        proj_down_std: Optional[float] = None,
+        proj_down_std: float | None = None,
         mlstm_backend: str = "auto",
-        mlstm_chunk_size: Optional[int] = None,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        mlstm_chunk_size: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
+        dd = {"device": device, "dtype": dtype}
         inner_dim = expansion * dim
         self.dim = dim
         self.inner_dim = inner_dim

@@ -2,8 +2,8 @@
 
 from .vil import (
     MODEL_ARGS,
-    VisionLSTM,
     ViLBlock,
+    VisionLSTM,
     checkpoint_filter_fn,
     convert_authors_state_dict,
     load_checkpoint_file,
@@ -11,8 +11,8 @@ from .vil import (
 
 __all__ = [
     "MODEL_ARGS",
-    "VisionLSTM",
     "ViLBlock",
+    "VisionLSTM",
     "checkpoint_filter_fn",
     "convert_authors_state_dict",
     "load_checkpoint_file",

@@ -22,36 +22,37 @@ Norm weights are stored as standard scales (init 1). The authors' files store th
 norm and the final per-token norm as offsets (scale = 1 + w); `checkpoint_filter_fn` adds the 1 on loading.
 """
 
-from __future__ import annotations
-
 import logging
 import math
 import os
 import pickle
 import re
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any
 
 import torch
-import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
+from torch import nn
 
 from vil.layers import PatchEmbed, ViLLayer, resample_pos_embed
 
 try:
     from timm.models._input import update_model_args, update_model_input_size
 except ImportError:  # timm versions before the model-traits bookkeeping: nothing to record
+
     def update_model_args(model: nn.Module, **model_args: Any) -> None:
         pass
 
     def update_model_input_size(model: nn.Module, img_size: Any, **model_args: Any) -> None:
         pass
 
-__all__ = ["VisionLSTM", "ViLBlock", "checkpoint_filter_fn", "convert_authors_state_dict", "load_checkpoint_file"]
+
+__all__ = ["ViLBlock", "VisionLSTM", "checkpoint_filter_fn", "convert_authors_state_dict", "load_checkpoint_file"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,11 +75,11 @@ class ViLBlock(nn.Module):
         proj_bias: bool = True,
         norm_bias: bool = True,
         norm_eps: float = 1e-5,
-        proj_down_std: Optional[float] = None,
+        proj_down_std: float | None = None,
         mlstm_backend: str = "auto",
-        mlstm_chunk_size: Optional[int] = None,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        mlstm_chunk_size: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=norm_bias, device=device, dtype=dtype)
@@ -105,7 +106,7 @@ class ViLBlock(nn.Module):
         return x + self.drop_path(self.layer(self.norm(x)))
 
 
-def _layer_group(name: str, last_group: int) -> Tuple[float, ...]:
+def _layer_group(name: str, last_group: int) -> tuple[float, ...]:
     """Layer-decay ordinal of a parameter: stem 0, sub-blocks 2j and 2j+1 share 1 + j, the final norm joins the last
     pair (timm's MATCH_PREV_GROUP marker 99999), fc_norm and head come last."""
     if name.startswith(("patch_embed.", "pos_embed")):
@@ -153,9 +154,9 @@ class VisionLSTM(nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Tuple[int, int]] = 224,
-        patch_size: Union[int, Tuple[int, int]] = 16,
-        patch_stride: Optional[Union[int, Tuple[int, int]]] = None,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        patch_stride: int | tuple[int, int] | None = None,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "bilateral_flatten",
@@ -176,12 +177,12 @@ class VisionLSTM(nn.Module):
         proj_down_init: str = "single",
         dynamic_img_size: bool = False,
         mlstm_backend: str = "auto",
-        mlstm_chunk_size: Optional[int] = None,
-        device: Optional[Union[str, torch.device]] = None,
-        dtype: Optional[torch.dtype] = None,
+        mlstm_chunk_size: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
+        dd = {"device": device, "dtype": dtype}
         inner_dim = expansion * embed_dim
         if depth < 1:
             raise ValueError(f"depth (number of sub-blocks) must be >= 1, got {depth}")
@@ -218,28 +219,32 @@ class VisionLSTM(nn.Module):
         else:
             drop_paths = [drop_path_rate] * depth
         proj_down_std = 2 / math.sqrt(embed_dim) / (depth if proj_down_init == "depth" else 1)
-        self.blocks = nn.Sequential(*[
-            ViLBlock(
-                embed_dim,
-                reverse=i % 2 == 1,
-                drop_path=drop_paths[i],
-                expansion=expansion,
-                num_heads=num_heads,
-                qkv_block_size=qkv_block_size,
-                conv_kind=conv_kind,
-                conv_kernel_size=conv_kernel_size,
-                proj_bias=proj_bias,
-                norm_bias=norm_bias,
-                norm_eps=norm_eps,
-                proj_down_std=proj_down_std,
-                mlstm_backend=mlstm_backend,
-                mlstm_chunk_size=mlstm_chunk_size,
-                **dd,
-            )
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                ViLBlock(
+                    embed_dim,
+                    reverse=i % 2 == 1,
+                    drop_path=drop_paths[i],
+                    expansion=expansion,
+                    num_heads=num_heads,
+                    qkv_block_size=qkv_block_size,
+                    conv_kind=conv_kind,
+                    conv_kernel_size=conv_kernel_size,
+                    proj_bias=proj_bias,
+                    norm_bias=norm_bias,
+                    norm_eps=norm_eps,
+                    proj_down_std=proj_down_std,
+                    mlstm_backend=mlstm_backend,
+                    mlstm_chunk_size=mlstm_chunk_size,
+                    **dd,
+                )
+                for i in range(depth)
+            ]
+        )
         reduction = self.patch_embed.stride[0]
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.feature_info = [
+            {"module": f"blocks.{i}", "num_chs": embed_dim, "reduction": reduction} for i in range(depth)
+        ]
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, bias=norm_bias, **dd)
         self.fc_norm = nn.LayerNorm(self.head_hidden_size, eps=fc_norm_eps, **dd)
         self.head_drop = nn.Dropout(drop_rate)
@@ -257,16 +262,16 @@ class VisionLSTM(nn.Module):
     def _pooled_width(self, global_pool: str) -> int:
         return 2 * self.embed_dim if global_pool == "bilateral_flatten" else self.embed_dim
 
-    def _device_dtype(self) -> Dict[str, Any]:
+    def _device_dtype(self) -> dict[str, Any]:
         param = next(self.parameters())
-        return dict(device=param.device, dtype=param.dtype)
+        return {"device": param.device, "dtype": param.dtype}
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
+    def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
         """Parameter-name -> layer ordinal for timm's layer-wise lr decay (a pair of sub-blocks is one layer)."""
         return partial(_layer_group, last_group=1 + (len(self.blocks) - 1) // 2)
 
@@ -278,7 +283,7 @@ class VisionLSTM(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New head for num_classes (0: none); a pooling that changes the pooled width also gets a new fc_norm.
         Device, dtype and train/eval mode are kept."""
         dd = self._device_dtype()
@@ -302,8 +307,8 @@ class VisionLSTM(nn.Module):
     @torch.jit.ignore
     def set_input_size(
         self,
-        img_size: Optional[Union[int, Tuple[int, int]]] = None,
-        patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+        img_size: int | tuple[int, int] | None = None,
+        patch_size: int | tuple[int, int] | None = None,
     ) -> None:
         """Change the nominal input size (and patch size): the position embedding is resampled bicubically."""
         self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
@@ -335,12 +340,12 @@ class VisionLSTM(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of the sub-blocks in `indices` (int: the last n; None: all), in image order.
 
         Returns the list of intermediates ([B, D, H', W'] for "NCHW", [B, H' * W', D] for "NLC"), or
@@ -366,10 +371,10 @@ class VisionLSTM(nn.Module):
 
     def prune_intermediate_layers(
         self,
-        indices: Union[int, List[int]] = 1,
+        indices: int | list[int] = 1,
         prune_norm: bool = False,
         prune_head: bool = True,
-    ) -> List[int]:
+    ) -> list[int]:
         """Drop the sub-blocks after the last of `indices` (and the final norm / head); returns the indices."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
@@ -408,14 +413,15 @@ class VisionLSTM(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _unsafe_globals(path: str) -> List[str]:
+def _unsafe_globals(path: str) -> list[str]:
+    # Only for the error message: a file that cannot even be listed has no names to report.
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:
+    except (RuntimeError, ValueError, pickle.UnpicklingError, AttributeError):
         return []
 
 
-def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint without executing anything from it: safetensors, or torch.load(weights_only=True).
 
     Accepts a bare state dict or a dict holding one under "state_dict" / "model" (the authors' files are
@@ -446,7 +452,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
     return unwrap_state_dict(obj, source=path)
 
 
-def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint object, with DDP / torch.compile prefixes removed."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
@@ -458,18 +464,18 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> Dict[str, torch.T
     state_dict = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 (bad file content, not a bad argument type)
                 f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a dict of tensors "
                 f"(or a dict with one under 'state_dict')"
             )
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         state_dict[key] = value
     return state_dict
 
 
-def is_authors_layout(state_dict: Dict[str, torch.Tensor]) -> bool:
+def is_authors_layout(state_dict: dict[str, torch.Tensor]) -> bool:
     """True for the authors' key spellings (training code or standalone files), False for ours."""
     return any(
         key == "pos_embed.embed"
@@ -485,9 +491,9 @@ def _layer_key(rest: str) -> str:
     if match:
         return f"conv.{match.group(1)}"
     if rest.startswith("mlstm_cell.outnorm."):
-        return "mlstm.norm." + rest[len("mlstm_cell.outnorm."):]
+        return "mlstm.norm." + rest[len("mlstm_cell.outnorm.") :]
     if rest.startswith("mlstm_cell."):
-        return "mlstm." + rest[len("mlstm_cell."):]
+        return "mlstm." + rest[len("mlstm_cell.") :]
     return rest
 
 
@@ -495,7 +501,7 @@ def _sub_block_key(index: int, module: str, rest: str) -> str:
     return f"blocks.{index}.norm.{rest}" if module == "norm" else f"blocks.{index}.layer.{_layer_key(rest)}"
 
 
-def convert_authors_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def convert_authors_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The authors' ViL state dict (v1 or v2; training or standalone spelling) in our key layout and norm convention.
 
     Training spelling: xlstm.blocks.{j}.xlstm_norm / .xlstm.*, xlstm.post_blocks_norm, head.0 (pooled norm), head.1.
@@ -515,7 +521,7 @@ def convert_authors_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str,
         "norm.": "norm." if v2_standalone else "fc_norm.",
         "legacy_norm.": "fc_norm." if v2_standalone else "norm.",
     }
-    converted: Dict[str, torch.Tensor] = {}
+    converted: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         new_key = None
         if key == "pos_embed.embed":
@@ -531,7 +537,7 @@ def convert_authors_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str,
         else:
             for prefix, ours in top_level.items():
                 if key.startswith(prefix):
-                    new_key = ours + key[len(prefix):]
+                    new_key = ours + key[len(prefix) :]
                     break
         new_key = key if new_key is None else new_key
         if new_key in converted:
@@ -546,7 +552,7 @@ def _is_offset_norm_weight(key: str) -> bool:
     return key == "norm.weight" or re.fullmatch(r"blocks\.\d+\.(norm|layer\.mlstm\.norm)\.weight", key) is not None
 
 
-def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     """One line about the architecture a state dict (in our layout) belongs to."""
     parts = []
     conv = state_dict.get("blocks.0.layer.conv.weight")
@@ -566,7 +572,7 @@ def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
     return ", ".join(parts) if parts else "unknown layout"
 
 
-def matching_model_names(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+def matching_model_names(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Registered ViL names whose architecture (version, width, depth) fits a state dict in our layout."""
     conv = state_dict.get("blocks.0.layer.conv.weight")
     proj = state_dict.get("patch_embed.proj.weight")
@@ -581,22 +587,27 @@ def matching_model_names(state_dict: Dict[str, torch.Tensor]) -> List[str]:
     ]
 
 
-def _fit_to_model(state_dict: Dict[str, torch.Tensor], model: VisionLSTM) -> Dict[str, torch.Tensor]:
+def _fit_to_model(state_dict: dict[str, torch.Tensor], model: VisionLSTM) -> dict[str, torch.Tensor]:
     """Resample the position grid, adapt in_chans, drop a head that does not fit; refuse anything else that
     differs from the model."""
     expected = model.state_dict()
     state_dict = dict(state_dict)
     pos = state_dict.get("pos_embed")
     target = expected.get("pos_embed")
-    if pos is not None and target is not None and pos.ndim == 4 and pos.shape[-1] == target.shape[-1]:
-        if pos.shape[1:3] != target.shape[1:3]:
-            _logger.info(f"Resampling pos_embed grid {tuple(pos.shape[1:3])} -> {tuple(target.shape[1:3])}")
-            state_dict["pos_embed"] = resample_pos_embed(pos, list(target.shape[1:3]))
+    if (
+        pos is not None
+        and target is not None
+        and pos.ndim == 4
+        and pos.shape[-1] == target.shape[-1]
+        and pos.shape[1:3] != target.shape[1:3]
+    ):
+        _logger.info(f"Resampling pos_embed grid {tuple(pos.shape[1:3])} -> {tuple(target.shape[1:3])}")
+        state_dict["pos_embed"] = resample_pos_embed(pos, list(target.shape[1:3]))
     proj = state_dict.get("patch_embed.proj.weight")
     target = expected.get("patch_embed.proj.weight")
-    if proj is not None and target is not None and proj.shape != target.shape:
-        if proj.ndim == 4 and proj.shape[0] == target.shape[0] and proj.shape[2:] == target.shape[2:]:
-            state_dict["patch_embed.proj.weight"] = adapt_input_conv(target.shape[1], proj, base_chans=proj.shape[1])
+    same_kernel = proj is not None and target is not None and proj.ndim == 4 and proj.shape[2:] == target.shape[2:]
+    if same_kernel and proj.shape[0] == target.shape[0] and proj.shape[1] != target.shape[1]:
+        state_dict["patch_embed.proj.weight"] = adapt_input_conv(target.shape[1], proj, base_chans=proj.shape[1])
     for key in [k for k in state_dict if k.startswith(("head.", "fc_norm."))]:
         if key not in expected or state_dict[key].shape != expected[key].shape:
             _logger.info(f"Dropping {key} {tuple(state_dict[key].shape)}: the model's head differs")
@@ -610,7 +621,8 @@ def _fit_to_model(state_dict: Dict[str, torch.Tensor], model: VisionLSTM) -> Dic
         if k in expected and v.shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
-        def listing(title: str, items: List[str]) -> str:
+
+        def listing(title: str, items: list[str]) -> str:
             shown = "; ".join(items[:8]) + (f"; ... ({len(items) - 8} more)" if len(items) > 8 else "")
             return f"\n  {len(items)} {title}: {shown}" if items else ""
 
@@ -628,7 +640,7 @@ def _fit_to_model(state_dict: Dict[str, torch.Tensor], model: VisionLSTM) -> Dic
     return state_dict
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionLSTM) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionLSTM) -> dict[str, torch.Tensor]:
     """Any ViL checkpoint (authors' v1/v2 in either spelling, or ours) -> a state dict that loads into `model`."""
     state_dict = unwrap_state_dict(state_dict)
     if is_authors_layout(state_dict):
@@ -636,7 +648,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionLSTM) -> Dict[
     return _fit_to_model(state_dict, model)
 
 
-def _default_out_indices(depth: int) -> Tuple[int, ...]:
+def _default_out_indices(depth: int) -> tuple[int, ...]:
     """Four sub-blocks spread like the segmentation recipe's [7, 11, 15, 23] for 24 sub-blocks."""
     indices = {max(0, round(depth * fraction) - 1) for fraction in (1 / 3, 1 / 2, 2 / 3, 1)}
     return tuple(sorted(indices))
@@ -649,7 +661,7 @@ def _create_vil(variant: str, pretrained: bool = False, **kwargs: Any) -> Vision
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        feature_cfg={"feature_cls": "getter", "out_indices": out_indices},
         **kwargs,
     )
 
@@ -657,7 +669,7 @@ def _create_vil(variant: str, pretrained: bool = False, **kwargs: Any) -> Vision
 _URL = "https://ml.jku.at/research/vision_lstm/download/"
 
 
-def _cfg(file: str = "", **kwargs: Any) -> Dict[str, Any]:
+def _cfg(file: str = "", **kwargs: Any) -> dict[str, Any]:
     return {
         "url": _URL + file if file else "",
         "num_classes": 1000,
@@ -681,34 +693,42 @@ def _cfg(file: str = "", **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "vil_tiny.in1k_e800": _cfg("vil2_tiny16_e800_in1k.th", notes=("ImageNet-1K top-1 78.3",)),
-    "vil_tiny.in1k_e400": _cfg("vil2_tiny16_e400_in1k.th", notes=("ImageNet-1K top-1 77.2",)),
-    "vil_small.in1k_e400": _cfg("vil2_small16_e400_in1k.th", notes=("ImageNet-1K top-1 81.5",)),
-    "vil_base.in1k_e400": _cfg("vil2_base16_e400_in1k.th", notes=("ImageNet-1K top-1 82.4",)),
-    "vil_large": _cfg(notes=("no published weights: the paper's speed-benchmark configuration",)),
-    "vil1_tiny.in1k_e800": _cfg("vil_tiny16_e800_in1k.th", notes=("ImageNet-1K top-1 77.3",)),
-    "vil1_tiny.in1k_e400": _cfg("vil_tiny16_e400_in1k.th"),
-    "vil1_tinyplus.in1k_e800": _cfg("vil_tinyplus16_e800_in1k.th", notes=("ImageNet-1K top-1 78.1",)),
-    "vil1_tinyplus.in1k_e400": _cfg("vil_tinyplus16_e400_in1k.th"),
-    # The authors' hubconf points this entry at the stride-16 file; the name below follows their naming of the
-    # other stride-8 files. Override with pretrained_cfg_overlay=dict(file=...) if it differs.
-    "vil1_tinyplus_stride8.in1k_e800": _cfg("vil_tinyplus16_e800_in1k_stride8.th", notes=("top-1 80.0",)),
-    "vil1_small.in1k_e400": _cfg("vil_small16_e400_in1k.th", notes=("ImageNet-1K top-1 80.7",)),
-    "vil1_smallplus.in1k_e400": _cfg("vil_smallplus16_e400_in1k.th", notes=("ImageNet-1K top-1 80.9",)),
-    "vil1_smallplus_stride8.in1k_e400": _cfg("vil_smallplus16_e400_in1k_stride8.th", notes=("top-1 82.2",)),
-    "vil1_base.in1k_e400": _cfg("vil_base16_e400_in1k.th", notes=("ImageNet-1K top-1 81.6",)),
-    "vil1_base_stride8.in1k_e400": _cfg("vil_base16_e400_in1k_stride8.th", notes=("top-1 82.7",)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "vil_tiny.in1k_e800": _cfg("vil2_tiny16_e800_in1k.th", notes=("ImageNet-1K top-1 78.3",)),
+        "vil_tiny.in1k_e400": _cfg("vil2_tiny16_e400_in1k.th", notes=("ImageNet-1K top-1 77.2",)),
+        "vil_small.in1k_e400": _cfg("vil2_small16_e400_in1k.th", notes=("ImageNet-1K top-1 81.5",)),
+        "vil_base.in1k_e400": _cfg("vil2_base16_e400_in1k.th", notes=("ImageNet-1K top-1 82.4",)),
+        "vil_large": _cfg(notes=("no published weights: the paper's speed-benchmark configuration",)),
+        "vil1_tiny.in1k_e800": _cfg("vil_tiny16_e800_in1k.th", notes=("ImageNet-1K top-1 77.3",)),
+        "vil1_tiny.in1k_e400": _cfg("vil_tiny16_e400_in1k.th"),
+        "vil1_tinyplus.in1k_e800": _cfg("vil_tinyplus16_e800_in1k.th", notes=("ImageNet-1K top-1 78.1",)),
+        "vil1_tinyplus.in1k_e400": _cfg("vil_tinyplus16_e400_in1k.th"),
+        # The authors' hubconf points this entry at the stride-16 file; the name below follows their naming of the
+        # other stride-8 files. Override with pretrained_cfg_overlay=dict(file=...) if it differs.
+        "vil1_tinyplus_stride8.in1k_e800": _cfg("vil_tinyplus16_e800_in1k_stride8.th", notes=("top-1 80.0",)),
+        "vil1_small.in1k_e400": _cfg("vil_small16_e400_in1k.th", notes=("ImageNet-1K top-1 80.7",)),
+        "vil1_smallplus.in1k_e400": _cfg("vil_smallplus16_e400_in1k.th", notes=("ImageNet-1K top-1 80.9",)),
+        "vil1_smallplus_stride8.in1k_e400": _cfg("vil_smallplus16_e400_in1k_stride8.th", notes=("top-1 82.2",)),
+        "vil1_base.in1k_e400": _cfg("vil_base16_e400_in1k.th", notes=("ImageNet-1K top-1 81.6",)),
+        "vil1_base_stride8.in1k_e400": _cfg("vil_base16_e400_in1k_stride8.th", notes=("top-1 82.7",)),
+    }
+)
 
-_V1 = dict(conv_kind="causal1d", conv_kernel_size=4, proj_bias=False, norm_bias=False, global_pool="bilateral_avg")
+_V1 = {
+    "conv_kind": "causal1d",
+    "conv_kernel_size": 4,
+    "proj_bias": False,
+    "norm_bias": False,
+    "global_pool": "bilateral_avg",
+}
 
 # Constructor kwargs of every registered variant (also used to name the model that fits a checkpoint).
-MODEL_ARGS: Dict[str, Dict[str, Any]] = {
-    "vil_tiny": dict(embed_dim=192, depth=24),
-    "vil_small": dict(embed_dim=384, depth=24),
-    "vil_base": dict(embed_dim=768, depth=24),
-    "vil_large": dict(embed_dim=1024, depth=48),
+MODEL_ARGS: dict[str, dict[str, Any]] = {
+    "vil_tiny": {"embed_dim": 192, "depth": 24},
+    "vil_small": {"embed_dim": 384, "depth": 24},
+    "vil_base": {"embed_dim": 768, "depth": 24},
+    "vil_large": {"embed_dim": 1024, "depth": 48},
     "vil1_tiny": dict(embed_dim=192, depth=24, **_V1),
     "vil1_tinyplus": dict(embed_dim=192, depth=29, **_V1),
     "vil1_tinyplus_stride8": dict(embed_dim=192, depth=29, patch_stride=8, **_V1),
@@ -720,7 +740,7 @@ MODEL_ARGS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _create_variant(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> VisionLSTM:
+def _create_variant(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionLSTM:
     return _create_vil(name, pretrained=pretrained, **dict(MODEL_ARGS[name], **kwargs))
 
 
