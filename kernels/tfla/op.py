@@ -73,9 +73,21 @@ def _check_inputs(q, k, v, i, f, gate, normalize, backend, chunk_size, initial_s
                 raise ValueError(f"mlstm: initial_state.{name} is on {t.device}, q on {q.device}")
 
 
+def _triton_backend():
+    """The Triton subpackage, or None where triton is not importable (then everything runs on the reference)."""
+    try:
+        from . import triton as tfla_triton
+    except ImportError:
+        return None
+    return tfla_triton
+
+
 def _triton_supports(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton backend can run these inputs. Replaced by the kernels' own check once they exist."""
-    return False
+    """Whether the Triton backend can run these inputs: CUDA, fp16/bf16/fp32, head dims 16..512, triton present."""
+    if not q.is_cuda:
+        return False
+    backend = _triton_backend()
+    return backend is not None and backend.supports(q, v)
 
 
 def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
@@ -129,4 +141,13 @@ def mlstm(
         return mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, **common)
     if resolved == "recurrent":
         return mlstm_recurrent(q, k, v, i, f, **common)
-    raise ValueError(f"mlstm: backend 'triton' is not available for inputs on {q.device}; use backend='auto'")
+    tfla_triton = _triton_backend()
+    if tfla_triton is None:
+        raise ValueError("mlstm: backend='triton' needs the triton package; install it or use backend='auto'")
+    if not tfla_triton.supports(q, v):
+        raise ValueError(
+            f"mlstm: backend='triton' takes float16/bfloat16/float32 and head dims {tfla_triton.MIN_HEAD_DIM}.."
+            f"{tfla_triton.MAX_HEAD_DIM}, got {q.dtype}, DQK={q.shape[-1]}, DHV={v.shape[-1]}; use backend='auto'"
+        )
+    # Off CUDA the kernels run only under TRITON_INTERPRET=1 (the CPU tests); 'auto' never picks them there.
+    return tfla_triton.mlstm_triton(q, k, v, i, f, chunk_size=chunk_size, **common)

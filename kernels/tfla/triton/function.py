@@ -2,12 +2,10 @@
 
 Math (see ../../../shared/spec/mlstm-kernels.md and ../reference.py). Per (batch, head), inside chunk c of L rows
 with entering state (C_c, n_c, m_c): a_j = log input gate (i_j, or logsigmoid(i_j) for gate="sig"),
-F_t = sum_{s<=t in chunk} logsigmoid(f_s), u_j = a_j - F_j, M_t = max_{j<=t} u_j (cummax).
+F_t = sum_{s<=t in chunk} logsigmoid(f_s), D_tj = F_t - F_j + a_j, M_t = max_{j<=t} (a_j - F_j) (a cummax).
 The max state needs only the gates: m_t = F_t + max(m_c, M_t), so it is computed here in PyTorch, O(S), before any
-kernel runs; the kernels then never rescale accumulators. With r_t = F_t - m_t = -max(m_c, M_t):
-  exp(D_tj - m_t) = exp(r_t + u_j) <= 1,   g_t = exp(r_t + m_c) (weight of the entering state),
-  e_j = exp(r_last + u_j) (weight of key j in the leaving state),   carry_c = exp(r_last + m_c).
-gate="sig": m = 0 everywhere, r_t = F_t.
+kernel runs; the kernels then never rescale accumulators (no online max), and every weight exp(D_tj - m_t) <= 1.
+gate="sig": m = 0 everywhere.
 
 Backward. With delta_t = dh_t.h_t, denom_t = max(|qn_t|, lb_t) + eps (lb = exp(-m_t), or 1 for "sig"):
   dh~_t = dh_t / denom_t,  dqn_t = -delta_t/denom_t sign(qn_t) [|qn_t| > lb_t],
@@ -27,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import launch
 from .launch import ChunkLayout, chunk_layout, mlstm_bwd, mlstm_bwd_delta, mlstm_fwd
 
 # Sequences up to this length run as one chunk (the whole sequence, tiled inside): what ViL at 224-512 px needs.
@@ -39,24 +38,24 @@ def default_chunk_size(S: int) -> int:
 
 
 def _gate_vectors(i: torch.Tensor, f: torch.Tensor, m0: Optional[torch.Tensor], exp_gate: bool, lay: ChunkLayout):
-    """r, u, mrow [BNH, NC, L]; mst [BNH, NC+1]; plus the cummax pieces the backward routes dm with."""
+    """F, a, mrow [BNH, NC, L]; mst [BNH, NC+1]; plus the cummax pieces the backward routes dm with."""
     BNH = i.shape[0]
     pad = lay.SP - lay.S
     log_input = i.float() if exp_gate else F.logsigmoid(i.float())
     log_forget = F.pad(F.logsigmoid(f.float()), (0, pad)).view(BNH, lay.NC, lay.L)
     Fc = log_forget.cumsum(-1)  # [BNH, NC, L]
-    u = F.pad(log_input, (0, pad)).view(BNH, lay.NC, lay.L) - Fc
+    a = F.pad(log_input, (0, pad)).view(BNH, lay.NC, lay.L)
     last = [lay.L - 1] * (lay.NC - 1) + [lay.S - (lay.NC - 1) * lay.L - 1]
     if not exp_gate:
         mst = torch.zeros(BNH, lay.NC + 1, device=i.device, dtype=torch.float32)
-        return Fc, u, torch.zeros_like(Fc), mst, None, None, last
-    M, idx = torch.cummax(u, dim=-1)
+        return Fc, a, torch.zeros_like(Fc), mst, None, None, last
+    M, idx = torch.cummax(a - Fc, dim=-1)
     ms = [m0.float() if m0 is not None else torch.full((BNH,), float("-inf"), device=i.device)]
     for c in range(lay.NC):
         ms.append(Fc[:, c, last[c]] + torch.maximum(ms[c], M[:, c, last[c]]))
     mst = torch.stack(ms, dim=1)  # [BNH, NC+1]
-    big = torch.maximum(mst[:, : lay.NC, None], M)
-    return -big, u, Fc + big, mst, M, idx, last
+    mrow = Fc + torch.maximum(mst[:, : lay.NC, None], M)
+    return Fc, a, mrow, mst, M, idx, last
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -84,16 +83,19 @@ def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, r
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
     qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
-    r, u, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
+    fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
                                              exp_gate, lay)
     Cst = nst = None
     if _keeps_states(lay, has_init, return_state):
         Cst = torch.empty(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
         nst = torch.empty(BNH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
+        if launch.POISON_OUTPUTS:
+            Cst.fill_(float("nan"))
+            nst.fill_(float("nan"))
         if has_init:
             Cst[:, 0] = _flat(C0).float()
             nst[:, 0] = _flat(n0).float()
-    h, qn = mlstm_fwd(qf, kf, vf, r.reshape(BNH, -1), u.reshape(BNH, -1), mrow.reshape(BNH, -1), mst, Cst, nst,
+    h, qn = mlstm_fwd(qf, kf, vf, fv.reshape(BNH, -1), av.reshape(BNH, -1), mrow.reshape(BNH, -1), mst, Cst, nst,
                       lay, exp_gate=exp_gate, normalize=normalize, eps=eps, has_init=has_init)
     if Cst is None:
         Cst = q.new_empty(0, dtype=torch.float32)
@@ -142,7 +144,7 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
     qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
     dhf = _flat(dh.to(v.dtype).contiguous())
     i2, f2 = _flat(i), _flat(f)
-    r, u, mrow, mst, M, idx, last = _gate_vectors(i2, f2, _flat(m0) if m0 is not None else None, exp_gate, lay)
+    fv, av, mrow, mst, M, idx, last = _gate_vectors(i2, f2, _flat(m0) if m0 is not None else None, exp_gate, lay)
     qn = qn.reshape(BNH, lay.NC, lay.L)
 
     # Per-row normaliser terms.
@@ -172,7 +174,8 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
     dqf, dkf, dvf, qdq, kdk = mlstm_bwd(
-        qf, kf, vf, dhf, r.reshape(BNH, -1), u.reshape(BNH, -1), rs.reshape(BNH, -1), dqn.reshape(BNH, -1), mst,
+        qf, kf, vf, dhf, fv.reshape(BNH, -1), av.reshape(BNH, -1), mrow.reshape(BNH, -1), rs.reshape(BNH, -1),
+        dqn.reshape(BNH, -1), mst,
         Cf, nf, dCst, dnst, lay, has_final_grad=has_final_grad, state_pass=state_pass,
     )
     qdq = qdq.view(BNH, lay.NC, lay.L)

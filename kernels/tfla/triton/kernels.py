@@ -4,13 +4,15 @@ Layout shared by every kernel (see function.py for how the vectors are made):
 - q, k [B*NH, S, DQK], v, h, dh [B*NH, S, DHV], contiguous, any S; rows are split into NC chunks of L rows
   (the last may be short); a chunk index c and a row t inside it address global row c*L + t.
 - Per-row float32 vectors are [B*NH, SP] with SP = NC*L (padded at the end only), so global row s sits at s:
-  r_t (row log-scale), u_j (column log-scale), mrow_t (max state m_t), qn_t, rs_t = 1/denominator, dqn_t.
-  The decay matrix is exp(D_tj - m_t) = exp(r_t + u_j) for j <= t inside a chunk, never above 1 for gate="exp"
-  because r_t = -max(m_c, max_{j<=t} u_j) is built from the same u.
+  F_t (log forget gates summed from the chunk's start), a_j (log input gate), m_t (max state; 0 for gate="sig"),
+  qn_t (normaliser sum), rs_t = 1/denominator, dqn_t.
+  The decay matrix is exp(D_tj - m_t) = exp(F_t - F_j + a_j - m_t) for j <= t inside a chunk, computed in the
+  reference's order so that float32 results track it (a factored exp(r_t + u_j) loses digits once |F| is large).
 - Chunk states [B*NH, NC+1, DQK, DHV] (C), [B*NH, NC+1, DQK] (n), [B*NH, NC+1] (m): index c is the state entering
-  chunk c, index NC the final state. The contribution of a chunk's entering state to row t is scaled by
-  g_t = exp(r_t + m_c); the weight of key j in the state leaving chunk c is e_j = exp(r_last + u_j).
-- 1/sqrt(DQK) enters the exponent as log_scale (query-key weights) or as `scale` (state terms).
+  chunk c, index NC the final state. The entering state reaches row t with weight g_t = exp(F_t + m_c - m_t); key j
+  enters the leaving state with weight e_j = exp(F_last - F_j + a_j - m_last), the old state with
+  carry = exp(F_last + m_c - m_last).
+- 1/sqrt(DQK) multiplies the query-key weights (`scale`); q is never rescaled in memory.
 Matrix products take operands in the input dtype and accumulate in float32. No atomics: every output element is
 written by exactly one program, so results are identical run to run.
 """
@@ -21,12 +23,12 @@ import triton.language as tl
 
 @triton.jit
 def mlstm_fwd_h_kernel(
-    Q, K, V, H, R, U, MROW, QN, CST, NST, MST,
-    S, L, NC, SP, DQK, DHV, log_scale, scale, eps,
+    Q, K, V, H, FV, AV, MROW, QN, CST, NST, MST,
+    S, L, NC, SP, DQK, DHV, scale, eps,
     HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(r_t+u_j) v_j + g_t q_t C_c, normalised."""
+    """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised."""
     pid_t = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -42,7 +44,8 @@ def mlstm_fwd_h_kernel(
     k_base = K + (bh * S + row0) * DQK
     v_base = V + (bh * S + row0) * DHV
     vec = bh * SP + row0
-    r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
 
     acc = tl.zeros((BT, BV), dtype=tl.float32)
     qn = tl.zeros((BT,), dtype=tl.float32)
@@ -50,7 +53,8 @@ def mlstm_fwd_h_kernel(
     for j0 in range(0, hi, BS):
         s_loc = j0 + tl.arange(0, BS)
         s_ok = s_loc < Lc
-        u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+        f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+        a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
         sc = tl.zeros((BT, BS), dtype=tl.float32)
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
@@ -59,7 +63,7 @@ def mlstm_fwd_h_kernel(
             k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None], mask=s_ok[None, :] & d_ok[:, None], other=0.0)
             sc += tl.dot(q_t, k_tr, input_precision=PREC)
         causal = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
-        w = tl.where(causal, sc * tl.exp(r_t[:, None] + u_s[None, :] + log_scale), 0.0)
+        w = tl.where(causal, sc * (tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale), 0.0)
         qn += tl.sum(w, 1)
         v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
         acc += tl.dot(w.to(v_s.dtype), v_s, input_precision=PREC)
@@ -67,7 +71,7 @@ def mlstm_fwd_h_kernel(
     if HAS_INIT:
         st = bh * (NC + 1) + c
         m_c = tl.load(MST + st)
-        g = tl.where(t_ok, tl.exp(r_t + m_c) * scale, 0.0)
+        g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
         acc_c = tl.zeros((BT, BV), dtype=tl.float32)
         qn_c = tl.zeros((BT,), dtype=tl.float32)
         for d0 in range(0, DQK, BK):
@@ -84,7 +88,6 @@ def mlstm_fwd_h_kernel(
 
     if NORMALIZE:
         if EXP_GATE:
-            m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
             lower = tl.exp(-m_t)
         else:
             lower = tl.full((BT,), 1.0, tl.float32)
@@ -98,7 +101,7 @@ def mlstm_fwd_h_kernel(
 
 @triton.jit
 def mlstm_fwd_state_kernel(
-    K, V, R, U, MST, CST, NST,
+    K, V, FV, AV, MROW, MST, CST, NST,
     S, L, NC, SP, DQK, DHV,
     HAS_INIT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -125,9 +128,10 @@ def mlstm_fwd_state_kernel(
         row0 = c * L
         Lc = tl.minimum(L, S - row0)
         vec = bh * SP + row0
-        r_last = tl.load(R + vec + Lc - 1)
+        f_last = tl.load(FV + vec + Lc - 1)
+        m_last = tl.load(MROW + vec + Lc - 1)
         m_c = tl.load(MST + bh * (NC + 1) + c)
-        carry = tl.exp(r_last + m_c)
+        carry = tl.exp(f_last + m_c - m_last)
         acc = acc * carry
         acc_n = acc_n * carry
         k_base = K + (bh * S + row0) * DQK
@@ -135,8 +139,9 @@ def mlstm_fwd_state_kernel(
         for j0 in range(0, Lc, BS):
             s_loc = j0 + tl.arange(0, BS)
             s_ok = s_loc < Lc
-            u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
-            e = tl.where(s_ok, tl.exp(r_last + u_s), 0.0)
+            f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+            a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+            e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
             k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None], mask=s_ok[None, :] & d_ok[:, None], other=0.0)
             v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
             kw = k_tr.to(tl.float32) * e[None, :]
@@ -167,7 +172,7 @@ def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.co
 
 @triton.jit
 def mlstm_bwd_state_kernel(
-    Q, DH, R, RS, DQN, MST, DCST, DNST,
+    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST,
     S, L, NC, SP, DQK, DHV, scale,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -193,9 +198,10 @@ def mlstm_bwd_state_kernel(
         row0 = c * L
         Lc = tl.minimum(L, S - row0)
         vec = bh * SP + row0
-        r_last = tl.load(R + vec + Lc - 1)
+        f_last = tl.load(FV + vec + Lc - 1)
+        m_last = tl.load(MROW + vec + Lc - 1)
         m_c = tl.load(MST + bh * (NC + 1) + c)
-        carry = tl.exp(r_last + m_c)
+        carry = tl.exp(f_last + m_c - m_last)
         acc = acc * carry
         acc_n = acc_n * carry
         q_base = Q + (bh * S + row0) * DQK
@@ -203,10 +209,11 @@ def mlstm_bwd_state_kernel(
         for t0 in range(0, Lc, BT):
             t_loc = t0 + tl.arange(0, BT)
             t_ok = t_loc < Lc
-            r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+            f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+            m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
             rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
             dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-            g = tl.where(t_ok, tl.exp(r_t + m_c) * scale, 0.0)
+            g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
             q_tr = tl.load(q_base + t_loc[None, :] * DQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
                            other=0.0).to(tl.float32)
             dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
@@ -220,12 +227,12 @@ def mlstm_bwd_state_kernel(
 
 @triton.jit
 def mlstm_bwd_dq_kernel(
-    Q, K, V, DH, R, U, RS, DQN, CST, NST, MST, DQ, QDQ,
-    S, L, NC, SP, DQK, DHV, log_scale, scale,
+    Q, K, V, DH, FV, AV, MROW, RS, DQN, CST, NST, MST, DQ, QDQ,
+    S, L, NC, SP, DQK, DHV, scale,
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dq[t, k-slice] = sum_j dW_tj exp(r_t+u_j)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn."""
+    """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -242,7 +249,8 @@ def mlstm_bwd_dq_kernel(
     v_base = V + (bh * S + row0) * DHV
     dh_base = DH + (bh * S + row0) * DHV
     vec = bh * SP + row0
-    r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
     rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
     dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
 
@@ -251,7 +259,8 @@ def mlstm_bwd_dq_kernel(
     for j0 in range(0, hi, BS):
         s_loc = j0 + tl.arange(0, BS)
         s_ok = s_loc < Lc
-        u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+        f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+        a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
         dw = tl.zeros((BT, BS), dtype=tl.float32)
         for v0 in range(0, DHV, BV):
             offs_v = v0 + tl.arange(0, BV)
@@ -262,15 +271,15 @@ def mlstm_bwd_dq_kernel(
                            other=0.0)
             dw += tl.dot(dh_t, v_tr, input_precision=PREC)
         causal = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
-        ds = tl.where(causal, (dw * rs_t[:, None] + dqn_t[:, None]) * tl.exp(r_t[:, None] + u_s[None, :] + log_scale),
-                      0.0)
+        p = tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale
+        ds = tl.where(causal, (dw * rs_t[:, None] + dqn_t[:, None]) * p, 0.0)
         k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(ds.to(k_s.dtype), k_s, input_precision=PREC)
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
         m_c = tl.load(MST + st)
-        g = tl.where(t_ok, tl.exp(r_t + m_c) * scale, 0.0)
+        g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
         acc_c = tl.zeros((BT, BKO), dtype=tl.float32)
         for v0 in range(0, DHV, BV):
             offs_v = v0 + tl.arange(0, BV)
@@ -292,12 +301,12 @@ def mlstm_bwd_dq_kernel(
 
 @triton.jit
 def mlstm_bwd_dk_kernel(
-    Q, K, V, DH, R, U, RS, DQN, DCST, DNST, DK, KDK,
-    S, L, NC, SP, DQK, DHV, log_scale,
+    Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, KDK,
+    S, L, NC, SP, DQK, DHV, scale,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dk[j, k-slice] = sum_{t>=j} dW_tj exp(r_t+u_j)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1})."""
+    """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1})."""
     pid_s = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -314,14 +323,16 @@ def mlstm_bwd_dk_kernel(
     v_base = V + (bh * S + row0) * DHV
     dh_base = DH + (bh * S + row0) * DHV
     vec = bh * SP + row0
-    u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
 
     acc = tl.zeros((BS, BKO), dtype=tl.float32)
     t_start = ((pid_s * BS) // BT) * BT
     for t0 in range(t_start, Lc, BT):
         t_loc = t0 + tl.arange(0, BT)
         t_ok = t_loc < Lc
-        r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
         rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
         dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
         dw_tr = tl.zeros((BS, BT), dtype=tl.float32)
@@ -334,16 +345,16 @@ def mlstm_bwd_dk_kernel(
                             other=0.0)
             dw_tr += tl.dot(v_s, dh_tr, input_precision=PREC)
         causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
-        ds_tr = tl.where(causal,
-                         (dw_tr * rs_t[None, :] + dqn_t[None, :]) * tl.exp(r_t[None, :] + u_s[:, None] + log_scale),
-                         0.0)
+        p_tr = tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * scale
+        ds_tr = tl.where(causal, (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr, 0.0)
         q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
-        r_last = tl.load(R + vec + Lc - 1)
-        e = tl.where(s_ok, tl.exp(r_last + u_s), 0.0)
+        f_last = tl.load(FV + vec + Lc - 1)
+        m_last = tl.load(MROW + vec + Lc - 1)
+        e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
         acc_f = tl.zeros((BS, BKO), dtype=tl.float32)
         for v0 in range(0, DHV, BV):
             offs_v = v0 + tl.arange(0, BV)
@@ -365,12 +376,12 @@ def mlstm_bwd_dk_kernel(
 
 @triton.jit
 def mlstm_bwd_dv_kernel(
-    Q, K, DH, R, U, RS, DCST, DV,
-    S, L, NC, SP, DQK, DHV, log_scale,
+    Q, K, DH, FV, AV, MROW, RS, DCST, DV,
+    S, L, NC, SP, DQK, DHV, scale,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BVO: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(r_t+u_j)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}."""
+    """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(D_tj-m_t)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}."""
     pid_s = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -386,14 +397,16 @@ def mlstm_bwd_dv_kernel(
     k_base = K + (bh * S + row0) * DQK
     dh_base = DH + (bh * S + row0) * DHV
     vec = bh * SP + row0
-    u_s = tl.load(U + vec + s_loc, mask=s_ok, other=0.0)
+    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
 
     acc = tl.zeros((BS, BVO), dtype=tl.float32)
     t_start = ((pid_s * BS) // BT) * BT
     for t0 in range(t_start, Lc, BT):
         t_loc = t0 + tl.arange(0, BT)
         t_ok = t_loc < Lc
-        r_t = tl.load(R + vec + t_loc, mask=t_ok, other=0.0)
+        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
         rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
         sc_tr = tl.zeros((BS, BT), dtype=tl.float32)
         for d0 in range(0, DQK, BK):
@@ -404,14 +417,16 @@ def mlstm_bwd_dv_kernel(
                            other=0.0)
             sc_tr += tl.dot(k_s, q_tr, input_precision=PREC)
         causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
-        w_tr = tl.where(causal, sc_tr * tl.exp(r_t[None, :] + u_s[:, None] + log_scale) * rs_t[None, :], 0.0)
+        p_tr = tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * (scale * rs_t[None, :])
+        w_tr = tl.where(causal, sc_tr * p_tr, 0.0)
         dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
         acc += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
-        r_last = tl.load(R + vec + Lc - 1)
-        e = tl.where(s_ok, tl.exp(r_last + u_s), 0.0)
+        f_last = tl.load(FV + vec + Lc - 1)
+        m_last = tl.load(MROW + vec + Lc - 1)
+        e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
         acc_f = tl.zeros((BS, BVO), dtype=tl.float32)
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)

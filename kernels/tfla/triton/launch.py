@@ -19,6 +19,15 @@ from .kernels import (
 )
 
 
+# Set by bench/check_mlstm_gpu.py: outputs start as NaN instead of uninitialised memory, so an unwritten tile shows.
+POISON_OUTPUTS = False
+
+
+def _new(like: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(like)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 class ChunkLayout(NamedTuple):
     """How S rows are split: NC chunks of L rows (the last may be short); per-row vectors are padded to SP = NC*L."""
 
@@ -57,9 +66,9 @@ def mlstm_fwd(
     q: torch.Tensor,  # [BNH, S, DQK]
     k: torch.Tensor,  # [BNH, S, DQK]
     v: torch.Tensor,  # [BNH, S, DHV]
-    r: torch.Tensor,  # [BNH, SP]
-    u: torch.Tensor,  # [BNH, SP]
-    mrow: torch.Tensor,  # [BNH, SP]
+    fv: torch.Tensor,  # [BNH, SP] chunk-local cumsum of logsigmoid(f)
+    av: torch.Tensor,  # [BNH, SP] log input gate
+    mrow: torch.Tensor,  # [BNH, SP] max state m_t (0 for gate="sig")
     mst: torch.Tensor,  # [BNH, NC+1]
     Cst: Optional[torch.Tensor],  # [BNH, NC+1, DQK, DHV], index 0 filled when has_init
     nst: Optional[torch.Tensor],  # [BNH, NC+1, DQK]
@@ -79,20 +88,20 @@ def mlstm_fwd(
         BK, BV = 64, 64
         grid = (triton.cdiv(DQK, BK), triton.cdiv(DHV, BV), BNH)
         mlstm_fwd_state_kernel[grid](
-            k, v, r, u, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
+            k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
             HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
         )
-    h = torch.empty_like(v)
+    h = _new(v)
     qn = torch.zeros(BNH, lay.SP, device=q.device, dtype=torch.float32)
     BT = BS = 64
     BK = _dim_block(DQK, 128)
     BV = min(_pow2(DHV), 128)
     grid = (triton.cdiv(lay.L, BT), triton.cdiv(DHV, BV), BNH * lay.NC)
-    dummy = r
+    dummy = fv
     mlstm_fwd_h_kernel[grid](
-        q, k, v, h, r, u, mrow, qn,
+        q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, math.log(scale), scale, eps,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale, eps,
         HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate,
         BT=BT, BS=BS, BK=BK, BV=BV, PREC=prec, num_warps=_warps(BT, BV),
     )
@@ -112,8 +121,9 @@ def mlstm_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     dh: torch.Tensor,  # [BNH, S, DHV], contiguous, v's dtype
-    r: torch.Tensor,
-    u: torch.Tensor,
+    fv: torch.Tensor,
+    av: torch.Tensor,
+    mrow: torch.Tensor,
     rs: torch.Tensor,  # [BNH, SP] 1/denominator
     dqn: torch.Tensor,  # [BNH, SP]
     mst: torch.Tensor,
@@ -131,13 +141,12 @@ def mlstm_bwd(
     DHV = v.shape[-1]
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
-    log_scale = math.log(scale)
-    dummy = r
+    dummy = fv
     if state_pass:
         BK, BV = 64, 64
         grid = (triton.cdiv(DQK, BK), triton.cdiv(DHV, BV), BNH)
         mlstm_bwd_state_kernel[grid](
-            q, dh, r, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
+            q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
             HAS_FINAL=has_final_grad, BT=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
         )
     has_final = dCst is not None
@@ -148,29 +157,29 @@ def mlstm_bwd(
     BVO = min(_pow2(DHV), 128)
     nko = triton.cdiv(DQK, BKO)
 
-    dq = torch.empty_like(q)
+    dq = _new(q)
     qdq = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(lay.L, BT), nko, BNH * lay.NC)
     mlstm_bwd_dq_kernel[grid](
-        q, k, v, dh, r, u, rs, dqn,
+        q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, log_scale, scale,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
         HAS_INIT=Cst is not None, BT=BT, BS=BS, BV=BV_in, BKO=BKO, PREC=prec, num_warps=_warps(BT, BKO),
     )
-    dk = torch.empty_like(k)
+    dk = _new(k)
     kdk = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(lay.L, BS), nko, BNH * lay.NC)
     mlstm_bwd_dk_kernel[grid](
-        q, k, v, dh, r, u, rs, dqn,
+        q, k, v, dh, fv, av, mrow, rs, dqn,
         dCst if has_final else dummy, dnst if has_final else dummy, dk, kdk,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, log_scale,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
         HAS_FINAL=has_final, BT=BT, BS=BS, BV=BV_in, BKO=BKO, PREC=prec, num_warps=_warps(BS, BKO),
     )
-    dv = torch.empty_like(v)
+    dv = _new(v)
     grid = (triton.cdiv(lay.L, BS), triton.cdiv(DHV, BVO), BNH * lay.NC)
     mlstm_bwd_dv_kernel[grid](
-        q, k, dh, r, u, rs, dCst if has_final else dummy, dv,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, log_scale,
+        q, k, dh, fv, av, mrow, rs, dCst if has_final else dummy, dv,
+        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
         HAS_FINAL=has_final, BT=BT, BS=BS, BK=BK_in, BVO=BVO, PREC=prec, num_warps=_warps(BS, BVO),
     )
     return dq, dk, dv, qdq.sum(0), kdk.sum(0)

@@ -1,0 +1,207 @@
+"""mLSTM kernel benchmark: our Triton TFLA against SDPA causal, the PyTorch parallel mLSTM and mlstm_kernels' TFLA.
+
+Usage (CUDA machine, repo root):
+    PYTHONPATH=kernels python bench/bench_mlstm.py --out bench/results/mlstm_h100.md
+    PYTHONPATH=kernels python bench/bench_mlstm.py --dh 192 --seq 1024 --no-torch     # one shape, no slow peer
+
+Shapes: DH in {96, 192, 384, 512} x S in {196, 1024, 4096}, NH = 4, B = round(50k / S) (B*S ~ 50k tokens),
+bf16 inputs, fresh random data (never zeros). Each implementation runs in the same process on the same inputs;
+times are medians of triton.testing.do_bench (CUDA events). Reported: forward and forward+backward ms, peak memory
+of forward+backward, achieved bandwidth against the memory floor (fwd: read q, k, v and write h; fwd+bwd: 12 such
+tensors) and the ratios to each peer. mlstm_kernels is measured when installed; otherwise its row uses the anchor
+numbers of shared/spec/mlstm-kernels.md (H100, torch 2.11, Triton 3.6, sigmoid-gate TFLA) and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from tfla import mlstm_parallel
+from tfla.triton import mlstm_triton
+
+# (DH, S) -> (fwd ms, fwd+bwd ms) of mlstm_kernels' sigmoid-gate TFLA, from shared/spec/mlstm-kernels.md.
+TFLA_SIG_ANCHOR = {
+    (96, 196): (0.614, 2.422), (96, 1024): (0.398, 2.200), (192, 196): (1.033, 3.668), (192, 1024): (0.777, 2.749),
+    (192, 4096): (0.784, 2.777), (384, 196): (3.133, 10.69), (384, 1024): (2.341, 7.964), (512, 196): (5.176, 17.25),
+    (512, 1024): (3.939, 13.06), (512, 4096): (3.838, 12.84),
+}
+COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy measured on this H100 (read + write)
+
+
+def inputs(B, NH, S, DH, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=dtype) for _ in range(3))
+    i = torch.randn(B, NH, S, device="cuda", generator=g)
+    f = torch.randn(B, NH, S, device="cuda", generator=g) + 3.0
+    return q, k, v, i, f
+
+
+def mlstm_kernels_fn():
+    try:
+        from mlstm_kernels.torch.chunkwise import mlstm_chunkwise__xl_chunk  # noqa: F401
+    except Exception:
+        return None
+    return mlstm_chunkwise__xl_chunk
+
+
+def timed(fn, args, grad_args, backward: bool):
+    if backward:
+        dh = None
+
+        def step():
+            nonlocal dh
+            out = fn(*args)
+            if dh is None:
+                dh = torch.randn_like(out)
+            out.backward(dh)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(*args)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = do_bench(step, warmup=50, rep=300, grad_to_none=grad_args if backward else None, return_mode="median")
+    return ms, peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dh", type=int, nargs="*", default=[96, 192, 384, 512])
+    ap.add_argument("--seq", type=int, nargs="*", default=[196, 1024, 4096])
+    ap.add_argument("--nh", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=50_000)
+    ap.add_argument("--no-torch", action="store_true", help="skip the (slow) PyTorch parallel mLSTM peer")
+    ap.add_argument("--out", default=None, help="markdown table path; a .png plot and .json are written beside it")
+    args = ap.parse_args()
+
+    ext = mlstm_kernels_fn()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), mlstm_kernels="installed" if ext else "not installed")
+    print(json.dumps(meta), flush=True)
+    results = []
+    for S in args.seq:
+        for DH in args.dh:
+            B = max(1, round(args.tokens / S))
+            NH = args.nh
+            q, k, v, i, f = inputs(B, NH, S, DH)
+            row = dict(DH=DH, S=S, B=B)
+            impls = {
+                "ours_exp": (lambda q, k, v, i, f: mlstm_triton(q, k, v, i, f, gate="exp"), (q, k, v, i, f)),
+                "ours_sig": (lambda q, k, v, i, f: mlstm_triton(q, k, v, i, f, gate="sig"), (q, k, v, i, f)),
+                "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
+            }
+            if not args.no_torch:
+                impls["torch_parallel"] = (lambda q, k, v, i, f: mlstm_parallel(q, k, v, i, f, gate="exp"),
+                                           (q, k, v, i, f))
+            if ext is not None:
+                impls["tfla_sig"] = (lambda q, k, v, i, f: ext(q=q, k=k, v=v, i=i, f=f), (q, k, v, i, f))
+            for name, (fn, a) in impls.items():
+                grads = [t.detach().requires_grad_() for t in a]
+                try:
+                    fwd, _ = timed(fn, [t.detach() for t in a], None, backward=False)
+                    fb, peak = timed(fn, grads, grads, backward=True)
+                except torch.OutOfMemoryError:
+                    fwd = fb = peak = float("nan")
+                    torch.cuda.empty_cache()
+                row[name] = (fwd, fb, peak)
+                del grads
+                torch.cuda.empty_cache()
+            if ext is None and (DH, S) in TFLA_SIG_ANCHOR:
+                row["tfla_sig"] = (*TFLA_SIG_ANCHOR[(DH, S)], float("nan"))
+            elem = B * NH * S * DH * 2
+            row["floor_fwd_ms"] = 4 * elem / COPY_BANDWIDTH * 1e3
+            row["floor_fb_ms"] = 12 * elem / COPY_BANDWIDTH * 1e3
+            results.append(row)
+            o = row["ours_exp"]
+            line = f"DH={DH:3d} S={S:5d} B={B:3d} | ours exp {o[0]:.3f}/{o[1]:.3f} ms {o[2]:.2f} GiB"
+            for peer in ("ours_sig", "sdpa_causal", "torch_parallel", "tfla_sig"):
+                if peer in row:
+                    p = row[peer]
+                    line += f" | {peer} {p[0]:.3f}/{p[1]:.3f} (x{p[1] / o[1]:.2f})"
+            print(line, flush=True)
+            del q, k, v, i, f
+            torch.cuda.empty_cache()
+
+    table = render(results, meta)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table)
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
+            json.dump(dict(meta=meta, results=results), fh, indent=1)
+        plot(results, args.out.rsplit(".", 1)[0] + ".png", meta)
+
+
+def render(results, meta) -> str:
+    tfla_note = "measured" if meta["mlstm_kernels"] == "installed" else "not installed: spec anchor numbers (H100)"
+    lines = [
+        f"GPU {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}; bf16, NH=4, B*S~50k tokens; median ms "
+        f"(do_bench). mlstm_kernels TFLA sig: {tfla_note}.",
+        "Ratios are peer time / our time (fwd+bwd, ours = exp gate, the ViL gate); > 1 means ours is faster.",
+        "",
+        "| DH | S | B | ours exp fwd / fwd+bwd | ours sig fwd / fwd+bwd | peak GiB | BW fwd / fwd+bwd (% of 3.0 TB/s) "
+        "| SDPA causal fwd / fwd+bwd | x SDPA | torch parallel fwd / fwd+bwd | x torch | TFLA sig fwd / fwd+bwd "
+        "| x TFLA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pair(p):
+        return f"{p[0]:.3f} / {p[1]:.3f}" if p else "n/a"
+
+    for r in results:
+        o = r["ours_exp"]
+        bw_f = 100 * r["floor_fwd_ms"] / o[0]
+        bw_fb = 100 * r["floor_fb_ms"] / o[1]
+        ratio = {p: (f"{r[p][1] / o[1]:.2f}" if p in r and not math.isnan(r[p][1]) else "n/a")
+                 for p in ("sdpa_causal", "torch_parallel", "tfla_sig")}
+        lines.append(
+            f"| {r['DH']} | {r['S']} | {r['B']} | {pair(o)} | {pair(r.get('ours_sig'))} | {o[2]:.2f} | "
+            f"{bw_f:.0f}% / {bw_fb:.0f}% | {pair(r.get('sdpa_causal'))} | {ratio['sdpa_causal']} | "
+            f"{pair(r.get('torch_parallel'))} | {ratio['torch_parallel']} | {pair(r.get('tfla_sig'))} | "
+            f"{ratio['tfla_sig']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path, meta):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['DH']}/{r['S']}" for r in results]
+    x = range(len(results))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.16
+    for n, (key, name) in enumerate([("ours_exp", "ours (exp)"), ("ours_sig", "ours (sig)"),
+                                     ("sdpa_causal", "SDPA causal"), ("torch_parallel", "torch parallel"),
+                                     ("tfla_sig", "mlstm_kernels TFLA sig")]):
+        vals = [r[key][1] if key in r else float("nan") for r in results]
+        ax.bar([p + (n - 2) * width for p in x], vals, width, label=name)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("DH / S")
+    ax.set_ylabel("fwd+bwd ms (median, log)")
+    ax.set_title(f"mLSTM fwd+bwd, bf16, NH=4, B*S~50k, {meta['gpu']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""GPU correctness of the Triton mLSTM against the float64 PyTorch reference.
+
+Usage (on a CUDA machine, from the repo root):
+    PYTHONPATH=kernels python bench/check_mlstm_gpu.py [--quick] [--out bench/results/mlstm_check_h100.md]
+
+For bf16, fp16 and fp32 inputs, both gates, at every shape of the benchmark table (DH in 96/192/384/512, S in
+196/1024/4096; batch 1, 2 heads: the batch does not change the arithmetic), at S = 16384 and at random shapes
+(initial state, final state and chunk sizes included), it reports max relative error per tensor: h, the final
+state and the gradients of q, k, v, i, f (and of the initial state), each as ||ours - ref|| / ||ref||, and
+max|ours - ref| / max|ref|. Outputs are poisoned with NaN before each run, so an unwritten tile fails. It also checks
+run-to-run determinism, torch.compile, autocast and torch.library.opcheck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+
+import torch
+
+from tfla import MLSTMState, mlstm, mlstm_chunkwise, mlstm_parallel
+from tfla.triton import launch
+from tfla.triton import mlstm_triton
+
+# Relative L2 error allowed against float64 (bf16/fp16 inputs round the products' operands).
+TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-3}
+NAMES = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
+
+
+def make_inputs(B, NH, S, DQK, DHV, dtype, init, gen):
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=gen, device="cuda") * scale + shift
+
+    xs = [rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DHV).to(dtype),
+          rnd(B, NH, S, scale=2.0), rnd(B, NH, S, scale=1.5, shift=3.0)]
+    if init:
+        xs += [rnd(B, NH, DQK, DHV, scale=0.3), rnd(B, NH, DQK, scale=0.3), rnd(B, NH)]
+    return xs
+
+
+def run(fn, xs, gate, ret, weights, **kw):
+    state = MLSTMState(*xs[5:8]) if len(xs) > 5 else None
+    out = fn(*xs[:5], gate=gate, initial_state=state, return_state=ret, **kw)
+    outs = [out[0], *out[1]] if ret else [out]
+    loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+    loss.backward()
+    return [o.detach() for o in outs], [x.grad for x in xs]
+
+
+def errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    if a is None:
+        return float("nan"), float("nan")
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf"), float("inf")
+    d = (a - b).abs()
+    scale = max(b.norm().item(), 1e-2 * math.sqrt(b.numel()))
+    return (d.norm().item() / scale, d.max().item() / max(b.abs().max().item(), 1e-2))
+
+
+def check_case(B, NH, S, DQK, DHV, gate, dtype, *, init=False, ret=False, chunk_size=None, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    xs = [x.requires_grad_() for x in make_inputs(B, NH, S, DQK, DHV, dtype, init, gen)]
+    ref_xs = [x.detach().double().requires_grad_() for x in xs]
+    shapes = [(B, NH, S, DHV)] + ([(B, NH, DQK, DHV), (B, NH, DQK), (B, NH)] if ret else [])
+    weights = [torch.randn(s, generator=gen, device="cuda", dtype=torch.float64) for s in shapes]
+    launch.POISON_OUTPUTS = True
+    outs, grads = run(mlstm_triton, xs, gate, ret, weights, chunk_size=chunk_size)
+    launch.POISON_OUTPUTS = False
+    ref_fn = mlstm_parallel if S <= 4096 else (lambda *a, **k: mlstm_chunkwise(*a, chunk_size=2048, **k))
+    ref_outs, ref_grads = run(ref_fn, ref_xs, gate, ret, weights)
+    res = {}
+    for name, a, b in zip(["h", "C", "n", "m"], outs, ref_outs):
+        if not (name == "m" and gate == "sig"):
+            res[name] = errors(a, b)
+    for name, a, b in zip(NAMES, grads, ref_grads):
+        if b is not None:
+            res["d" + name] = errors(a, b)
+    del xs, ref_xs, outs, grads, ref_outs, ref_grads
+    torch.cuda.empty_cache()
+    worst = max(v[0] for v in res.values())
+    ok = worst <= TOL[dtype]
+    return ok, res
+
+
+def fmt(res):
+    return " ".join(f"{k}={v[0]:.1e}" for k, v in res.items())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--random", type=int, default=8)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}", flush=True)
+    rows, failures = [], 0
+    cases = []
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    for dtype in dtypes:
+        for gate in ("exp", "sig"):
+            for DH in (96, 192, 384, 512):
+                for S in (196, 1024, 4096):
+                    if args.quick and (S == 4096 or DH in (192, 384)):
+                        continue
+                    if dtype != torch.bfloat16 and S == 4096 and DH != 192:
+                        continue
+                    cases.append(dict(B=1, NH=2, S=S, DQK=DH, DHV=DH, gate=gate, dtype=dtype))
+    cases.append(dict(B=1, NH=1, S=16384, DQK=192, DHV=192, gate="exp", dtype=torch.bfloat16))
+    cases.append(dict(B=1, NH=1, S=16384, DQK=96, DHV=96, gate="sig", dtype=torch.bfloat16))
+    rng = random.Random(0)
+    for r in range(args.random):
+        cases.append(dict(
+            B=rng.randint(1, 2), NH=rng.randint(1, 3), S=rng.choice([1, 7, 97, 197, 729, 784, 1500, 2500]),
+            DQK=rng.choice([16, 24, 48, 96, 160, 192, 384, 512]), DHV=rng.choice([16, 32, 96, 200, 256, 512]),
+            gate=rng.choice(["exp", "sig"]), dtype=rng.choice(dtypes), init=rng.random() < 0.6, ret=rng.random() < 0.7,
+            chunk_size=rng.choice([None, None, 64, 100, 256, 1024]), seed=r + 1,
+        ))
+    for case in cases:
+        t0 = time.time()
+        ok, res = check_case(**case)
+        failures += not ok
+        label = " ".join(f"{k}={v}" for k, v in case.items() if k not in ("seed",)).replace("torch.", "")
+        print(f"{'ok  ' if ok else 'FAIL'} {label} [{time.time() - t0:.1f}s] {fmt(res)}", flush=True)
+        rows.append((label, ok, res))
+
+    # Determinism: bitwise equal outputs and gradients run to run at a benchmark shape.
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    xs = make_inputs(8, 4, 1024, 192, 192, torch.bfloat16, False, gen)
+    runs = []
+    for _ in range(2):
+        ys = [x.detach().clone().requires_grad_() for x in xs]
+        h = mlstm_triton(*ys, gate="exp")
+        h.backward(torch.ones_like(h))
+        runs.append([h] + [y.grad for y in ys])
+    det = all(torch.equal(a, b) for a, b in zip(*runs))
+    print(f"{'ok  ' if det else 'FAIL'} deterministic (bitwise, two runs, fwd+bwd)", flush=True)
+    failures += not det
+
+    # torch.compile (custom op: no graph break) and autocast (fp32 inputs, bf16 compute).
+    xs = [x.float().requires_grad_() for x in make_inputs(2, 4, 197, 96, 96, torch.float32, False, gen)]
+
+    def step(q, k, v, i, f):
+        return mlstm(q, k, v, i, f, backend="triton").square().mean()
+
+    eager = step(*xs)
+    g_eager = torch.autograd.grad(eager, xs)
+    compiled = torch.compile(step, fullgraph=True)
+    out_c = compiled(*xs)
+    g_c = torch.autograd.grad(out_c, xs)
+    comp_ok = torch.allclose(eager, out_c, rtol=1e-5) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+                                                           for a, b in zip(g_eager, g_c))
+    print(f"{'ok  ' if comp_ok else 'FAIL'} torch.compile(fullgraph=True) fwd+bwd matches eager", flush=True)
+    failures += not comp_ok
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h_ac = mlstm(*xs, backend="triton")
+    g_ac = torch.autograd.grad(h_ac.float().square().mean(), xs)
+    ref = mlstm_parallel(*(x.detach().double() for x in xs))
+    ac_ok = h_ac.dtype == torch.bfloat16 and errors(h_ac, ref)[0] < 3e-2 and all(
+        g.dtype == torch.float32 and torch.isfinite(g).all() for g in g_ac)
+    print(f"{'ok  ' if ac_ok else 'FAIL'} autocast(bf16) with fp32 inputs: h {h_ac.dtype}, err {errors(h_ac, ref)[0]:.1e}",
+          flush=True)
+    failures += not ac_ok
+    try:
+        from tfla.triton.function import mlstm_fwd_op
+
+        q, k, v, i, f = (x.detach() for x in xs)
+        torch.library.opcheck(mlstm_fwd_op, (q, k, v, i, f, None, None, None, True, True, 197, 1e-6, False),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        print("ok   torch.library.opcheck (schema, fake tensor, aot dispatch)", flush=True)
+    except Exception as e:  # report, do not hide
+        print(f"FAIL torch.library.opcheck: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        failures += 1
+
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(f"# Triton mLSTM vs float64 reference on {torch.cuda.get_device_name()}\n\n")
+            fh.write(f"torch {torch.__version__}. Relative L2 error ||ours-ref||/||ref|| per tensor "
+                     f"(tolerance bf16 {TOL[torch.bfloat16]:.0e}, fp16 {TOL[torch.float16]:.0e}, "
+                     f"fp32 {TOL[torch.float32]:.0e}); outputs poisoned with NaN before each run.\n\n")
+            keys = ["h", "C", "n", "m", "dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"]
+            fh.write("| case | ok | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2) + "\n")
+            for label, ok, res in rows:
+                cells = [f"{res[k][0]:.1e}" if k in res else "" for k in keys]
+                fh.write(f"| {label} | {'yes' if ok else 'NO'} | " + " | ".join(cells) + " |\n")
+            fh.write(f"\nDeterministic: {det}. torch.compile: {comp_ok}. autocast: {ac_ok}.\n")
+    print(f"{failures} failure(s) in {len(rows) + 4} checks", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Triton TFLA kernels vs the float64 reference: outputs and every gradient, odd sizes, both gates, states, chunks.
+
+On a machine without a GPU the kernels run in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1)
+before the kernels are defined. So that the rest of the suite keeps its normal process, this module then re-runs
+itself in a child process with the variable set (one test here, the per-case results in its output). With a GPU, or
+when TRITON_INTERPRET=1 is already set, the cases run directly. The interpreter computes bfloat16 products wrong,
+so bfloat16 is tested on the GPU only (also bench/check_mlstm_gpu.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+RUN_HERE = INTERPRET or ON_GPU
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+if not RUN_HERE:
+
+    def test_triton_kernels_in_interpreter():
+        """Runs this file's cases in a child process with TRITON_INTERPRET=1 (the interpreter is CPU-only)."""
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+
+else:
+    from tfla import MLSTMState, mlstm, mlstm_parallel
+    from tfla.triton import mlstm_triton
+
+    DTYPES = (torch.float32, torch.float16) if not ON_GPU else (torch.float32, torch.float16, torch.bfloat16)
+    # Relative L2 error against float64, at least; ill-conditioned draws may take 5x what the float32 reference makes.
+    TOL = {torch.float32: 3e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+    def _inputs(B, NH, S, DQK, DHV, dtype, seed, init):
+        g = torch.Generator().manual_seed(seed)
+
+        def rnd(*shape, scale=1.0, shift=0.0):
+            return (torch.randn(*shape, generator=g) * scale + shift).to(DEVICE)
+
+        xs = [rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DHV).to(dtype),
+              rnd(B, NH, S, scale=2.0), rnd(B, NH, S, scale=1.5, shift=2.0)]
+        if init:
+            xs += [rnd(B, NH, DQK, DHV, scale=0.5), rnd(B, NH, DQK, scale=0.5), rnd(B, NH, scale=1.0)]
+        return xs
+
+    def _run(fn, xs, gate, normalize, ret, seed, **kw):
+        state = MLSTMState(*xs[5:8]) if len(xs) > 5 else None
+        out = fn(*xs[:5], gate=gate, normalize=normalize, initial_state=state, return_state=ret, **kw)
+        h, st = (out if ret else (out, None))
+        g = torch.Generator().manual_seed(seed + 7)
+        loss = (h.double() * torch.randn(h.shape, generator=g, dtype=torch.float64).to(h.device)).sum()
+        if ret:
+            for t in st:
+                loss = loss + (t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
+        loss.backward()
+        return [h] + (list(st) if ret else [])
+
+    def _rel(a, b):
+        # Relative L2 error; a reference that is ~0 everywhere (df at S=1) is measured against an RMS of 1e-2.
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
+
+    def check(B, NH, S, DQK, DHV, gate, dtype, *, normalize=True, init=False, ret=False, chunk_size=None, seed=0):
+        xs = [t.requires_grad_() for t in _inputs(B, NH, S, DQK, DHV, dtype, seed, init)]
+        ref_xs = [t.detach().double().requires_grad_() for t in xs]
+        outs = _run(mlstm_triton, xs, gate, normalize, ret, seed, chunk_size=chunk_size)
+        ref_outs = _run(mlstm_parallel, ref_xs, gate, normalize, ret, seed)
+        r32_xs = [t.detach().float().requires_grad_() for t in xs]
+        r32_outs = _run(mlstm_parallel, r32_xs, gate, normalize, ret, seed)
+        assert outs[0].dtype == dtype and outs[0].shape == (B, NH, S, DHV)
+        names = ["h", "C", "n", "m"][: len(outs)]
+        errors, limits = {}, {}
+        for name, a, b, b32 in zip(names, outs, ref_outs, r32_outs):
+            if name == "m" and gate == "sig":
+                assert torch.all(a == 0)
+                continue
+            assert torch.isfinite(a).all(), name
+            errors[name], limits[name] = _rel(a, b), max(TOL[dtype], 5 * _rel(b32, b))
+        for name, x, rx, x32 in zip(["q", "k", "v", "i", "f", "C0", "n0", "m0"], xs, ref_xs, r32_xs):
+            if rx.grad is None:  # m0 does not enter the sigmoid-gate mLSTM
+                assert x.grad is None or torch.all(x.grad == 0), name
+                continue
+            assert x.grad is not None and x.grad.dtype == x.dtype and torch.isfinite(x.grad).all(), name
+            errors["d" + name] = _rel(x.grad, rx.grad)
+            limits["d" + name] = max(TOL[dtype], 5 * _rel(x32.grad, rx.grad))
+        bad = {k: (f"{v:.1e}", f"{limits[k]:.1e}") for k, v in errors.items() if not v <= limits[k]}
+        assert not bad, f"errors above limits: {bad} (all: {errors})"
+
+    # Odd sizes: S in {1, 17, 63, 196}, head dims 16, 24, 96 (dqk != dhv included), both gates, fp32 and fp16.
+    SHAPES = [(1, 2, 1, 16, 16), (1, 2, 17, 24, 16), (2, 1, 63, 16, 24), (1, 2, 196, 96, 96)]
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("gate", ["exp", "sig"])
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+    def test_single_chunk(shape, gate, dtype):
+        check(*shape, gate, dtype)
+
+    @pytest.mark.parametrize("shape", [(1, 2, 17, 16, 24), (1, 1, 63, 24, 16)], ids=lambda s: "x".join(map(str, s)))
+    def test_sig_without_normaliser(shape):
+        check(*shape, "sig", torch.float32, normalize=False)
+
+    @pytest.mark.parametrize("chunk_size", [None, 16, 23], ids=lambda c: f"L{c}")
+    @pytest.mark.parametrize("gate", ["exp", "sig"])
+    def test_states_and_chunks(gate, chunk_size):
+        """Initial state in, final state out, gradients through both; several chunks with a short last one."""
+        check(1, 2, 63, 24, 16, gate, torch.float32, init=True, ret=True, chunk_size=chunk_size, seed=3)
+
+    @pytest.mark.parametrize("chunk_size", [1, 64], ids=lambda c: f"L{c}")
+    def test_chunk_size_extremes(chunk_size):
+        check(1, 1, 37, 16, 16, "exp", torch.float32, ret=True, chunk_size=chunk_size, seed=5)
+
+    def test_chunked_fp16_with_state():
+        check(1, 1, 63, 16, 24, "exp", torch.float16, init=True, ret=True, chunk_size=20, seed=4)
+
+    def test_deterministic():
+        xs = _inputs(1, 2, 63, 24, 24, torch.float32, 11, False)
+        runs = []
+        for _ in range(2):
+            ys = [t.detach().clone().requires_grad_() for t in xs]
+            h = mlstm_triton(*ys, gate="exp", chunk_size=20)
+            h.backward(torch.ones_like(h))
+            runs.append([h.detach()] + [y.grad for y in ys])
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+
+    def test_op_dispatch():
+        xs = _inputs(1, 1, 17, 16, 16, torch.float32, 2, False)
+        h_triton = mlstm(*xs, backend="triton")
+        h_ref = mlstm(*xs, backend="parallel")
+        assert _rel(h_triton, h_ref) < 1e-5
+        with pytest.raises(ValueError, match="head dims"):
+            mlstm(*_inputs(1, 1, 5, 8, 8, torch.float32, 0, False), backend="triton")
