@@ -1,0 +1,49 @@
+"""Reusable pieces of the training entry points (train/train.py, train/evaluate.py)."""
+
+from .checkpoint import CheckpointError, capture_rng, load_checkpoint, load_init_weights, restore_rng, save_atomic
+from .config import DEFAULTS, ConfigError, apply_overrides, config_to_yaml, load_config
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
+from .engine import (
+    BatchPlan,
+    autocast,
+    build_mixup,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    plan_batches,
+)
+from .metrics import MetricsLogger, ProgressMeter, format_eta, plot_curves, read_metrics
+
+__all__ = [
+    "DEFAULTS",
+    "BatchPlan",
+    "CheckpointError",
+    "ConfigError",
+    "DistInfo",
+    "MetricsLogger",
+    "ProgressMeter",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "apply_overrides",
+    "autocast",
+    "barrier",
+    "build_mixup",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "capture_rng",
+    "config_to_yaml",
+    "evaluate",
+    "format_eta",
+    "init_distributed",
+    "load_checkpoint",
+    "load_config",
+    "load_init_weights",
+    "plan_batches",
+    "plot_curves",
+    "read_metrics",
+    "restore_rng",
+    "save_atomic",
+    "shutdown",
+]
