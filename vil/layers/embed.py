@@ -50,11 +50,11 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid_size: list[int]) -> torch.T
     """Bicubic resampling of a position-embedding grid [1, H, W, D] to [1, grid_size[0], grid_size[1], D].
 
     No antialiasing, as in the authors' code, so that resampled checkpoints compute what their model computes.
-    Interpolation runs in float32 (bicubic is not implemented for every low-precision dtype on every device).
+    Interpolation runs in at least float32 (bicubic is not implemented for every low-precision dtype on every device).
     """
     if pos_embed.shape[1] == grid_size[0] and pos_embed.shape[2] == grid_size[1]:
         return pos_embed
-    grid = pos_embed.permute(0, 3, 1, 2).float()  # [1, D, H, W]
+    grid = pos_embed.permute(0, 3, 1, 2).to(torch.promote_types(pos_embed.dtype, torch.float32))  # [1, D, H, W]
     grid = F.interpolate(grid, size=(grid_size[0], grid_size[1]), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).to(pos_embed.dtype)
 

@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
@@ -51,6 +52,9 @@ except ImportError:  # timm versions before the model-traits bookkeeping: nothin
     def update_model_input_size(model: nn.Module, img_size: Any, **model_args: Any) -> None:
         pass
 
+
+# Plain torch.fx.symbolic_trace treats the resampling as a leaf here too (its shape checks are control flow).
+torch.fx.wrap("resample_pos_embed")
 
 __all__ = ["ViLBlock", "VisionLSTM", "checkpoint_filter_fn", "convert_authors_state_dict", "load_checkpoint_file"]
 
@@ -656,6 +660,11 @@ def _default_out_indices(depth: int) -> tuple[int, ...]:
 
 def _create_vil(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionLSTM:
     out_indices = kwargs.pop("out_indices", _default_out_indices(kwargs.get("depth", 24)))
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and (overlay.get("file") or overlay.get("url")) and "custom_load" not in overlay:
+        # timm resets custom_load for a user-supplied file; keep our loader (VisionLSTM.load_pretrained): it reads
+        # the authors' .th files and ours without unpickling objects, and keeps a head whose shape fits.
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
     return build_model_with_cfg(
         VisionLSTM,
         variant,
