@@ -18,6 +18,11 @@ One class serves both published versions:
 odd ones from the bottom-right. Layer-wise lr decay groups each pair of sub-blocks into one layer, like a ViT of
 depth/2 blocks.
 
+Loading: `pretrained=True` with `pretrained_cfg_overlay=dict(file=...)` (or the registered URL) goes through
+`VisionLSTM.load_pretrained`, which reads the authors' .th files and ours (.safetensors, .pth) without unpickling
+objects; `checkpoint_filter_fn` does the conversion for timm's other paths. `timm.create_model(checkpoint_path=...)`
+expects our layout: convert the authors' files first with `vil-convert`.
+
 Norm weights are stored as standard scales (init 1). The authors' files store the block norms, the mLSTM output
 norm and the final per-token norm as offsets (scale = 1 + w); `checkpoint_filter_fn` adds the 1 on loading.
 """
@@ -126,6 +131,10 @@ def _layer_group(name: str, last_group: int) -> tuple[float, ...]:
 class VisionLSTM(nn.Module):
     """Vision-LSTM: patch embedding + 2D position embedding, `depth` ViL sub-blocks of alternating direction,
     final LayerNorm, bilateral pooling, LayerNorm, linear head.
+
+    Widths as timm reads them: `num_features` = D, the width of forward_features' tokens [B, S, D] and of every
+    feature map; `head_hidden_size` = the pooled (pre-logits) width, 2D for the v2 concat pooling and D otherwise,
+    which is also what forward returns with num_classes=0.
 
     Args:
         img_size: nominal input size; other sizes need dynamic_img_size=True or set_input_size().
