@@ -67,8 +67,8 @@ def expected_param_count(version: int, dim: int, depth: int, grid: int, classes:
 
 
 def test_registered_names_and_cfgs():
-    names = set(timm.list_models("vil*"))
-    assert names == set(PUBLISHED)
+    names = set(PUBLISHED)
+    assert names <= set(timm.list_models("vil*"))
     required = (
         "input_size",
         "crop_pct",
