@@ -407,6 +407,7 @@ class ShardStream(IterableDataset):
         index = 0
         for sid in shard_ids:
             url = self.shards.urls[sid]
+            expected = self.shards.lengths[sid] if self.shards.lengths is not None else None
             read = 0
             try:
                 for sample in iter_shard(url):
@@ -414,8 +415,10 @@ class ShardStream(IterableDataset):
                     if index % num_slots == slot:
                         yield sid, sample
                     index += 1
+                # A tar cut at a member boundary reads as a short but valid archive: only its length tells.
+                if expected is not None and read < expected:
+                    raise EOFError(f"{read} samples, _info.json says {expected}")
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-                expected = self.shards.lengths[sid] if self.shards.lengths is not None else None
                 # This worker's share of the samples the truncation cost (at least one, when the length is unknown).
                 lost = max(1, -(-(expected - read) // num_slots)) if expected is not None else 1
                 health.truncated_shard(url, read, expected, lost, exc)
@@ -494,13 +497,15 @@ class ShardStream(IterableDataset):
         rng = random.Random(_mix_seed("buffer", self.seed, self.epoch, self.rank, worker))
 
         def endless() -> Iterator[tuple[int, dict]]:
+            # Each pass over this worker's shards is shuffled and drained on its own, so a sample is repeated only
+            # once all of them were used (a worker whose shards hold fewer samples than its quota).
             epoch_pass = 0
             while True:
                 order = list(shard_ids)
                 if epoch_pass > 0:
                     random.Random(_mix_seed("pass", self.seed, self.epoch, self.rank, worker, epoch_pass)).shuffle(order)
                 produced = False
-                for item in self._raw_samples(order, slot, num_slots, health):
+                for item in self._shuffled(self._raw_samples(order, slot, num_slots, health), rng):
                     produced = True
                     yield item
                 if not produced:
@@ -510,7 +515,7 @@ class ShardStream(IterableDataset):
                     )
                 epoch_pass += 1
 
-        stream = self._shuffled(endless(), rng)
+        stream = endless()
         # Resume: drop the raw samples of batches this worker already produced, without decoding them.
         for _ in range(skip_batches * self.batch_size):
             next(stream)
