@@ -51,7 +51,7 @@ def write_shards(root: str, num_images: int, num_shards: int, distinct: int, siz
     rng = np.random.default_rng(0)
     # Encoding is slow: a pool of distinct images is reused under different keys (decoding cost is the same).
     pool = []
-    for i in range(distinct):
+    for _ in range(distinct):
         w = int(size[0] * rng.uniform(0.8, 1.2))
         h = int(size[1] * rng.uniform(0.8, 1.2))
         pool.append(synthetic_jpeg(rng, w, h))
@@ -141,30 +141,41 @@ def main() -> None:
         args.workers, args.batch, args.img_size = [1, 2], 16, 64
         args.num_images, args.num_shards, args.source_size = 640, 4, [160, 120]
         args.loader_batches, args.steps, args.warmup = 12, 4, 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
 
     tmp = None
     root = args.shards_dir
     if root is None:
         tmp = tempfile.TemporaryDirectory(prefix="vil_bench_shards_")
         root = tmp.name
-    overrides = [f"data.root={root}", f"data.img_size={args.img_size}", f"train.compile={args.compile}",
-                 f"train.amp={'bf16' if device.type == 'cuda' else 'none'}", f"data.shuffle_initial={4 * args.batch}"]
+    overrides = [
+        f"data.root={root}",
+        f"data.img_size={args.img_size}",
+        f"train.compile={args.compile}",
+        f"train.amp={'bf16' if device.type == 'cuda' else 'none'}",
+        f"data.shuffle_initial={4 * args.batch}",
+    ]
     if args.tiny:
         overrides += ["model.kwargs={embed_dim: 48, depth: 2}"]
     cfg = load_config(RECIPE, overrides)
     if not os.path.isfile(os.path.join(root, "_info.json")):
         print(f"writing {args.num_images} synthetic JPEGs into {args.num_shards} shards under {root} ...", flush=True)
-        kb = write_shards(root, args.num_images, args.num_shards, distinct=min(256, args.num_images),
-                          size=tuple(args.source_size))
+        kb = write_shards(
+            root, args.num_images, args.num_shards, distinct=min(256, args.num_images), size=tuple(args.source_size)
+        )
         print(f"  mean JPEG {kb:.0f} kB", flush=True)
 
     rows = []
     for workers in args.workers:
         needed = (args.warmup + args.loader_batches) * args.batch
         if needed > args.num_images:
-            print(f"note: {needed} images needed per loader run, the shards hold {args.num_images}; workers re-read them")
+            print(
+                f"note: {needed} images needed per loader run, the shards hold {args.num_images}; workers re-read them"
+            )
         print(f"loader with {workers} workers ...", flush=True)
         rate = loader_rate(cfg, workers, args.batch, args.loader_batches, args.warmup)
         rows.append((f"data loader, {workers} workers", rate, rate / workers))
@@ -173,15 +184,23 @@ def main() -> None:
     rows.append((f"{cfg['model']['name']} train step ({device.type}, batch {args.batch})", train, None))
     best_workers = max(args.workers)
     source = resolve_shards(root, "train")
-    feed = build_loader(cfg, source, train=True, batch_size=args.batch, num_batches=args.warmup + args.steps,
-                        num_workers=best_workers, pin_memory=device.type == "cuda")
+    feed = build_loader(
+        cfg,
+        source,
+        train=True,
+        batch_size=args.batch,
+        num_batches=args.warmup + args.steps,
+        num_workers=best_workers,
+        pin_memory=device.type == "cuda",
+    )
     feed.dataset.set_position(0, 0)
     print(f"loader ({best_workers} workers) feeding the model ...", flush=True)
     both = model_rate(cfg, device, args.batch, args.steps, args.warmup, loader=feed)
     rows.append((f"end to end, {best_workers} workers", both, None))
 
-    title = f"ViL-T recipe at {args.img_size} px, {device}" + (f" ({torch.cuda.get_device_name(device)})"
-                                                                 if device.type == "cuda" else "")
+    title = f"ViL-T recipe at {args.img_size} px, {device}" + (
+        f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    )
     print(f"\n{title}\n| what | images/s | per worker |\n|---|---:|---:|")
     for name, rate, per in rows:
         print(f"| {name} | {rate:,.0f} | {'' if per is None else f'{per:,.0f}'} |")
@@ -189,11 +208,15 @@ def main() -> None:
     loader_best = max(r[1] for r in rows if r[2] is not None)
     needed = math.ceil(train / per_worker)
     if loader_best < train:
-        print(f"\nThe data loader bounds this run: {loader_best:,.0f} images/s against {train:,.0f} for the model. "
-              f"About {needed} loader workers per rank (at {per_worker:,.0f} images/s each) would keep up.")
+        print(
+            f"\nThe data loader bounds this run: {loader_best:,.0f} images/s against {train:,.0f} for the model. "
+            f"About {needed} loader workers per rank (at {per_worker:,.0f} images/s each) would keep up."
+        )
     else:
-        print(f"\nThe model bounds this run: it trains {train:,.0f} images/s, the loader delivers {loader_best:,.0f}. "
-              f"{needed} loader workers per rank suffice.")
+        print(
+            f"\nThe model bounds this run: it trains {train:,.0f} images/s, the loader delivers {loader_best:,.0f}. "
+            f"{needed} loader workers per rank suffice."
+        )
     if tmp is not None:
         tmp.cleanup()
 

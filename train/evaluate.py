@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", required=True, help="train/train.py checkpoint, or released weights")
     parser.add_argument("--config", default=None, help="YAML recipe (default: the config stored in the checkpoint)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
-    parser.add_argument("--batch-size", type=int, default=None, help="per-rank evaluation batch (default: the recipe's)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="per-rank evaluation batch (default: the recipe's)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.root=/data/in1k-wds")
     args = parser.parse_args(argv)
 
@@ -71,7 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     source = open_split(cfg, train=False)
     batch = args.batch_size or max(1, cfg["train"]["micro_batch_size"] or cfg["train"]["batch_size"] // dist.world_size)
     loader = build_loader(
-        cfg, source, train=False, batch_size=batch, rank=dist.rank, world_size=dist.world_size,
+        cfg,
+        source,
+        train=False,
+        batch_size=batch,
+        rank=dist.rank,
+        world_size=dist.world_size,
         pin_memory=dist.device.type == "cuda",
     )
 

@@ -38,8 +38,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "folder":
         convert_image_folder(
-            args.src, args.out, splits=tuple(args.splits), prefix=args.prefix, shard_size=args.shard_size,
-            seed=args.seed, verify=not args.no_verify, max_bad_fraction=args.max_bad_fraction, workers=args.workers,
+            args.src,
+            args.out,
+            splits=tuple(args.splits),
+            prefix=args.prefix,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            verify=not args.no_verify,
+            max_bad_fraction=args.max_bad_fraction,
+            workers=args.workers,
         )
     else:
         prepare_mnist5k(args.out, holdout_per_class=args.holdout_per_class)

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -70,7 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/mnist_vil_tiny.yaml")
     parser.add_argument(
-        "--resume", nargs="?", const="auto", default=None,
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
         help="continue from <run dir>/checkpoints/last.pt (no value) or from the named checkpoint",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides such as train.epochs=10 optim.lr=5e-4")
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
         resume_from = args.resume
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None and ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{resume_from} is not a train/train.py checkpoint; use model.init_checkpoint for weights.")
+        raise CheckpointError(
+            f"{resume_from} is not a train/train.py checkpoint; use model.init_checkpoint for weights."
+        )
 
     # Data: prepared once per node, then every rank opens the same splits.
     if dist.local_rank == 0:
@@ -113,11 +117,22 @@ def main(argv: list[str] | None = None) -> dict:
     plan = plan_batches(cfg, dist.world_size, train_source.num_samples)
     micro_per_epoch = plan.steps_per_epoch * plan.accum_steps
     train_loader = build_loader(
-        cfg, train_source, train=True, batch_size=plan.micro_batch, num_batches=micro_per_epoch,
-        rank=dist.rank, world_size=dist.world_size, pin_memory=device.type == "cuda",
+        cfg,
+        train_source,
+        train=True,
+        batch_size=plan.micro_batch,
+        num_batches=micro_per_epoch,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        pin_memory=device.type == "cuda",
     )
     val_loader = build_loader(
-        cfg, val_source, train=False, batch_size=plan.micro_batch, rank=dist.rank, world_size=dist.world_size,
+        cfg,
+        val_source,
+        train=False,
+        batch_size=plan.micro_batch,
+        rank=dist.rank,
+        world_size=dist.world_size,
         pin_memory=device.type == "cuda",
     )
 
@@ -130,9 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
     ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["enabled"] else None
     mixup, criterion = build_mixup(cfg, plan.micro_batch)
     geometry = {
-        "world_size": dist.world_size, "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
-        "num_workers": cfg["data"]["num_workers"], "steps_per_epoch": plan.steps_per_epoch,
-        "num_samples": train_source.num_samples, "seed": seed,
+        "world_size": dist.world_size,
+        "micro_batch": plan.micro_batch,
+        "accum_steps": plan.accum_steps,
+        "num_workers": cfg["data"]["num_workers"],
+        "steps_per_epoch": plan.steps_per_epoch,
+        "num_samples": train_source.num_samples,
+        "seed": seed,
     }
 
     step, start_epoch, start_step_in_epoch, best_top1 = 0, 0, 0, None
@@ -144,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             if not ckpt["ema"]:
-                raise CheckpointError(f"{resume_from} has no EMA weights but ema.enabled=true; resume with ema.enabled=false.")
+                raise CheckpointError(
+                    f"{resume_from} has no EMA weights but ema.enabled=true; resume with ema.enabled=false."
+                )
             ema.load_state_dict(ckpt["ema"])
         step, start_epoch, start_step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         best_top1 = ckpt.get("best_top1")
@@ -155,11 +176,16 @@ def main(argv: list[str] | None = None) -> dict:
             )
         changed = {k: (ckpt["data"][k], v) for k, v in geometry.items() if ckpt["data"].get(k) != v}
         if changed:
-            warnings.warn(f"Resuming with a different data geometry {changed}: the data order will differ from the "
-                          f"uninterrupted run from here on.", stacklevel=1)
+            warnings.warn(
+                f"Resuming with a different data geometry {changed}: the data order will differ from the "
+                f"uninterrupted run from here on.",
+                stacklevel=1,
+            )
         if len(ckpt["rng"]) == dist.world_size:
             restore_rng(ckpt["rng"][dist.rank])
-        log(f"resumed from {resume_from}: step {step}, epoch {start_epoch + 1}, step {start_step_in_epoch} of the epoch")
+        log(
+            f"resumed from {resume_from}: step {step}, epoch {start_epoch + 1}, step {start_step_in_epoch} of the epoch"
+        )
 
     raw_model = model
     if cfg["train"]["compile"]:
@@ -191,11 +217,19 @@ def main(argv: list[str] | None = None) -> dict:
             return
         save_atomic(
             {
-                "format": FORMAT, "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "ema": ema.state_dict() if ema is not None else {}, "rng": rng_states, "data": geometry,
-                "config": cfg, "best_top1": best_top1,
+                "format": FORMAT,
+                "step": step,
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "ema": ema.state_dict() if ema is not None else {},
+                "rng": rng_states,
+                "data": geometry,
+                "config": cfg,
+                "best_top1": best_top1,
             },
             ckpt_path,
         )
@@ -204,7 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal best_top1
         result = evaluate(eval_model, val_loader, device, amp)
         record = {"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
-        text = f"eval epoch {epoch + 1}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['count']} images)"
+        text = (
+            f"eval epoch {epoch + 1}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+            f"({result['count']} images)"
+        )
         if ema is not None and cfg["ema"]["eval"]:
             ema_result = evaluate(ema.module, val_loader, device, amp)
             record.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"])
@@ -233,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
                 try:
                     images, targets, shard_ids, worker_health = next(batches)
                 except StopIteration:
-                    raise DataError(f"The training loader ended early at step {step_in_epoch} of epoch {epoch + 1}.")
+                    raise DataError(
+                        f"The training loader ended early at step {step_in_epoch} of epoch {epoch + 1}."
+                    ) from None
                 shards_read.update(shard_ids.tolist())
                 health[int(worker_health[0])] = worker_health[1:].tolist()
                 images = images.to(device, non_blocking=True)
@@ -274,8 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
                 if is_main:
                     progress.line(epoch, epochs, step, mean_loss, lr, rate)
                 logger.log(
-                    "train", step, epoch=epoch + 1, loss=mean_loss, lr=lr, images_per_s=rate,
-                    grad_norm=None if grad_norm is None else float(grad_norm), corrupt=sum(h[0] for h in health.values()),
+                    "train",
+                    step,
+                    epoch=epoch + 1,
+                    loss=mean_loss,
+                    lr=lr,
+                    images_per_s=rate,
+                    grad_norm=None if grad_norm is None else float(grad_norm),
+                    corrupt=sum(h[0] for h in health.values()),
                     truncated=sum(h[1] for h in health.values()),
                 )
             end_of_epoch = step_in_epoch + 1 == plan.steps_per_epoch
@@ -288,15 +333,30 @@ def main(argv: list[str] | None = None) -> dict:
 
         bad = [sum(h[i] for h in health.values()) for i in range(3)]
         with open(os.path.join(data_log_dir, f"rank{dist.rank}.jsonl"), "a") as f:
-            f.write(json.dumps({
-                "epoch": epoch + 1, "rank": dist.rank, "world_size": dist.world_size, "first_step": first,
-                "steps": step_in_epoch + 1 - first, "micro_batches": (step_in_epoch + 1 - first) * plan.accum_steps,
-                "shards": sorted(shards_read), "corrupt": bad[0], "truncated": bad[1], "lost": bad[2],
-                "complete": not stopped_early,
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": epoch + 1,
+                        "rank": dist.rank,
+                        "world_size": dist.world_size,
+                        "first_step": first,
+                        "steps": step_in_epoch + 1 - first,
+                        "micro_batches": (step_in_epoch + 1 - first) * plan.accum_steps,
+                        "shards": sorted(shards_read),
+                        "corrupt": bad[0],
+                        "truncated": bad[1],
+                        "lost": bad[2],
+                        "complete": not stopped_early,
+                    }
+                )
+                + "\n"
+            )
         if bad[0] or bad[1]:
-            warnings.warn(f"rank {dist.rank} epoch {epoch + 1}: skipped {bad[0]} corrupt samples and {bad[1]} truncated "
-                          f"shards ({bad[2]} samples lost); see the warnings above for the files.", stacklevel=1)
+            warnings.warn(
+                f"rank {dist.rank} epoch {epoch + 1}: skipped {bad[0]} corrupt samples and {bad[1]} truncated "
+                f"shards ({bad[2]} samples lost); see the warnings above for the files.",
+                stacklevel=1,
+            )
         if stopped_early:
             log(f"stopped after {steps_this_process} steps (train.max_steps); continue with --resume")
             break

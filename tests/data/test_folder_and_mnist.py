@@ -46,9 +46,16 @@ def make_tree(root: str, per_class: int = 6, corrupt: str | None = None) -> None
 
 
 def folder_cfg(root: str) -> dict:
-    return load_config(None, [
-        f"data.root={root}", "data.format=folder", "data.num_classes=2", "data.img_size=16", "aug.auto_augment=null",
-    ])
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.format=folder",
+            "data.num_classes=2",
+            "data.img_size=16",
+            "aug.auto_augment=null",
+        ],
+    )
 
 
 def test_scan_image_folder_and_errors(tmp_path):
@@ -82,9 +89,24 @@ def test_convert_image_folder_cli(tmp_path):
     src, out = tmp_path / "tree", tmp_path / "shards"
     make_tree(str(src), corrupt="train/cat/cat_bad.jpg")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train", "make_shards.py"), "folder", "--src", str(src), "--out", str(out),
-         "--prefix", "pets", "--shard-size", "5", "--max-bad-fraction", "0.2"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            os.path.join(REPO, "train", "make_shards.py"),
+            "folder",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--prefix",
+            "pets",
+            "--shard-size",
+            "5",
+            "--max-bad-fraction",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "cat_bad.jpg" in proc.stderr
@@ -99,9 +121,20 @@ def test_convert_image_folder_cli(tmp_path):
         assert int(s["cls"]) == (1 if "dog" in s["__key__"] else 0)
     # A strict conversion stops and names the file.
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train", "make_shards.py"), "folder", "--src", str(src), "--out",
-         str(tmp_path / "strict"), "--max-bad-fraction", "0"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            os.path.join(REPO, "train", "make_shards.py"),
+            "folder",
+            "--src",
+            str(src),
+            "--out",
+            str(tmp_path / "strict"),
+            "--max-bad-fraction",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "cat_bad.jpg" in proc.stderr and "error:" in proc.stderr
 
@@ -118,10 +151,21 @@ def test_mnist5k_shards_hold_out_fixed_digits(tmp_path):
     assert not train_ids & val_ids
     assert np.bincount(labels[sorted(val_ids)], minlength=10).tolist() == [50] * 10
     # The stored digits are the real ones, losslessly.
-    cfg = load_config(None, [f"data.root={root}", "data.format=mnist5k", "data.in_chans=1", "data.mean=[0.0]",
-                             "data.std=[1.0]", "data.img_size=28", "data.num_classes=10"])
-    stream = ShardStream(resolve_shards(root, "validation"), DecodeSample(build_transform(cfg, False), 1, 10), 500,
-                         train=False)
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.format=mnist5k",
+            "data.in_chans=1",
+            "data.mean=[0.0]",
+            "data.std=[1.0]",
+            "data.img_size=28",
+            "data.num_classes=10",
+        ],
+    )
+    stream = ShardStream(
+        resolve_shards(root, "validation"), DecodeSample(build_transform(cfg, False), 1, 10), 500, train=False
+    )
     x, y, _, _ = next(iter(stream))
     first = int(val[0]["__key__"].split("_")[1])
     assert torch.allclose(x[0, 0], torch.from_numpy(images[first]).float() / 255, atol=1e-6)

@@ -85,8 +85,14 @@ def test_assign_shards_disjoint_and_complete(num_shards):
         for rank in range(world):
             for worker in range(workers):
                 ids, slot, slots = assign_shards(
-                    num_shards, epoch=epoch, seed=1, rank=rank, world_size=world, worker=worker,
-                    num_workers=workers, shuffle=True,
+                    num_shards,
+                    epoch=epoch,
+                    seed=1,
+                    rank=rank,
+                    world_size=world,
+                    worker=worker,
+                    num_workers=workers,
+                    shuffle=True,
                 )
                 seen[(rank, worker)] = (ids, slot, slots)
         if num_shards >= world * workers:
@@ -96,8 +102,10 @@ def test_assign_shards_disjoint_and_complete(num_shards):
         else:
             # Too few shards: everybody reads all of them and keeps a disjoint slot of the samples.
             assert sorted(slot for _, slot, _ in seen.values()) == list(range(world * workers))
-    orders = [assign_shards(num_shards, epoch=e, seed=1, rank=0, world_size=1, worker=0, num_workers=1, shuffle=True)[0]
-              for e in range(4)]
+    orders = [
+        assign_shards(num_shards, epoch=e, seed=1, rank=0, world_size=1, worker=0, num_workers=1, shuffle=True)[0]
+        for e in range(4)
+    ]
     assert len({tuple(o) for o in orders}) > 1, "shard order must change between epochs"
 
 
@@ -109,24 +117,45 @@ def test_train_stream_equal_steps_disjoint_ranks(tmp_path, num_shards):
     num_batches = shards.num_samples // (batch * world)
     per_rank = []
     for rank in range(world):
-        stream = ShardStream(shards, decode_index, batch, train=True, num_batches=num_batches, seed=3, rank=rank,
-                             world_size=world, shuffle_buffer=8, shuffle_initial=4)
+        stream = ShardStream(
+            shards,
+            decode_index,
+            batch,
+            train=True,
+            num_batches=num_batches,
+            seed=3,
+            rank=rank,
+            world_size=world,
+            shuffle_buffer=8,
+            shuffle_initial=4,
+        )
         batches = collect(stream, epoch=0)
         assert len(batches) == num_batches and all(b.shape[0] == batch for b in batches)
         per_rank.append([int(i) for b in batches for i in b[:, 0]])
     # Within an epoch, no sample appears twice on a rank or on both ranks.
     assert len(set(per_rank[0]) | set(per_rank[1])) == len(per_rank[0]) + len(per_rank[1])
     # The next epoch is a different order.
-    stream = ShardStream(shards, decode_index, batch, train=True, num_batches=num_batches, seed=3, rank=0,
-                         world_size=world, shuffle_buffer=8, shuffle_initial=4)
+    stream = ShardStream(
+        shards,
+        decode_index,
+        batch,
+        train=True,
+        num_batches=num_batches,
+        seed=3,
+        rank=0,
+        world_size=world,
+        shuffle_buffer=8,
+        shuffle_initial=4,
+    )
     assert [int(i) for b in collect(stream, epoch=1) for i in b[:, 0]] != per_rank[0]
 
 
 def test_resume_mid_epoch_gives_the_same_batches(tmp_path):
     make_shards(str(tmp_path), 6, 10)
     shards = resolve_shards(str(tmp_path), "train")
-    stream = ShardStream(shards, decode_index, 4, train=True, num_batches=15, seed=5, shuffle_buffer=16,
-                         shuffle_initial=8)
+    stream = ShardStream(
+        shards, decode_index, 4, train=True, num_batches=15, seed=5, shuffle_buffer=16, shuffle_initial=8
+    )
     full = collect(stream, epoch=2, workers=2)
     for start in (1, 6, 7):
         resumed = collect(stream, epoch=2, start=start, workers=2)
@@ -140,8 +169,9 @@ def test_corrupt_image_is_skipped_counted_and_batch_stays_full(tmp_path):
     make_shards(str(tmp_path), 2, 8, corrupt={3})
     shards = resolve_shards(str(tmp_path), "train")
     # A one-sample buffer reads in order, so the epoch holds exactly the 16 samples of the two shards.
-    stream = ShardStream(shards, decode_index, 4, train=True, num_batches=4, shuffle_buffer=1, shuffle_initial=1,
-                         max_bad_fraction=0.2)
+    stream = ShardStream(
+        shards, decode_index, 4, train=True, num_batches=4, shuffle_buffer=1, shuffle_initial=1, max_bad_fraction=0.2
+    )
     stream.set_position(0)
     with pytest.warns(RuntimeWarning, match="s00003"):
         items = list(DataLoader(stream, batch_size=None, num_workers=0))
@@ -162,13 +192,14 @@ def test_truncated_shard_is_skipped_then_stops_past_the_budget(tmp_path, cut):
     path.write_bytes(data[: int(len(data) * cut)])
     shards = resolve_shards(str(tmp_path), "train")
     # 35 samples per epoch: more than the three intact shards hold, so the truncated one is read.
-    stream = ShardStream(shards, decode_index, 5, train=True, num_batches=7, shuffle_buffer=4, shuffle_initial=2,
-                         max_bad_fraction=0.5)
+    stream = ShardStream(
+        shards, decode_index, 5, train=True, num_batches=7, shuffle_buffer=4, shuffle_initial=2, max_bad_fraction=0.5
+    )
     stream.set_position(0)
     with pytest.warns(RuntimeWarning, match=f"Shard .*{names[1]} is truncated"):
         items = list(DataLoader(stream, batch_size=None, num_workers=0))
     assert len(items) == 7
-    corrupt, truncated, lost = items[-1][3].tolist()[1:]
+    _, truncated, lost = items[-1][3].tolist()[1:]
     assert truncated >= 1 and lost >= 1
     tight = ShardStream(shards, decode_index, 5, train=True, num_batches=7, max_bad_fraction=0.01)
     with pytest.raises(DataError, match=names[1]), pytest.warns(RuntimeWarning):

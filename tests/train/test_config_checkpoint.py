@@ -32,9 +32,7 @@ def test_every_recipe_loads():
         load_config(path)
 
 
-@pytest.mark.parametrize(
-    "size, epochs, drop_path", [("tiny", 800, 0.0), ("small", 400, 0.05), ("base", 400, 0.2)]
-)
+@pytest.mark.parametrize("size, epochs, drop_path", [("tiny", 800, 0.0), ("small", 400, 0.05), ("base", 400, 0.2)])
 def test_imagenet_pretraining_recipes_match_the_paper(size, epochs, drop_path):
     cfg = load_config(os.path.join(CONFIGS, f"vil_{size}_in1k_pt192.yaml"), ["data.root=/x"])
     assert cfg["model"]["name"] == f"vil_{size}" and cfg["model"]["drop_path_rate"] == drop_path
@@ -90,8 +88,13 @@ def test_atomic_checkpoint_is_weights_only_loadable(tmp_path):
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     path = str(tmp_path / "ck" / "last.pt")
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": [capture_rng()], "step": 7,
-             "config": {"a": [1, 2.5, "x", None]}}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": [capture_rng()],
+        "step": 7,
+        "config": {"a": [1, 2.5, "x", None]},
+    }
     save_atomic(state, path)
     assert os.listdir(tmp_path / "ck") == ["last.pt"]
     loaded = load_checkpoint(path)

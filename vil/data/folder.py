@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .shards import DataError, DataHealth, DecodeFn, _mix_seed
 
-__all__ = ["FOLDER_EXTENSIONS", "FolderIndex", "scan_image_folder", "FolderStream"]
+__all__ = ["FOLDER_EXTENSIONS", "FolderIndex", "FolderStream", "scan_image_folder"]
 
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff")
 
@@ -91,7 +91,12 @@ class FolderStream(IterableDataset):
             data = f.read()
         ext = os.path.splitext(rel)[1].lower().lstrip(".")
         ext = {"jpeg": "jpg", "tif": "png", "tiff": "png", "bmp": "png", "ppm": "png"}.get(ext, ext)
-        return {"__key__": rel, "__url__": os.path.join(self.index.root, rel), ext: data, "cls": str(self.index.labels[i]).encode()}
+        return {
+            "__key__": rel,
+            "__url__": os.path.join(self.index.root, rel),
+            ext: data,
+            "cls": str(self.index.labels[i]).encode(),
+        }
 
     def __iter__(self):
         info = get_worker_info()
@@ -106,7 +111,10 @@ class FolderStream(IterableDataset):
         if self.train:
             num_batches = self.num_batches
             if num_batches * self.batch_size > len(mine):
-                raise DataError(f"{num_batches} batches of {self.batch_size} need more than the {len(mine)} images of rank {self.rank}.")
+                raise DataError(
+                    f"{num_batches} batches of {self.batch_size} need more than the {len(mine)} images "
+                    f"of rank {self.rank}."
+                )
         else:
             num_batches = -(-len(mine) // self.batch_size)
         quota = max(1, len(range(worker, num_batches, num_workers)) * self.batch_size)

@@ -13,7 +13,7 @@ from .mnist import prepare_mnist5k
 from .shards import DataError, ShardSet, ShardStream, resolve_shards
 from .transforms import DecodeSample, build_transform
 
-__all__ = ["prepare_data", "open_split", "build_loader"]
+__all__ = ["build_loader", "open_split", "prepare_data"]
 
 
 def prepare_data(cfg: dict) -> None:
@@ -60,8 +60,15 @@ def build_loader(
     num_workers = data["num_workers"] if num_workers is None else num_workers
     if isinstance(source, FolderIndex):
         dataset = FolderStream(
-            source, decode, batch_size, train=train, num_batches=num_batches, seed=seed, rank=rank,
-            world_size=world_size, max_bad_fraction=data["max_bad_fraction"],
+            source,
+            decode,
+            batch_size,
+            train=train,
+            num_batches=num_batches,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            max_bad_fraction=data["max_bad_fraction"],
         )
     else:
         readers = world_size * max(1, num_workers)
@@ -72,8 +79,16 @@ def build_loader(
                 stacklevel=2,
             )
         dataset = ShardStream(
-            source, decode, batch_size, train=train, num_batches=num_batches, seed=seed, rank=rank,
-            world_size=world_size, shuffle_buffer=data["shuffle_buffer"], shuffle_initial=data["shuffle_initial"],
+            source,
+            decode,
+            batch_size,
+            train=train,
+            num_batches=num_batches,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=data["shuffle_buffer"],
+            shuffle_initial=data["shuffle_initial"],
             max_bad_fraction=data["max_bad_fraction"],
         )
     # A private generator keeps the loader from drawing on the global torch RNG (which resume restores exactly).

@@ -84,7 +84,9 @@ def convert_image_folder(
                     rel = index.files[i]
                     if data is None:
                         bad += 1
-                        warnings.warn(f"Skipping unreadable image {os.path.join(index.root, rel)}: {error}", stacklevel=2)
+                        warnings.warn(
+                            f"Skipping unreadable image {os.path.join(index.root, rel)}: {error}", stacklevel=2
+                        )
                         if bad > budget:
                             raise DataError(
                                 f"{bad} unreadable images in {index.root} exceed max_bad_fraction={max_bad_fraction}; "
@@ -100,12 +102,16 @@ def convert_image_folder(
                         print(
                             f"{split}: {n}/{len(order)} images  {rate:.0f} images/s  "
                             f"ETA {_fmt_eta((len(order) - n) / rate)}  skipped {bad}",
-                            file=log, flush=True,
+                            file=log,
+                            flush=True,
                         )
                         last = now
             written[split] = writer.close()
             if log is not None:
-                print(f"{split}: {sum(written[split][1])} samples in {len(written[split][0])} shards, {bad} skipped", file=log)
+                print(
+                    f"{split}: {sum(written[split][1])} samples in {len(written[split][0])} shards, {bad} skipped",
+                    file=log,
+                )
     finally:
         if pool is not None:
             pool.terminate()

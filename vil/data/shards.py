@@ -31,15 +31,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = [
     "IMAGE_KEYS",
+    "AtomicShardWriter",
     "DataError",
     "ShardSet",
     "ShardStream",
-    "AtomicShardWriter",
-    "resolve_shards",
-    "write_info",
-    "read_info",
     "assign_shards",
     "iter_shard",
+    "read_info",
+    "resolve_shards",
+    "write_info",
 ]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -138,7 +138,9 @@ def resolve_shards(root: str, split: str) -> ShardSet:
             )
         splits = info.get("splits", {})
         if split not in splits:
-            raise DataError(f"Split '{split}' is not in {_join(root, INFO_NAME)} (it has: {', '.join(splits) or 'none'}).")
+            raise DataError(
+                f"Split '{split}' is not in {_join(root, INFO_NAME)} (it has: {', '.join(splits) or 'none'})."
+            )
         entry = splits[split]
         urls = [_join(root, f) for f in entry["filenames"]]
         lengths = [int(n) for n in entry["shard_lengths"]] if entry.get("shard_lengths") else None
@@ -238,7 +240,7 @@ class AtomicShardWriter:
 def _split_key(name: str) -> tuple[str, str]:
     """``dir/n0001_12.jpg`` -> (``dir/n0001_12``, ``jpg``): the key is everything before the first dot of the base."""
     head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
+    stem, _, ext = base.partition(".")
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
@@ -324,14 +326,19 @@ class DataHealth:
         if self._warned <= self.max_warnings:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         elif self._warned == self.max_warnings + 1:
-            warnings.warn("Further bad-data warnings of this loader worker are counted but not printed.", RuntimeWarning)
+            warnings.warn(
+                "Further bad-data warnings of this loader worker are counted but not printed.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _check(self, where: str) -> None:
         bad = self.corrupt + self.lost
         if bad > self.max_bad:
             raise DataError(
                 f"Too much bad data: {self.corrupt} corrupt samples and {self.truncated} truncated shards "
-                f"({self.lost} samples lost) exceed data.max_bad_fraction of {self.budget_desc}. Last bad file: {where}. "
+                f"({self.lost} samples lost) exceed data.max_bad_fraction of {self.budget_desc}. "
+                f"Last bad file: {where}. "
                 f"Repair or re-create that file (train/make_shards.py), or raise data.max_bad_fraction."
             )
 
@@ -462,8 +469,14 @@ class ShardStream(IterableDataset):
             # The DataLoader asks worker 0 first; renumbering makes worker 0 the one that owns batch start_batch.
             worker = (worker + self.start_batch) % num_workers
         shard_ids, slot, num_slots = assign_shards(
-            len(self.shards), epoch=self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-            worker=worker, num_workers=num_workers, shuffle=self.train,
+            len(self.shards),
+            epoch=self.epoch,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            shuffle=self.train,
         )
         if self.train:
             yield from self._iter_train(shard_ids, slot, num_slots, worker, num_workers)
@@ -493,7 +506,9 @@ class ShardStream(IterableDataset):
         quota = my_batches * self.batch_size
         if my_batches == 0:
             return
-        health = DataHealth(self.max_bad_fraction * quota, f"{quota} samples (this worker's share of the epoch)", worker)
+        health = DataHealth(
+            self.max_bad_fraction * quota, f"{quota} samples (this worker's share of the epoch)", worker
+        )
         rng = random.Random(_mix_seed("buffer", self.seed, self.epoch, self.rank, worker))
 
         def endless() -> Iterator[tuple[int, dict]]:
@@ -503,7 +518,9 @@ class ShardStream(IterableDataset):
             while True:
                 order = list(shard_ids)
                 if epoch_pass > 0:
-                    random.Random(_mix_seed("pass", self.seed, self.epoch, self.rank, worker, epoch_pass)).shuffle(order)
+                    random.Random(_mix_seed("pass", self.seed, self.epoch, self.rank, worker, epoch_pass)).shuffle(
+                        order
+                    )
                 produced = False
                 for item in self._shuffled(self._raw_samples(order, slot, num_slots, health), rng):
                     produced = True

@@ -11,18 +11,18 @@ from timm.data import create_transform
 
 from .shards import IMAGE_KEYS, DataError, seeded_rng
 
-__all__ = ["build_transform", "DecodeSample", "decode_image"]
+__all__ = ["DecodeSample", "build_transform", "decode_image"]
 
 
 def build_transform(cfg: dict, train: bool) -> Callable:
     """timm's ImageNet transform for ``cfg`` (the ``data`` and ``aug`` sections of a run config)."""
     data, aug = cfg["data"], cfg["aug"]
-    common = dict(
-        input_size=(data["in_chans"], data["img_size"], data["img_size"]),
-        interpolation=data["interpolation"],
-        mean=tuple(data["mean"]),
-        std=tuple(data["std"]),
-    )
+    common = {
+        "input_size": (data["in_chans"], data["img_size"], data["img_size"]),
+        "interpolation": data["interpolation"],
+        "mean": tuple(data["mean"]),
+        "std": tuple(data["std"]),
+    }
     if not train:
         return create_transform(**common, is_training=False, crop_pct=data["eval_crop_pct"])
     return create_transform(

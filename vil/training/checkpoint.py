@@ -15,16 +15,16 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = [
     "FORMAT",
     "CheckpointError",
-    "save_atomic",
-    "load_checkpoint",
     "capture_rng",
-    "restore_rng",
+    "load_checkpoint",
     "load_init_weights",
+    "restore_rng",
+    "save_atomic",
 ]
 
 FORMAT = "vil.training/1"
@@ -136,7 +136,7 @@ def load_init_weights(model: nn.Module, path: str, from_ema: bool = False) -> tu
     ckpt = load_checkpoint(path)
     state = _unwrap_state_dict(ckpt, from_ema, path)
     # Released EMA/DDP checkpoints prefix keys with "module.".
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
@@ -145,7 +145,12 @@ def load_init_weights(model: nn.Module, path: str, from_ema: bool = False) -> tu
     for key in list(state):
         if key not in own or state[key].shape == own[key].shape:
             continue
-        if "pos_embed" in key and state[key].ndim == 4 and own[key].ndim == 4 and state[key].shape[-1] == own[key].shape[-1]:
+        if (
+            "pos_embed" in key
+            and state[key].ndim == 4
+            and own[key].ndim == 4
+            and state[key].shape[-1] == own[key].shape[-1]
+        ):
             # A position-embedding grid [1, H, W, D] from another resolution (pre-training at 192 px).
             from timm.layers import resample_abs_pos_embed_nhwc
 

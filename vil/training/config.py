@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "config_to_yaml"]
+__all__ = ["DEFAULTS", "ConfigError", "apply_overrides", "config_to_yaml", "load_config"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -187,7 +187,9 @@ def _merge(base: dict, update: dict, schema: dict, path: tuple[str, ...], source
             raise ConfigError(f"Unknown config key '{full}' (in {source}).{_closest(key, list(schema))}")
         if isinstance(schema[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full} (in {source}) is a section; set its keys, e.g. {full}.{next(iter(schema[key]))}=...")
+                raise ConfigError(
+                    f"{full} (in {source}) is a section; set its keys, e.g. {full}.{next(iter(schema[key]))}=..."
+                )
             _merge(base[key], value, schema[key], path + (key,), source)
         else:
             base[key] = _coerce(value, schema[key], f"{full} (in {source})")
@@ -199,7 +201,9 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
     if path in seen:
         raise ConfigError(f"Config {path} includes itself through _base_ ({' -> '.join(seen)}).")
     if not os.path.isfile(path):
-        raise ConfigError(f"Config file not found: {path}. Pass an existing YAML file, e.g. --config configs/mnist_vil_tiny.yaml.")
+        raise ConfigError(
+            f"Config file not found: {path}. Pass an existing YAML file, e.g. --config configs/mnist_vil_tiny.yaml."
+        )
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}

@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_sum", "all_gather_objects", "shutdown"]
+__all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "barrier", "init_distributed", "shutdown"]
 
 
 @dataclass
@@ -49,7 +49,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         raise ValueError(f"train.device={device!r}: choose auto, cpu or cuda.")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend, timeout=timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None
+        )
     return DistInfo(rank, local_rank, world_size, dev)
 
 

@@ -7,18 +7,27 @@ from dataclasses import dataclass
 
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from torch import nn
 
 from .checkpoint import load_init_weights
 from .config import ConfigError
 from .distributed import all_reduce_sum
 
-__all__ = ["BatchPlan", "plan_batches", "build_model", "build_optimizer", "build_scheduler", "build_mixup", "autocast", "evaluate"]
+__all__ = [
+    "BatchPlan",
+    "autocast",
+    "build_mixup",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate",
+    "plan_batches",
+]
 
 
 @dataclass
@@ -45,7 +54,8 @@ def plan_batches(cfg: dict, world_size: int, num_samples: int) -> BatchPlan:
     steps = num_samples // global_batch
     if steps == 0:
         raise ConfigError(
-            f"The training split has {num_samples} samples, fewer than one global batch (train.batch_size={global_batch})."
+            f"The training split has {num_samples} samples, fewer than one global batch "
+            f"(train.batch_size={global_batch})."
         )
     lr = cfg["optim"]["lr"] * global_batch / cfg["optim"]["lr_base_batch"]
     return BatchPlan(global_batch, micro, global_batch // (micro * world_size), world_size, steps, lr)

@@ -10,11 +10,23 @@ import sys
 import time
 import warnings
 
-__all__ = ["MetricsLogger", "ProgressMeter", "format_eta", "read_metrics", "plot_curves"]
+__all__ = ["MetricsLogger", "ProgressMeter", "format_eta", "plot_curves", "read_metrics"]
 
 CSV_COLUMNS = [
-    "kind", "step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "top1", "top5", "ema_top1", "ema_top5",
-    "corrupt", "truncated", "time",
+    "kind",
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "images_per_s",
+    "top1",
+    "top5",
+    "ema_top1",
+    "ema_top5",
+    "corrupt",
+    "truncated",
+    "time",
 ]
 
 
@@ -59,8 +71,7 @@ class MetricsLogger:
         rows = read_metrics(self.jsonl_path) if resume_step is not None else []
         rows = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step is not None else []
         with open(self.jsonl_path, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
