@@ -19,7 +19,6 @@ chunk's last row. Then dlogsigmoid(f) is the reverse cumsum of dF inside each ch
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -118,7 +117,8 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
     else:
         Cst = q.new_empty(0, **f32)
         nst = q.new_empty(0, **f32)
-    return v.new_empty(B, NH, S, DHV), Cst, nst, q.new_empty(B, NH, lay.NC + 1, **f32), q.new_empty(B, NH, lay.SP, **f32)
+    mst = q.new_empty(B, NH, lay.NC + 1, **f32)
+    return v.new_empty(B, NH, S, DHV), Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32)
 
 
 @torch.library.custom_op("tfla::mlstm_bwd", mutates_args=())

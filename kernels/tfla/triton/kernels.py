@@ -59,8 +59,10 @@ def mlstm_fwd_h_kernel(
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
             d_ok = offs_d < DQK
-            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None], mask=s_ok[None, :] & d_ok[:, None], other=0.0)
+            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None],
+                mask=s_ok[None, :] & d_ok[:, None], other=0.0)
             sc += tl.dot(q_t, k_tr, input_precision=PREC)
         causal = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
         w = tl.where(causal, sc * (tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale), 0.0)
@@ -77,7 +79,8 @@ def mlstm_fwd_h_kernel(
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
             d_ok = offs_d < DQK
-            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
             c_dv = tl.load(CST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :],
                            mask=d_ok[:, None] & v_ok[None, :], other=0.0)
             acc_c += tl.dot(q_t, c_dv.to(q_t.dtype), input_precision=PREC)
@@ -142,8 +145,10 @@ def mlstm_fwd_state_kernel(
             f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
             a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
             e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
-            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None], mask=s_ok[None, :] & d_ok[:, None], other=0.0)
-            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
+            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None],
+                mask=s_ok[None, :] & d_ok[:, None], other=0.0)
+            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :],
+                mask=s_ok[:, None] & v_ok[None, :], other=0.0)
             kw = k_tr.to(tl.float32) * e[None, :]
             acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
             acc_n += tl.sum(kw, 1)
@@ -412,7 +417,8 @@ def mlstm_bwd_dv_kernel(
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
             d_ok = offs_d < DQK
-            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
             q_tr = tl.load(q_base + t_loc[None, :] * DQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
                            other=0.0)
             sc_tr += tl.dot(k_s, q_tr, input_precision=PREC)
@@ -431,7 +437,8 @@ def mlstm_bwd_dv_kernel(
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
             d_ok = offs_d < DQK
-            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
             dc = tl.load(DCST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :],
                          mask=d_ok[:, None] & v_ok[None, :], other=0.0)
             acc_f += tl.dot(k_s, dc.to(k_s.dtype), input_precision=PREC)
