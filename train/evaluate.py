@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         load_init_weights(model, args.checkpoint, from_ema=args.ema)
     model.to(dist.device)
-    result = evaluate(model, loader, dist.device, cfg["train"]["amp"])
+    result = evaluate(model, loader, dist.device, cfg["train"]["amp"], progress=dist.is_main)
     log(
         f"{args.checkpoint}{' (EMA)' if args.ema else ''}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"loss {result['loss']:.4f}  on {result['count']} held-out images ({cfg['data']['val_split']})"

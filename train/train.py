@@ -236,14 +236,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run_eval(epoch: int) -> dict:
         nonlocal best_top1
-        result = evaluate(eval_model, val_loader, device, amp)
+        result = evaluate(eval_model, val_loader, device, amp, progress=is_main)
         record = {"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
         text = (
             f"eval epoch {epoch + 1}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
             f"({result['count']} images)"
         )
         if ema is not None and cfg["ema"]["eval"]:
-            ema_result = evaluate(ema.module, val_loader, device, amp)
+            ema_result = evaluate(ema.module, val_loader, device, amp, progress=is_main)
             record.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"])
             text += f"  EMA top-1 {ema_result['top1']:.2f}%"
         best_top1 = max(best_top1 or 0.0, result["top1"])

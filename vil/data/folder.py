@@ -32,6 +32,10 @@ class FolderIndex:
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.files)
+
 
 def scan_image_folder(root: str, classes: list[str] | None = None) -> FolderIndex:
     """All images under ``root/<class>/`` (recursively), classes sorted by name unless given."""

@@ -165,7 +165,14 @@ def load_init_weights(model: nn.Module, path: str, from_ema: bool = False) -> tu
         del state[key]
     result = model.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    really_missing = [k for k in missing if k not in dropped]
+    # A classifier for another number of classes (dropped here or by the filter) stays at its initialisation.
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    new_head = [k for k in missing if k.startswith(f"{classifier}.") and k not in dropped]
+    if new_head:
+        warnings.warn(
+            f"{', '.join(new_head)} not in {path} (or of another size): left at initialisation.", stacklevel=2
+        )
+    really_missing = [k for k in missing if k not in dropped and k not in new_head]
     if unexpected or really_missing:
         raise CheckpointError(
             f"{path} does not fit the model: {len(really_missing)} missing keys (e.g. {really_missing[:3]}), "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import timm
@@ -148,11 +149,22 @@ def autocast(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", limit: int | None = None) -> dict:
-    """Top-1 / top-5 accuracy (%) and loss over the loader, summed over all ranks."""
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp: str = "none",
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Top-1 / top-5 accuracy (%) and loss over the loader, summed over all ranks.
+
+    ``progress`` prints a line every 30 s (this rank's images so far and the rate) for long evaluations.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0.0
+    start = last = time.monotonic()
     for i, (images, targets, _, _) in enumerate(loader):
         if limit is not None and i >= limit:
             break
@@ -168,6 +180,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=-1).sum().item()
         count += targets.numel()
+        if progress and time.monotonic() - last > 30:
+            last = time.monotonic()
+            print(f"  evaluating: {int(count)} images on this rank, {count / (last - start):,.0f} img/s", flush=True)
     model.train(was_training)
     loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
     if count == 0:
