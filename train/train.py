@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = build_scheduler(cfg, optimizer, plan.steps_per_epoch)
     amp = cfg["train"]["amp"]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["enabled"] else None
+    ema = None
+    if cfg["ema"]["enabled"]:
+        ema = ModelEmaV3(model, decay=cfg["ema"]["decay"], use_warmup=cfg["ema"]["warmup"])
     mixup, criterion = build_mixup(cfg, plan.micro_batch)
     geometry = {
         "world_size": dist.world_size,
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise CheckpointError(
                     f"{resume_from} has no EMA weights but ema.enabled=true; resume with ema.enabled=false."
                 )
-            ema.load_state_dict(ckpt["ema"])
+            ema.module.load_state_dict(ckpt["ema"])
         step, start_epoch, start_step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         best_top1 = ckpt.get("best_top1")
         if ckpt["data"]["steps_per_epoch"] != plan.steps_per_epoch:
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "ema": ema.state_dict() if ema is not None else {},
+                # The EMA weights as a plain model state dict (loads into the model as it is).
+                "ema": ema.module.state_dict() if ema is not None else {},
                 "rng": rng_states,
                 "data": geometry,
                 "config": cfg,

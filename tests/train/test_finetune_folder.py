@@ -67,9 +67,7 @@ def test_image_folder_run_then_finetune_init(tmp_path):
 
 
 def test_optimizer_groups_weight_decay_and_layer_decay():
-    cfg = load_config(
-        "configs/vil_tiny_in1k_pt192.yaml", ["data.root=/x", "model.kwargs={embed_dim: 32, depth: 4}"]
-    )
+    cfg = load_config("configs/vil_tiny_in1k_pt192.yaml", ["data.root=/x", "model.kwargs={embed_dim: 32, depth: 4}"])
     model = build_model(cfg)
     plain = build_optimizer(cfg, model, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}

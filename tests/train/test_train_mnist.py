@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vil.data import prepare_mnist5k
-from vil.training import load_checkpoint, read_metrics
+from vil.training import build_model, load_checkpoint, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "train", "train.py")
@@ -110,6 +110,10 @@ def test_killed_and_resumed_run_ends_at_the_same_weights(tmp_path, mnist_root):
     reference = load_checkpoint(os.path.join(out, "straight", "checkpoints", "last.pt"))
     total = reference["step"]
     assert total == 2 * (900 // 32)
+    # The EMA weights are a plain state dict of the model (what evaluate.py --ema loads).
+    model = build_model(reference["config"])
+    model.load_state_dict(reference["ema"])
+    assert not all(torch.equal(reference["ema"][k], reference["model"][k]) for k in reference["model"])
 
     # SIGKILL part-way (after the first periodic checkpoint), then --resume.
     proc = subprocess.Popen(

@@ -118,6 +118,8 @@ DEFAULTS: dict[str, Any] = {
     "ema": {
         "enabled": False,
         "decay": 0.9998,
+        # timm's EMA warm-up (the decay grows with the step count); useful for short runs.
+        "warmup": False,
         # Also report the EMA weights' accuracy at evaluation time.
         "eval": True,
     },
