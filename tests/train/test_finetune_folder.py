@@ -15,6 +15,7 @@ from vil.training import build_model, build_optimizer, load_checkpoint, load_con
 from vil.training.checkpoint import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MNIST_RECIPE = os.path.join(REPO, "configs", "mnist_vil_tiny.yaml")
 SMALL = "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2}"
 
 
@@ -38,7 +39,7 @@ def folder_overrides(tmp_path, img_size: int = 32) -> list[str]:
 
 def test_image_folder_run_then_finetune_init(tmp_path):
     make_tree(str(tmp_path / "tree"))
-    cmd = [sys.executable, os.path.join(REPO, "train", "train.py"), "--config", "configs/mnist_vil_tiny.yaml",
+    cmd = [sys.executable, os.path.join(REPO, "train", "train.py"), "--config", MNIST_RECIPE,
            "run.name=folder", *folder_overrides(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,7 +50,7 @@ def test_image_folder_run_then_finetune_init(tmp_path):
     # Fine-tuning at a higher resolution with another classifier: the trunk loads, the position-embedding grid is
     # resampled, the head of the wrong size is left at its initialisation.
     cfg = load_config(
-        "configs/mnist_vil_tiny.yaml",
+        MNIST_RECIPE,
         [*folder_overrides(tmp_path, img_size=48), "data.num_classes=5", f"model.init_checkpoint={ckpt_path}"],
     )
     with pytest.warns(UserWarning, match="head"):
@@ -67,7 +68,10 @@ def test_image_folder_run_then_finetune_init(tmp_path):
 
 
 def test_optimizer_groups_weight_decay_and_layer_decay():
-    cfg = load_config("configs/vil_tiny_in1k_pt192.yaml", ["data.root=/x", "model.kwargs={embed_dim: 32, depth: 4}"])
+    cfg = load_config(
+        os.path.join(REPO, "configs", "vil_tiny_in1k_pt192.yaml"),
+        ["data.root=/x", "model.kwargs={embed_dim: 32, depth: 4}"],
+    )
     model = build_model(cfg)
     plain = build_optimizer(cfg, model, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
