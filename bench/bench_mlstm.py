@@ -3,6 +3,11 @@
 Usage (CUDA machine, repo root):
     PYTHONPATH=kernels python bench/bench_mlstm.py --out bench/results/mlstm_h100.md
     PYTHONPATH=kernels python bench/bench_mlstm.py --dh 192 --seq 1024 --no-torch     # one shape, no slow peer
+    PYTHONPATH=kernels python bench/bench_mlstm.py --fused --no-torch --dh 96 192 512 --seq 196 1024
+
+--fused adds our experimental fused path (tfla.triton.function.EXPERIMENTAL_FUSED: gate bookkeeping and dk+dv in
+Triton) as rows ours_exp_fused / ours_sig_fused beside the default path, same inputs, same process, and prints a
+default-vs-fused table (speedup = default time / fused time).
 
 Shapes: DH in {96, 192, 384, 512} x S in {196, 1024, 4096}, NH = 4, B = round(50k / S) (B*S ~ 50k tokens),
 bf16 inputs, fresh random data (never zeros). Each implementation runs in the same process on the same inputs;
@@ -25,7 +30,7 @@ import triton
 from triton.testing import do_bench
 
 from tfla import mlstm_parallel
-from tfla.triton import mlstm_triton
+from tfla.triton import function, mlstm_triton
 
 # (DH, S) -> (fwd ms, fwd+bwd ms) of mlstm_kernels' sigmoid-gate TFLA, from shared/spec/mlstm-kernels.md.
 TFLA_SIG_ANCHOR = {
@@ -50,6 +55,16 @@ def mlstm_kernels_fn():
     except Exception:
         return None
     return mlstm_chunkwise__xl_chunk
+
+
+def ours(gate: str, fused: bool):
+    """Our op with the experimental fused path on or off; the flag stays set through the backward of the step."""
+
+    def fn(q, k, v, i, f):
+        function.EXPERIMENTAL_FUSED = fused
+        return mlstm_triton(q, k, v, i, f, gate=gate)
+
+    return fn
 
 
 def timed(fn, args, grad_args, backward: bool):
@@ -85,6 +100,7 @@ def main():
     ap.add_argument("--nh", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=50_000)
     ap.add_argument("--no-torch", action="store_true", help="skip the (slow) PyTorch parallel mLSTM peer")
+    ap.add_argument("--fused", action="store_true", help="also time the experimental fused path (default vs fused)")
     ap.add_argument("--out", default=None, help="markdown table path; a .png plot and .json are written beside it")
     args = ap.parse_args()
 
@@ -100,10 +116,13 @@ def main():
             q, k, v, i, f = inputs(B, NH, S, DH)
             row = dict(DH=DH, S=S, B=B)
             impls = {
-                "ours_exp": (lambda q, k, v, i, f: mlstm_triton(q, k, v, i, f, gate="exp"), (q, k, v, i, f)),
-                "ours_sig": (lambda q, k, v, i, f: mlstm_triton(q, k, v, i, f, gate="sig"), (q, k, v, i, f)),
+                "ours_exp": (ours("exp", False), (q, k, v, i, f)),
+                "ours_sig": (ours("sig", False), (q, k, v, i, f)),
                 "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
             }
+            if args.fused:
+                impls["ours_exp_fused"] = (ours("exp", True), (q, k, v, i, f))
+                impls["ours_sig_fused"] = (ours("sig", True), (q, k, v, i, f))
             if not args.no_torch:
                 impls["torch_parallel"] = (lambda q, k, v, i, f: mlstm_parallel(q, k, v, i, f, gate="exp"),
                                            (q, k, v, i, f))
@@ -128,7 +147,7 @@ def main():
             results.append(row)
             o = row["ours_exp"]
             line = f"DH={DH:3d} S={S:5d} B={B:3d} | ours exp {o[0]:.3f}/{o[1]:.3f} ms {o[2]:.2f} GiB"
-            for peer in ("ours_sig", "sdpa_causal", "torch_parallel", "tfla_sig"):
+            for peer in ("ours_exp_fused", "ours_sig", "ours_sig_fused", "sdpa_causal", "torch_parallel", "tfla_sig"):
                 if peer in row:
                     p = row[peer]
                     line += f" | {peer} {p[0]:.3f}/{p[1]:.3f} (x{p[1] / o[1]:.2f})"
@@ -136,7 +155,10 @@ def main():
             del q, k, v, i, f
             torch.cuda.empty_cache()
 
+    function.EXPERIMENTAL_FUSED = False
     table = render(results, meta)
+    if args.fused:
+        table += "\n" + render_fused(results)
     print(table)
     if args.out:
         with open(args.out, "w") as fh:
@@ -174,6 +196,24 @@ def render(results, meta) -> str:
             f"{pair(r.get('torch_parallel'))} | {ratio['torch_parallel']} | {pair(r.get('tfla_sig'))} | "
             f"{ratio['tfla_sig']} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def render_fused(results) -> str:
+    lines = [
+        "Experimental fused path (gate bookkeeping + dk/dv in Triton) vs the default path; speedup = default / fused.",
+        "",
+        ("| DH | S | B | exp default fwd / fwd+bwd | exp fused fwd / fwd+bwd | speedup fwd / fwd+bwd "
+         "| sig default fwd / fwd+bwd | sig fused fwd / fwd+bwd | speedup fwd / fwd+bwd |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cells = []
+        for gate in ("exp", "sig"):
+            d, f = r[f"ours_{gate}"], r[f"ours_{gate}_fused"]
+            cells += [f"{d[0]:.3f} / {d[1]:.3f}", f"{f[0]:.3f} / {f[1]:.3f}",
+                      f"{d[0] / f[0]:.2f}x / {d[1] / f[1]:.2f}x"]
+        lines.append(f"| {r['DH']} | {r['S']} | {r['B']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,11 @@ For bf16, fp16 and fp32 inputs, both gates, at every shape of the benchmark tabl
 state and the gradients of q, k, v, i, f (and of the initial state), each as ||ours - ref|| / ||ref||, and
 max|ours - ref| / max|ref|. Outputs are poisoned with NaN before each run, so an unwritten tile fails. It also checks
 run-to-run determinism, torch.compile, autocast and torch.library.opcheck.
+
+--fused runs every check above on the experimental fused path (tfla.triton.function.EXPERIMENTAL_FUSED: gate
+bookkeeping and dk+dv in Triton; interpreter-tested only until this passes on a GPU) and adds a fused-vs-default
+comparison at the benchmark shapes (same inputs, every output and gradient, relative L2 within the dtype's tolerance):
+    PYTHONPATH=kernels python bench/check_mlstm_gpu.py --quick --fused
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 import torch
 
 from tfla import MLSTMState, mlstm, mlstm_chunkwise, mlstm_parallel
-from tfla.triton import launch
+from tfla.triton import function, launch
 from tfla.triton import mlstm_triton
 
 # Relative L2 error allowed against float64 (bf16/fp16 inputs round the products' operands).
@@ -86,6 +91,31 @@ def check_case(B, NH, S, DQK, DHV, gate, dtype, *, init=False, ret=False, chunk_
     return ok, res
 
 
+def compare_fused_default(B, NH, S, DQK, DHV, gate, dtype, *, init=False, ret=False, chunk_size=None, seed=0):
+    """Fused path vs default path on the same inputs: relative errors of every output and gradient."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    xs = make_inputs(B, NH, S, DQK, DHV, dtype, init, gen)
+    shapes = [(B, NH, S, DHV)] + ([(B, NH, DQK, DHV), (B, NH, DQK), (B, NH)] if ret else [])
+    weights = [torch.randn(s, generator=gen, device="cuda", dtype=torch.float64) for s in shapes]
+    runs = []
+    for fused in (False, True):
+        function.EXPERIMENTAL_FUSED = fused
+        launch.POISON_OUTPUTS = fused
+        ys = [x.detach().clone().requires_grad_() for x in xs]
+        runs.append(run(mlstm_triton, ys, gate, ret, weights, chunk_size=chunk_size))
+    launch.POISON_OUTPUTS = False
+    (outs_d, grads_d), (outs_f, grads_f) = runs
+    res = {}
+    for name, a, b in zip(["h", "C", "n", "m"], outs_f, outs_d):
+        if not (name == "m" and gate == "sig"):
+            res[name] = errors(a, b)
+    for name, a, b in zip(NAMES, grads_f, grads_d):
+        if b is not None and not (name == "m0" and gate == "sig"):
+            res["d" + name] = errors(a, b)
+    worst = max(v[0] for v in res.values())
+    return worst <= TOL[dtype], res
+
+
 def fmt(res):
     return " ".join(f"{k}={v[0]:.1e}" for k, v in res.items())
 
@@ -95,9 +125,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--random", type=int, default=8)
+    ap.add_argument("--fused", action="store_true", help="check the experimental fused path (and vs the default)")
     ap.add_argument("--skip-grid", action="store_true", help="only the random shapes and the extra checks")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}", flush=True)
+    print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, "
+          f"{'EXPERIMENTAL FUSED path' if args.fused else 'default path'}", flush=True)
+    function.EXPERIMENTAL_FUSED = args.fused
     rows, failures = [], 0
     cases = []
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
@@ -123,11 +156,28 @@ def main() -> int:
         ))
     for case in cases:
         t0 = time.time()
+        function.EXPERIMENTAL_FUSED = args.fused
         ok, res = check_case(**case)
         failures += not ok
         label = " ".join(f"{k}={v}" for k, v in case.items() if k not in ("seed",)).replace("torch.", "")
         print(f"{'ok  ' if ok else 'FAIL'} {label} [{time.time() - t0:.1f}s] {fmt(res)}", flush=True)
         rows.append((label, ok, res))
+
+    if args.fused:
+        fused_cases = [dict(B=4, NH=4, S=S, DQK=DH, DHV=DH, gate=gate, dtype=torch.bfloat16)
+                       for S in (196, 1024) for DH in (96, 192, 512) for gate in ("exp", "sig")]
+        fused_cases += [dict(B=2, NH=2, S=4096, DQK=192, DHV=192, gate="exp", dtype=torch.bfloat16),
+                        dict(B=2, NH=2, S=1500, DQK=96, DHV=128, gate="exp", dtype=torch.float16, init=True, ret=True,
+                             chunk_size=256),
+                        dict(B=2, NH=2, S=729, DQK=64, DHV=64, gate="sig", dtype=torch.float32, init=True, ret=True,
+                             chunk_size=100)]
+        for case in fused_cases:
+            ok, res = compare_fused_default(**case)
+            failures += not ok
+            label = "fused vs default " + " ".join(f"{k}={v}" for k, v in case.items()).replace("torch.", "")
+            print(f"{'ok  ' if ok else 'FAIL'} {label} {fmt(res)}", flush=True)
+            rows.append((label, ok, res))
+        function.EXPERIMENTAL_FUSED = True
 
     # Determinism: bitwise equal outputs and gradients run to run at a benchmark shape.
     gen = torch.Generator(device="cuda").manual_seed(5)

@@ -19,6 +19,7 @@ chunk's last row. Then dlogsigmoid(f) is the reverse cumsum of dF inside each ch
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -26,6 +27,12 @@ import torch.nn.functional as F
 
 from . import launch
 from .launch import ChunkLayout, chunk_layout, mlstm_bwd, mlstm_bwd_delta, mlstm_fwd
+
+# Experimental fused kernels: the gate bookkeeping below (_gate_vectors and the backward's gate-gradient routing) as
+# three small Triton kernels, and dk + dv as one kernel for head dims <= 128. INTERPRETER-TESTED ONLY: measure them
+# on a GPU (bench/check_mlstm_gpu.py --fused, bench/bench_mlstm.py --fused) before making them the default. Off
+# unless TFLA_EXPERIMENTAL_FUSED=1 at import; tests and benchmarks may set this flag at run time.
+EXPERIMENTAL_FUSED = os.environ.get("TFLA_EXPERIMENTAL_FUSED", "0") == "1"
 
 # Sequences up to this length run as one chunk (the whole sequence, tiled inside): what ViL at 224-512 px needs.
 SINGLE_CHUNK_MAX_SEQ_LEN = 1024
@@ -57,6 +64,10 @@ def _gate_vectors(i: torch.Tensor, f: torch.Tensor, m0: Optional[torch.Tensor], 
     return Fc, a, mrow, mst, M, idx, last
 
 
+def _fused_gates(lay: ChunkLayout) -> bool:
+    return EXPERIMENTAL_FUSED and lay.L <= launch.FUSED_GATES_MAX_CHUNK
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])
 
@@ -82,8 +93,12 @@ def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, r
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
     qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
-    fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
-                                             exp_gate, lay)
+    if _fused_gates(lay):
+        fv, av, mrow, mst = launch.mlstm_gates_fwd(_flat(i), _flat(f), _flat(m0) if m0 is not None else None, lay,
+                                                   exp_gate=exp_gate)
+    else:
+        fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
+                                                 exp_gate, lay)
     Cst = nst = None
     if _keeps_states(lay, has_init, return_state):
         Cst = torch.empty(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
@@ -131,6 +146,9 @@ def mlstm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state)."""
+    if _fused_gates(chunk_layout(q.shape[2], chunk_size)):
+        return _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize,
+                               chunk_size, eps)
     return _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
 
 
@@ -230,6 +248,54 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
         dm0_out = (dm0 if dm0 is not None else torch.zeros(BNH, device=q.device)).reshape(B, NH)
     return (dqf.view(B, NH, S, DQK), dkf.view(B, NH, S, DQK), dvf.view(B, NH, S, DHV),
             di.reshape(B, NH, S).to(i.dtype), df.reshape(B, NH, S).to(f.dtype), dC0, dn0, dm0_out)
+
+
+def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
+                    eps):
+    """_bwd_impl with the gate bookkeeping in kernels (EXPERIMENTAL_FUSED): same math, same kernels for dq, dk, dv."""
+    B, NH, S, DQK = q.shape
+    DHV = v.shape[-1]
+    BNH = B * NH
+    lay = chunk_layout(S, chunk_size)
+    has_init = C0 is not None
+    has_final_grad = dC is not None or dn is not None or dm is not None
+    qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
+    dhf = _flat(dh.to(v.dtype).contiguous())
+    i2, f2 = _flat(i), _flat(f)
+    fv, av, mrow, mst = launch.mlstm_gates_fwd(i2, f2, _flat(m0) if m0 is not None else None, lay, exp_gate=exp_gate)
+    rs, dqn, dm_row = launch.mlstm_bwd_rows(_flat(h.contiguous()), dhf, qn.reshape(BNH, lay.SP), mrow, lay,
+                                            exp_gate=exp_gate, normalize=normalize, eps=eps)
+
+    keeps = Cst.numel() > 0
+    state_pass = has_init or lay.NC > 1
+    dCst = dnst = None
+    if state_pass or has_final_grad:
+        dCst = torch.zeros(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
+        dnst = torch.zeros(BNH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
+        if dC is not None:
+            dCst[:, lay.NC] = _flat(dC[:, :, lay.NC]).float()
+        if dn is not None:
+            dnst[:, lay.NC] = _flat(dn[:, :, lay.NC]).float()
+    Cf = _flat(Cst) if keeps else None
+    nf = _flat(nst) if keeps else None
+    dqf, dkf, dvf, qdq, kdk = mlstm_bwd(
+        qf, kf, vf, dhf, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
+        has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
+    )
+    A = None
+    if dCst is not None and keeps:
+        A = (Cf * dCst).sum((-2, -1)) + (nf * dnst).sum(-1)  # [BNH, NC+1]
+    dm_final = _flat(dm[:, :, lay.NC]).float().contiguous() if dm is not None else None
+    di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, A, dm_final, i2, f2, lay,
+                                         exp_gate=exp_gate, has_init=has_init)
+
+    dC0, dn0, dm0_out = (q.new_empty(0, dtype=torch.float32) for _ in range(3))
+    if has_init:
+        dC0 = dCst[:, 0].reshape(B, NH, DQK, DHV)
+        dn0 = dnst[:, 0].reshape(B, NH, DQK)
+        dm0_out = dm0.reshape(B, NH)
+    return (dqf.view(B, NH, S, DQK), dkf.view(B, NH, S, DQK), dvf.view(B, NH, S, DHV),
+            di.view(B, NH, S), df.view(B, NH, S), dC0, dn0, dm0_out)
 
 
 @mlstm_bwd_op.register_fake

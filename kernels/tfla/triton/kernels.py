@@ -446,3 +446,257 @@ def mlstm_bwd_dv_kernel(
 
     tl.store(DV + (bh * S + row0) * DHV + s_loc[:, None] * DHV + offs_v[None, :], acc.to(DV.dtype.element_ty),
              mask=s_ok[:, None] & v_ok[None, :])
+
+
+# Experimental fused paths (function.EXPERIMENTAL_FUSED, off by default; interpreter-tested only, measure on a GPU
+# before making them the default). They replace the PyTorch gate bookkeeping of function.py with three small kernels
+# and the separate dk / dv kernels with one. Only scans whose combine is commutative, or the forward cummax, are used.
+
+
+@triton.jit
+def _logsigmoid(x):
+    # log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)); log1p written so that it stays accurate for tiny arguments.
+    y = tl.exp(-tl.abs(x))
+    one_y = 1.0 + y
+    tiny = one_y == 1.0
+    log1p = tl.where(tiny, y, tl.log(one_y) * (y / tl.where(tiny, 1.0, one_y - 1.0)))
+    return tl.minimum(x, 0.0) - log1p
+
+
+@triton.jit
+def _max_latest(v1, i1, v2, i2):
+    # Max with the latest index on ties, as torch.cummax; written symmetric so the scan's operand order is irrelevant.
+    take2 = (v2 > v1) | ((v2 == v1) & (i2 > i1))
+    return tl.where(take2, v2, v1), tl.where(take2, i2, i1)
+
+
+@triton.jit
+def _sum_at_min_key(k1, s1, k2, s2):
+    # Sum of the values whose key is the smallest: commutative and associative, so a reverse scan is well defined.
+    return tl.minimum(k1, k2), tl.where(k1 == k2, s1 + s2, tl.where(k1 < k2, s1, s2))
+
+
+@triton.jit
+def mlstm_gates_fwd_kernel(
+    IG, FG, M0, FV, AV, MROW, MST,
+    S, L, NC, SP,
+    EXP_GATE: tl.constexpr, HAS_M0: tl.constexpr, BL: tl.constexpr,
+):
+    """One (batch, head) row: F (chunk cumsum of logsigmoid f), a, the cummax M, the chunk max states, mrow."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BL)
+    # Scalars that a loop carries are made tensors up front, so their type does not change inside the loop.
+    if EXP_GATE and HAS_M0:
+        m_c = tl.load(M0 + bh).to(tl.float32)
+    elif EXP_GATE:
+        m_c = tl.max(tl.full((BL,), -float("inf"), tl.float32), 0)
+    else:
+        m_c = tl.sum(tl.zeros((BL,), dtype=tl.float32), 0)
+    tl.store(MST + bh * (NC + 1), m_c)
+    for c in range(0, NC):
+        row0 = c * L
+        Lc = tl.minimum(L, S - row0)
+        ok = offs < Lc
+        f = tl.load(FG + bh * S + row0 + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(IG + bh * S + row0 + offs, mask=ok, other=0.0).to(tl.float32)
+        # Rows past the sequence's end (last chunk only) get log gates 0, as the padding of function._gate_vectors.
+        fc = tl.cumsum(tl.where(ok, _logsigmoid(f), 0.0), 0)
+        if EXP_GATE:
+            a = tl.where(ok, x, 0.0)
+        else:
+            a = tl.where(ok, _logsigmoid(x), 0.0)
+        vec = bh * SP + row0
+        in_chunk = offs < L
+        tl.store(FV + vec + offs, fc, mask=in_chunk)
+        tl.store(AV + vec + offs, a, mask=in_chunk)
+        if EXP_GATE:
+            cmax, _ = tl.associative_scan((a - fc, offs), 0, _max_latest)
+            mrow = fc + tl.maximum(m_c, cmax)
+            is_last = offs == Lc - 1
+            f_last = tl.sum(tl.where(is_last, fc, 0.0), 0)
+            cmax_last = tl.max(tl.where(is_last, cmax, -float("inf")), 0)
+            m_c = f_last + tl.maximum(m_c, cmax_last)
+        else:
+            mrow = tl.zeros((BL,), dtype=tl.float32)
+        tl.store(MROW + vec + offs, mrow, mask=in_chunk)
+        tl.store(MST + bh * (NC + 1) + c + 1, m_c)
+
+
+@triton.jit
+def mlstm_bwd_rows_kernel(
+    H, DH, QN, MROW, RS, DQN, DMROW,
+    S, SP, DHV, eps,
+    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+):
+    """Per row: delta = dh.h, then 1/denominator, dqn and the max-state gradient dm (function.py's formulas)."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_t * BT + tl.arange(0, BT)
+    r_ok = rows < S
+    p_ok = rows < SP
+    delta = tl.zeros((BT,), dtype=tl.float32)
+    for v0 in range(0, DHV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        msk = r_ok[:, None] & (offs_v[None, :] < DHV)
+        off = (bh * S + rows[:, None]) * DHV + offs_v[None, :]
+        h = tl.load(H + off, mask=msk, other=0.0).to(tl.float32)
+        dh = tl.load(DH + off, mask=msk, other=0.0).to(tl.float32)
+        delta += tl.sum(h * dh, 1)
+    vec = bh * SP + rows
+    if NORMALIZE:
+        qn = tl.load(QN + vec, mask=p_ok, other=0.0)
+        if EXP_GATE:
+            lower = tl.exp(-tl.load(MROW + vec, mask=p_ok, other=0.0))
+        else:
+            lower = tl.full((BT,), 1.0, tl.float32)
+        rs = 1.0 / (tl.maximum(tl.abs(qn), lower) + eps)
+        active = tl.abs(qn) > lower
+        d_denom = -delta * rs
+        sign = tl.where(qn > 0, 1.0, tl.where(qn < 0, -1.0, 0.0))
+        dqn = tl.where(active, d_denom * sign, 0.0)
+        dm = -delta - dqn * qn - tl.where(active, 0.0, d_denom * lower)
+    else:
+        rs = tl.full((BT,), 1.0, tl.float32)
+        dqn = tl.zeros((BT,), dtype=tl.float32)
+        dm = -delta
+    tl.store(RS + vec, rs, mask=p_ok)
+    tl.store(DQN + vec, dqn, mask=p_ok)
+    tl.store(DMROW + vec, dm, mask=p_ok)
+
+
+@triton.jit
+def mlstm_gates_bwd_kernel(
+    QDQ, KDK, DMROW, FV, AV, MST, ACST, DMF, IG, FG, DI, DF, DM0,
+    S, L, NC, SP, NKO, BNH,
+    EXP_GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_DMF: tl.constexpr, HAS_INIT: tl.constexpr,
+    BL: tl.constexpr,
+):
+    """One (batch, head) row, chunks in reverse: route dm through the cummax argmax and the chunk max states, add
+    the state-transition terms A_c, reverse-cumsum dF inside each chunk, and write di, df (and dm0)."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BL)
+    dm_carry = tl.sum(tl.zeros((BL,), dtype=tl.float32), 0)
+    if EXP_GATE and HAS_DMF:
+        dm_carry += tl.load(DMF + bh).to(tl.float32)
+    if EXP_GATE and HAS_A:
+        dm_carry -= tl.load(ACST + bh * (NC + 1) + NC)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        row0 = c * L
+        Lc = tl.minimum(L, S - row0)
+        ok = offs < Lc
+        is_last = offs == Lc - 1
+        vec = bh * SP + row0
+        qdq = tl.zeros((BL,), dtype=tl.float32)
+        kdk = tl.zeros((BL,), dtype=tl.float32)
+        for ko in range(0, NKO):
+            qdq += tl.load(QDQ + ko * BNH * SP + vec + offs, mask=ok, other=0.0)
+            kdk += tl.load(KDK + ko * BNH * SP + vec + offs, mask=ok, other=0.0)
+        df_row = qdq - kdk
+        da = kdk
+        if EXP_GATE:
+            fc = tl.load(FV + vec + offs, mask=offs < L, other=0.0)
+            a = tl.load(AV + vec + offs, mask=offs < L, other=0.0)
+            cmax, idx = tl.associative_scan((a - fc, offs), 0, _max_latest)
+            m_c = tl.load(MST + bh * (NC + 1) + c)
+            from_state = m_c > cmax
+            dm_eff = tl.load(DMROW + vec + offs, mask=ok, other=0.0) + tl.where(is_last, dm_carry, 0.0)
+            dm_carry = tl.sum(tl.where(from_state & ok, dm_eff, 0.0), 0)
+            local = tl.where(from_state | (offs >= Lc), 0.0, dm_eff)
+            # Row t routes local_t to its argmax idx_t; idx is non-decreasing, so the rows routed to j are the rows
+            # t >= j with the smallest idx among them, where idx_j == j. A reverse scan sums them.
+            _, seg = tl.associative_scan((idx, local), 0, _sum_at_min_key, reverse=True)
+            route = tl.where((idx == offs) & ok, seg, 0.0)
+            df_row += dm_eff - route
+            da += route
+        if HAS_A:
+            df_row += tl.where(is_last, tl.load(ACST + bh * (NC + 1) + c + 1), 0.0)
+        dlf = tl.cumsum(tl.where(ok, df_row, 0.0), 0, reverse=True)
+        f = tl.load(FG + bh * S + row0 + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DF + bh * S + row0 + offs, (dlf * tl.sigmoid(-f)).to(DF.dtype.element_ty), mask=ok)
+        if EXP_GATE:
+            di = da
+        else:
+            x = tl.load(IG + bh * S + row0 + offs, mask=ok, other=0.0).to(tl.float32)
+            di = da * tl.sigmoid(-x)
+        tl.store(DI + bh * S + row0 + offs, di.to(DI.dtype.element_ty), mask=ok)
+    if HAS_INIT:
+        if EXP_GATE and HAS_A:
+            tl.store(DM0 + bh, dm_carry + tl.load(ACST + bh * (NC + 1)))
+        else:
+            tl.store(DM0 + bh, dm_carry)
+
+
+@triton.jit
+def mlstm_bwd_dkdv_kernel(
+    Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, DV, KDK,
+    S, L, NC, SP, DQK, DHV, scale,
+    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dk and dv of one key tile in one pass (head dims <= BK, BV: one slice each), both accumulators live:
+    dv[j] = sum_{t>=j} (q_t.k_j) P_tj rs_t dh_t + e_j k_j^T dC_{c+1},
+    dk[j] = sum_{t>=j} (rs_t dh_t.v_j + dqn_t) P_tj q_t + e_j (dC_{c+1} v_j + dn_{c+1}),  P_tj = exp(D_tj-m_t)/sqrt(d).
+    q and dh tiles are loaded row-major; the key-side products k q^T and v dh^T come out transposed directly."""
+    pid_s = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    s_loc = pid_s * BS + tl.arange(0, BS)
+    s_ok = s_loc < Lc
+    offs_k = tl.arange(0, BK)
+    k_ok = offs_k < DQK
+    offs_v = tl.arange(0, BV)
+    v_ok = offs_v < DHV
+    q_base = Q + (bh * S + row0) * DQK
+    k_base = K + (bh * S + row0) * DQK
+    v_base = V + (bh * S + row0) * DHV
+    dh_base = DH + (bh * S + row0) * DHV
+    vec = bh * SP + row0
+    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+    sk_ok = s_ok[:, None] & k_ok[None, :]
+    sv_ok = s_ok[:, None] & v_ok[None, :]
+    k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=sk_ok, other=0.0)
+    v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=sv_ok, other=0.0)
+
+    acc_k = tl.zeros((BS, BK), dtype=tl.float32)
+    acc_v = tl.zeros((BS, BV), dtype=tl.float32)
+    t_start = ((pid_s * BS) // BT) * BT
+    for t0 in range(t_start, Lc, BT):
+        t_loc = t0 + tl.arange(0, BT)
+        t_ok = t_loc < Lc
+        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+        q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                       other=0.0)
+        sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
+        dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
+        causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
+        p_tr = tl.where(causal, tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * scale, 0.0)
+        w_tr = sc_tr * (p_tr * rs_t[None, :])
+        ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
+        acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
+        acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
+
+    if HAS_FINAL:
+        st = bh * (NC + 1) + c + 1
+        f_last = tl.load(FV + vec + Lc - 1)
+        m_last = tl.load(MROW + vec + Lc - 1)
+        e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
+        dc = tl.load(DCST + st * DQK * DHV + offs_k[:, None] * DHV + offs_v[None, :],
+                     mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(k_s.dtype)  # [BK, BV]
+        dn_k = tl.load(DNST + st * DQK + offs_k, mask=k_ok, other=0.0)
+        acc_v += e[:, None] * tl.dot(k_s, dc, input_precision=PREC)
+        acc_k += e[:, None] * (tl.dot(v_s, tl.trans(dc), input_precision=PREC) + dn_k[None, :])
+
+    tl.store(DK + (bh * S + row0) * DQK + s_loc[:, None] * DQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
+             mask=sk_ok)
+    tl.store(DV + (bh * S + row0) * DHV + s_loc[:, None] * DHV + offs_v[None, :], acc_v.to(DV.dtype.element_ty),
+             mask=sv_ok)
+    tl.store(KDK + vec + s_loc, tl.sum(k_s.to(tl.float32) * acc_k, 1), mask=s_ok)

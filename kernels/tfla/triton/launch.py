@@ -11,11 +11,15 @@ import triton
 from .kernels import (
     mlstm_bwd_delta_kernel,
     mlstm_bwd_dk_kernel,
+    mlstm_bwd_dkdv_kernel,
     mlstm_bwd_dq_kernel,
     mlstm_bwd_dv_kernel,
+    mlstm_bwd_rows_kernel,
     mlstm_bwd_state_kernel,
     mlstm_fwd_h_kernel,
     mlstm_fwd_state_kernel,
+    mlstm_gates_bwd_kernel,
+    mlstm_gates_fwd_kernel,
 )
 
 
@@ -135,8 +139,12 @@ def mlstm_bwd(
     *,
     has_final_grad: bool,
     state_pass: bool,
+    sum_slices: bool = True,
+    fused_dkdv: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32)."""
+    """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
+    sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv (experimental) takes
+    dk and dv from one kernel where both head dims are <= FUSED_DKDV_MAX_HEAD_DIM."""
     BNH, S, DQK = q.shape
     DHV = v.shape[-1]
     prec = _precision(q.dtype)
@@ -166,6 +174,17 @@ def mlstm_bwd(
         S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
         HAS_INIT=Cst is not None, BT=BT, BS=BS, BV=BV_in, BKO=BKO, PREC=prec, num_warps=_warps(BT, BKO),
     )
+    if fused_dkdv and max(DQK, DHV) <= FUSED_DKDV_MAX_HEAD_DIM:
+        dk, dv = _new(k), _new(v)
+        kdk = torch.zeros(1, BNH, lay.SP, device=q.device, dtype=torch.float32)
+        BK, BV = _pow2(DQK), _pow2(DHV)
+        mlstm_bwd_dkdv_kernel[(triton.cdiv(lay.L, BS), BNH * lay.NC)](
+            q, k, v, dh, fv, av, mrow, rs, dqn,
+            dCst if has_final else dummy, dnst if has_final else dummy, dk, dv, kdk,
+            S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
+            HAS_FINAL=has_final, BT=BT, BS=BS, BK=BK, BV=BV, PREC=prec, num_warps=_warps(BS, BK + BV),
+        )
+        return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
     dk = _new(k)
     kdk = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(lay.L, BS), nko, BNH * lay.NC)
@@ -182,4 +201,93 @@ def mlstm_bwd(
         S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
         HAS_FINAL=has_final, BT=BT, BS=BS, BK=BK_in, BVO=BVO, PREC=prec, num_warps=_warps(BS, BVO),
     )
+    if not sum_slices:
+        return dq, dk, dv, qdq, kdk
     return dq, dk, dv, qdq.sum(0), kdk.sum(0)
+
+
+# Experimental fused paths (see function.EXPERIMENTAL_FUSED): interpreter-tested only, measure on a GPU first.
+# Longest chunk the one-program-per-row gate kernels take; function.py keeps the PyTorch gates above it.
+FUSED_GATES_MAX_CHUNK = 8192
+# Widest head dims the one-pass dk+dv kernel takes (both accumulators in registers); wider ones use dk and dv kernels.
+FUSED_DKDV_MAX_HEAD_DIM = 128
+
+
+def _row_warps(BL: int) -> int:
+    return 4 if BL <= 1024 else 8
+
+
+def mlstm_gates_fwd(
+    i: torch.Tensor,  # [BNH, S] input-gate pre-activations
+    f: torch.Tensor,  # [BNH, S] forget-gate pre-activations
+    m0: Optional[torch.Tensor],  # [BNH] initial max state
+    lay: ChunkLayout,
+    *,
+    exp_gate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fv, av, mrow [BNH, SP] and mst [BNH, NC+1], as function._gate_vectors, in one launch."""
+    BNH = i.shape[0]
+    fv = torch.empty(BNH, lay.SP, device=i.device, dtype=torch.float32)
+    av, mrow = torch.empty_like(fv), torch.empty_like(fv)
+    mst = torch.empty(BNH, lay.NC + 1, device=i.device, dtype=torch.float32)
+    BL = _pow2(lay.L)
+    mlstm_gates_fwd_kernel[(BNH,)](
+        i.contiguous(), f.contiguous(), m0.contiguous() if m0 is not None else fv, fv, av, mrow, mst,
+        lay.S, lay.L, lay.NC, lay.SP,
+        EXP_GATE=exp_gate, HAS_M0=m0 is not None, BL=BL, num_warps=_row_warps(BL),
+    )
+    return fv, av, mrow, mst
+
+
+def mlstm_bwd_rows(
+    h: torch.Tensor,  # [BNH, S, DHV]
+    dh: torch.Tensor,  # [BNH, S, DHV]
+    qn: torch.Tensor,  # [BNH, SP]
+    mrow: torch.Tensor,  # [BNH, SP]
+    lay: ChunkLayout,
+    *,
+    exp_gate: bool,
+    normalize: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rs (1/denominator), dqn and the per-row max-state gradient dm [BNH, SP], in one launch."""
+    BNH, S, DHV = h.shape
+    rs = torch.empty(BNH, lay.SP, device=h.device, dtype=torch.float32)
+    dqn, dm_row = torch.empty_like(rs), torch.empty_like(rs)
+    BT, BV = 64, min(_pow2(DHV), 128)
+    mlstm_bwd_rows_kernel[(triton.cdiv(lay.SP, BT), BNH)](
+        h, dh, qn, mrow, rs, dqn, dm_row, S, lay.SP, DHV, eps,
+        NORMALIZE=normalize, EXP_GATE=exp_gate, BT=BT, BV=BV, num_warps=4,
+    )
+    return rs, dqn, dm_row
+
+
+def mlstm_gates_bwd(
+    qdq: torch.Tensor,  # [NKO, BNH, SP] partial row sums q.dq (one per output slice of the dq kernel)
+    kdk: torch.Tensor,  # [NKO, BNH, SP]
+    dm_row: torch.Tensor,  # [BNH, SP]
+    fv: torch.Tensor,
+    av: torch.Tensor,
+    mst: torch.Tensor,  # [BNH, NC+1]
+    A: Optional[torch.Tensor],  # [BNH, NC+1] <C_c, dC_c> + <n_c, dn_c>
+    dm_final: Optional[torch.Tensor],  # [BNH] gradient of the final max state
+    i: torch.Tensor,  # [BNH, S]
+    f: torch.Tensor,  # [BNH, S]
+    lay: ChunkLayout,
+    *,
+    exp_gate: bool,
+    has_init: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """di, df [BNH, S] (in i's / f's dtype) and dm0 [BNH] (float32, meaningful with has_init), in one launch."""
+    NKO, BNH, _ = qdq.shape
+    i, f = i.contiguous(), f.contiguous()
+    di, df = torch.empty_like(i), torch.empty_like(f)
+    dm0 = torch.zeros(BNH, device=i.device, dtype=torch.float32)
+    BL = _pow2(lay.L)
+    mlstm_gates_bwd_kernel[(BNH,)](
+        qdq, kdk, dm_row, fv, av, mst, A if A is not None else fv, dm_final if dm_final is not None else fv,
+        i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO, BNH,
+        EXP_GATE=exp_gate, HAS_A=A is not None, HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL,
+        num_warps=_row_warps(BL),
+    )
+    return di, df, dm0

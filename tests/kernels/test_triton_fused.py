@@ -1,0 +1,173 @@
+"""The experimental fused Triton path (tfla.triton.function.EXPERIMENTAL_FUSED) vs the float64 reference and vs the
+default Triton path: outputs and every gradient, odd sizes, both gates, fp32 and fp16, initial state, chunks.
+
+Same mechanism as test_triton_mlstm.py: without a GPU the cases run in Triton's interpreter in a child process
+(TRITON_INTERPRET=1 must be set before the kernels are defined). The flag is switched per test, so one process
+compares both paths on the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+RUN_HERE = INTERPRET or ON_GPU
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+if not RUN_HERE:
+
+    def test_fused_triton_kernels_in_interpreter():
+        """Runs this file's cases in a child process with TRITON_INTERPRET=1 (the interpreter is CPU-only)."""
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+
+else:
+    from tfla import MLSTMState, mlstm_parallel
+    from tfla.triton import function, launch, mlstm_triton
+
+    DTYPES = (torch.float32, torch.float16) if not ON_GPU else (torch.float32, torch.float16, torch.bfloat16)
+    # Against float64: as test_triton_mlstm.py. Fused vs default: both round the same products; only the gate
+    # vectors' arithmetic (logsigmoid, scan order) differs, so they agree far below the reference tolerance.
+    TOL = {torch.float32: 3e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+    TOL_VS_DEFAULT = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    NAMES = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
+
+    @pytest.fixture
+    def fused():
+        old = function.EXPERIMENTAL_FUSED
+        function.EXPERIMENTAL_FUSED = True
+        yield
+        function.EXPERIMENTAL_FUSED = old
+
+    def _inputs(B, NH, S, DQK, DHV, dtype, seed, init):
+        g = torch.Generator().manual_seed(seed)
+
+        def rnd(*shape, scale=1.0, shift=0.0):
+            return (torch.randn(*shape, generator=g) * scale + shift).to(DEVICE)
+
+        xs = [rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DHV).to(dtype),
+              rnd(B, NH, S, scale=2.0), rnd(B, NH, S, scale=1.5, shift=2.0)]
+        if init:
+            xs += [rnd(B, NH, DQK, DHV, scale=0.5), rnd(B, NH, DQK, scale=0.5), rnd(B, NH, scale=1.0)]
+        return xs
+
+    def _run(fn, xs, gate, normalize, ret, seed, **kw):
+        xs = [t.detach().requires_grad_() for t in xs]
+        state = MLSTMState(*xs[5:8]) if len(xs) > 5 else None
+        out = fn(*xs[:5], gate=gate, normalize=normalize, initial_state=state, return_state=ret, **kw)
+        h, st = (out if ret else (out, None))
+        g = torch.Generator().manual_seed(seed + 7)
+        outs = [h] + (list(st) if ret else [])
+        loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
+                   for t in outs)
+        loss.backward()
+        return [t.detach() for t in outs], [x.grad for x in xs]
+
+    def _rel(a, b):
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
+
+    def check(B, NH, S, DQK, DHV, gate, dtype, *, normalize=True, init=False, ret=False, chunk_size=None, seed=0):
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, init)
+        kw = dict(chunk_size=chunk_size)
+        function.EXPERIMENTAL_FUSED = False
+        outs_d, grads_d = _run(mlstm_triton, xs, gate, normalize, ret, seed, **kw)
+        function.EXPERIMENTAL_FUSED = True
+        launch.POISON_OUTPUTS = True
+        try:
+            outs, grads = _run(mlstm_triton, xs, gate, normalize, ret, seed, **kw)
+        finally:
+            launch.POISON_OUTPUTS = False
+        ref_outs, ref_grads = _run(mlstm_parallel, [t.double() for t in xs], gate, normalize, ret, seed)
+        r32_outs, r32_grads = _run(mlstm_parallel, [t.float() for t in xs], gate, normalize, ret, seed)
+        assert outs[0].dtype == dtype
+        pairs = list(zip(["h", "C", "n", "m"], outs, outs_d, ref_outs, r32_outs))
+        pairs += [("d" + n, *t) for n, *t in zip(NAMES, grads, grads_d, ref_grads, r32_grads)]
+        errors, limits, bad = {}, {}, {}
+        for name, a, a_d, b, b32 in pairs:
+            if b is None or (name == "m" and gate == "sig"):
+                # m0 does not enter the sigmoid-gate mLSTM; its gradient is absent or zero on both paths.
+                assert a is None or torch.all(a == 0), name
+                continue
+            assert a is not None and a.dtype == a_d.dtype and torch.isfinite(a).all(), name
+            errors[name], limits[name] = _rel(a, b), max(TOL[dtype], 5 * _rel(b32, b))
+            vs_default = _rel(a, a_d)
+            if not errors[name] <= limits[name]:
+                bad[name] = f"vs float64 {errors[name]:.1e} > {limits[name]:.1e}"
+            if not vs_default <= TOL_VS_DEFAULT[dtype]:
+                bad[name + " vs default"] = f"{vs_default:.1e} > {TOL_VS_DEFAULT[dtype]:.1e}"
+        assert not bad, f"{bad} (all vs float64: {errors})"
+
+    # S in {1, 17, 63}: one chunk (the default below 1024 rows); head dims 16 / 24, dqk != dhv included.
+    SHAPES = [(1, 2, 1, 16, 16), (1, 2, 17, 24, 16), (2, 1, 63, 16, 24)]
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("gate", ["exp", "sig"])
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+    def test_fused_single_chunk(fused, shape, gate, dtype):
+        check(*shape, gate, dtype)
+
+    @pytest.mark.parametrize("gate", ["exp", "sig"])
+    def test_fused_s196_chunked_with_state(fused, gate):
+        """S = 196 in four chunks of 64 (last one 4 rows), initial state in, final state out."""
+        check(1, 1, 196, 16, 16, gate, torch.float32, init=True, ret=True, chunk_size=64, seed=3)
+
+    @pytest.mark.parametrize("chunk_size", [None, 23], ids=lambda c: f"L{c}")
+    @pytest.mark.parametrize("gate", ["exp", "sig"])
+    def test_fused_states(fused, gate, chunk_size):
+        check(1, 2, 63, 24, 16, gate, torch.float32, init=True, ret=True, chunk_size=chunk_size, seed=3)
+
+    def test_fused_final_state_without_initial(fused):
+        check(1, 1, 37, 16, 16, "exp", torch.float32, ret=True, chunk_size=10, seed=5)
+
+    def test_fused_chunked_fp16_with_state(fused):
+        check(1, 1, 63, 16, 24, "exp", torch.float16, init=True, ret=True, chunk_size=20, seed=4)
+
+    def test_fused_sig_without_normaliser(fused):
+        check(1, 2, 17, 16, 24, "sig", torch.float32, normalize=False)
+
+    def test_fused_gates_with_wide_head_dim(fused):
+        """Head dims above launch.FUSED_DKDV_MAX_HEAD_DIM keep the separate dk / dv kernels under the fused gates."""
+        check(1, 1, 9, 136, 16, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=6)
+
+    def test_fused_cummax_ties(fused):
+        """Equal maxima (constant input gates and no decay) route dm to the latest row, as torch.cummax does."""
+        xs = _inputs(1, 1, 17, 16, 16, torch.float32, 9, False)
+        xs[3] = torch.zeros_like(xs[3])
+        xs[4] = torch.full_like(xs[4], 40.0)  # logsigmoid(40) == 0 in float32: F constant, a - F ties everywhere
+        function.EXPERIMENTAL_FUSED = False
+        _, grads_d = _run(mlstm_triton, xs, "exp", True, False, 0)
+        function.EXPERIMENTAL_FUSED = True
+        _, grads = _run(mlstm_triton, xs, "exp", True, False, 0)
+        for name, a, b in zip(NAMES, grads, grads_d):
+            assert _rel(a, b) < 1e-5, name
+
+    def test_fused_gate_vectors_match(fused):
+        """The gate kernel's F, a, mrow and chunk max states against function._gate_vectors."""
+        g = torch.Generator().manual_seed(1)
+        i = torch.randn(3, 45, generator=g).to(DEVICE) * 2
+        f = torch.randn(3, 45, generator=g).to(DEVICE) * 3 + 1
+        m0 = torch.randn(3, generator=g).to(DEVICE)
+        for exp_gate in (True, False):
+            for m in (None, m0):
+                lay = launch.chunk_layout(45, 16)
+                want = function._gate_vectors(i, f, m, exp_gate, lay)[:4]
+                got = launch.mlstm_gates_fwd(i, f, m, lay, exp_gate=exp_gate)
+                for name, a, b in zip(["F", "a", "mrow", "mst"], got, want):
+                    b = b.reshape(a.shape)
+                    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True), (name, exp_gate, m is None)
+
+    def test_default_path_is_off():
+        assert os.environ.get("TFLA_EXPERIMENTAL_FUSED", "0") == "1" or not function.EXPERIMENTAL_FUSED
