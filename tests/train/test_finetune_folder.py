@@ -41,7 +41,7 @@ def test_image_folder_run_then_finetune_init(tmp_path):
     make_tree(str(tmp_path / "tree"))
     cmd = [sys.executable, os.path.join(REPO, "train", "train.py"), "--config", MNIST_RECIPE,
            "run.name=folder", *folder_overrides(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy: top-1" in proc.stdout and "32 training images, 4 steps/epoch" in proc.stdout
     ckpt_path = str(tmp_path / "folder" / "checkpoints" / "last.pt")
