@@ -132,6 +132,9 @@ else:
     def test_fused_final_state_without_initial(fused):
         check(1, 1, 37, 16, 16, "exp", torch.float32, ret=True, chunk_size=10, seed=5)
 
+    def test_fused_chunk_size_one(fused):
+        check(1, 1, 7, 16, 16, "exp", torch.float32, init=True, ret=True, chunk_size=1, seed=8)
+
     def test_fused_chunked_fp16_with_state(fused):
         check(1, 1, 63, 16, 24, "exp", torch.float16, init=True, ret=True, chunk_size=20, seed=4)
 
