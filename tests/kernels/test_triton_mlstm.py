@@ -141,3 +141,23 @@ else:
         assert _rel(h_triton, h_ref) < 1e-5
         with pytest.raises(ValueError, match="head dims"):
             mlstm(*_inputs(1, 1, 5, 8, 8, torch.float32, 0, False), backend="triton")
+
+    @pytest.mark.parametrize("init", [False, True])
+    def test_fake_kernels_match_real_strides(init):
+        # The ViL layer hands the op transposed views ([B, S, NH, DH] memory); torch.compile trusts the fake kernels'
+        # strides and asserts them on the real outputs, so fake and real must agree for such inputs and for states.
+        from tfla.triton.function import mlstm_bwd_op, mlstm_fwd_op
+
+        B, NH, S, DH = 1, 2, 21, 16
+        g = torch.Generator().manual_seed(4)
+        q, k, v = (torch.randn(B, S, NH, DH, generator=g).transpose(1, 2) for _ in range(3))
+        i, f = (torch.randn(B, S, NH, generator=g).transpose(1, 2) for _ in range(2))
+        assert not q.is_contiguous()
+        C0, n0, m0 = ((torch.randn(B, NH, DH, DH, generator=g), torch.randn(B, NH, DH, generator=g),
+                       torch.randn(B, NH, generator=g)) if init else (None, None, None))
+        fwd_args = (q, k, v, i, f, C0, n0, m0, True, True, 8, 1e-6, True)
+        torch.library.opcheck(mlstm_fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
+        h, Cst, nst, mst, qn = mlstm_fwd_op(*fwd_args)
+        dh = torch.randn(B, S, NH, DH, generator=g).transpose(1, 2)
+        bwd_args = (dh, None, None, None, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, True, True, 8, 1e-6)
+        torch.library.opcheck(mlstm_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))

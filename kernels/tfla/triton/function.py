@@ -145,11 +145,12 @@ def mlstm_bwd_op(
     exp_gate: bool, normalize: bool, chunk_size: int, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state)."""
-    if _fused_gates(chunk_layout(q.shape[2], chunk_size)):
-        return _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize,
-                               chunk_size, eps)
-    return _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+    """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state), all contiguous."""
+    impl = _bwd_impl_fused if _fused_gates(chunk_layout(q.shape[2], chunk_size)) else _bwd_impl
+    grads = impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+    # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
+    # contiguous tensors, whatever the inputs' strides.
+    return tuple(g.contiguous() for g in grads)
 
 
 def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
@@ -302,11 +303,15 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
 def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
     f32 = dict(dtype=torch.float32)
     if C0 is not None:
-        dC0, dn0, dm0 = torch.empty_like(C0, **f32), torch.empty_like(n0, **f32), torch.empty_like(m0, **f32)
+        dC0, dn0, dm0 = C0.new_empty(C0.shape, **f32), n0.new_empty(n0.shape, **f32), m0.new_empty(m0.shape, **f32)
     else:
         dC0, dn0, dm0 = (q.new_empty(0, **f32) for _ in range(3))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(f),
-            dC0, dn0, dm0)
+    # The real op returns fresh contiguous gradients whatever the inputs' strides (the model passes transposed views):
+    # empty_like would copy those strides and torch.compile's stride asserts would fail.
+    def fresh(t):
+        return t.new_empty(t.shape)
+
+    return fresh(q), fresh(k), fresh(v), fresh(i), fresh(f), dC0, dn0, dm0
 
 
 def _setup_context(ctx, inputs, output):
