@@ -93,7 +93,7 @@ def _triton_supports(q: torch.Tensor, v: torch.Tensor) -> bool:
 def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
     if backend != "auto":
         return backend
-    if q.is_cuda and _triton_supports(q, v):
+    if _triton_supports(q, v):
         return "triton"
     return "parallel" if q.shape[-2] <= PARALLEL_MAX_SEQ_LEN else "chunkwise"
 
