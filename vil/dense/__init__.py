@@ -1,0 +1,27 @@
+"""Dense prediction with ViL backbones: semantic segmentation building blocks (ADE20K recipe of the spec).
+
+What exists:
+- `MultiScaleNeck`: BEiT/ViTDet-style pyramid from four stride-16 maps to strides 4/8/16/32.
+- `UperNetHead` (pyramid pooling 1/2/3/6 + FPN + fuse) and `FCNAuxHead` (auxiliary head, `loss_weight` 0.4).
+- `ViLUperNet`: timm ViL backbone (features of sub-blocks 7/11/15/23) + neck + heads; `forward`,
+  `slide_inference` (window 512, stride 341) and `loss`; `reduce_ade20k_labels` (raw 0 -> ignore 255, k -> k - 1).
+
+What does not exist yet: the ADE20K data pipeline (loading, random resize 0.5-2x of (2048, 512), 512 crops,
+flip, colour jitter), the training recipe (160k iterations, AdamW with layer-wise lr decay 0.65, warm-up + cosine),
+mIoU evaluation and multi-scale + flip testing, and detection.
+"""
+
+from .heads import ConvBNReLU, FCNAuxHead, PyramidPooling, UperNetHead
+from .neck import MultiScaleNeck
+from .upernet import ViLUperNet, reduce_ade20k_labels, segmentation_cross_entropy
+
+__all__ = [
+    "ConvBNReLU",
+    "FCNAuxHead",
+    "MultiScaleNeck",
+    "PyramidPooling",
+    "UperNetHead",
+    "ViLUperNet",
+    "reduce_ade20k_labels",
+    "segmentation_cross_entropy",
+]
