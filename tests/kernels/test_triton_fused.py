@@ -172,5 +172,10 @@ else:
                     b = b.reshape(a.shape)
                     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True), (name, exp_gate, m is None)
 
-    def test_default_path_is_off():
-        assert os.environ.get("TFLA_EXPERIMENTAL_FUSED", "0") == "1" or not function.EXPERIMENTAL_FUSED
+    def test_default_fuses_only_where_gpu_checked(monkeypatch):
+        monkeypatch.setattr(function, "EXPERIMENTAL_FUSED", None)
+        single = launch.chunk_layout(196, 196)
+        assert function._fused_gates(single, keeps_states=False)
+        assert not function._fused_gates(single, keeps_states=True)
+        monkeypatch.setattr(function, "EXPERIMENTAL_FUSED", False)
+        assert not function._fused_gates(single, keeps_states=False)

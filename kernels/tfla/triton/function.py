@@ -28,11 +28,14 @@ import torch.nn.functional as F
 from . import launch
 from .launch import ChunkLayout, chunk_layout, mlstm_bwd, mlstm_bwd_delta, mlstm_fwd
 
-# Experimental fused kernels: the gate bookkeeping below (_gate_vectors and the backward's gate-gradient routing) as
-# three small Triton kernels, and dk + dv as one kernel for head dims <= 128. INTERPRETER-TESTED ONLY: measure them
-# on a GPU (bench/check_mlstm_gpu.py --fused, bench/bench_mlstm.py --fused) before making them the default. Off
-# unless TFLA_EXPERIMENTAL_FUSED=1 at import; tests and benchmarks may set this flag at run time.
-EXPERIMENTAL_FUSED = os.environ.get("TFLA_EXPERIMENTAL_FUSED", "0") == "1"
+# Fused kernels: the gate bookkeeping (_gate_vectors and the backward's gate-gradient routing) as three small Triton
+# kernels, and dk + dv as one kernel for head dims <= 128. They are the default where they were checked on an H100
+# (bench/results/mlstm_check_fused_h100.log: one chunk, no initial state, no state returned: ViL's case; 2.7x faster
+# fwd+bwd at DH=96, S=196). Chunked or stateful calls take them only with TFLA_EXPERIMENTAL_FUSED=1 (interpreter-
+# tested, not yet GPU-checked), and TFLA_EXPERIMENTAL_FUSED=0 turns them off; tests and benchmarks set the flag.
+# None (default): fused where GPU-checked; True (TFLA_EXPERIMENTAL_FUSED=1): everywhere; False (=0): nowhere.
+_FUSED_ENV = os.environ.get("TFLA_EXPERIMENTAL_FUSED")
+EXPERIMENTAL_FUSED: Optional[bool] = None if _FUSED_ENV is None else _FUSED_ENV == "1"
 
 # Sequences up to this length run as one chunk (the whole sequence, tiled inside): what ViL at 224-512 px needs.
 SINGLE_CHUNK_MAX_SEQ_LEN = 1024
@@ -64,8 +67,12 @@ def _gate_vectors(i: torch.Tensor, f: torch.Tensor, m0: Optional[torch.Tensor], 
     return Fc, a, mrow, mst, M, idx, last
 
 
-def _fused_gates(lay: ChunkLayout) -> bool:
-    return EXPERIMENTAL_FUSED and lay.L <= launch.FUSED_GATES_MAX_CHUNK
+def _fused_gates(lay: ChunkLayout, keeps_states: bool) -> bool:
+    if lay.L > launch.FUSED_GATES_MAX_CHUNK:
+        return False
+    if EXPERIMENTAL_FUSED is None:
+        return not keeps_states
+    return EXPERIMENTAL_FUSED
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +100,7 @@ def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, r
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
     qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
-    if _fused_gates(lay):
+    if _fused_gates(lay, _keeps_states(lay, has_init, return_state)):
         fv, av, mrow, mst = launch.mlstm_gates_fwd(_flat(i), _flat(f), _flat(m0) if m0 is not None else None, lay,
                                                    exp_gate=exp_gate)
     else:
@@ -146,7 +153,9 @@ def mlstm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state), all contiguous."""
-    impl = _bwd_impl_fused if _fused_gates(chunk_layout(q.shape[2], chunk_size)) else _bwd_impl
+    # The forward kept per-chunk states exactly when the fused-gate decision says so (Cst is empty otherwise).
+    fused = _fused_gates(chunk_layout(q.shape[2], chunk_size), keeps_states=Cst.numel() > 0)
+    impl = _bwd_impl_fused if fused else _bwd_impl
     grads = impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
     # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
     # contiguous tensors, whatever the inputs' strides.
