@@ -5,13 +5,15 @@ What exists:
 - `UperNetHead` (pyramid pooling 1/2/3/6 + FPN + fuse) and `FCNAuxHead` (auxiliary head, `loss_weight` 0.4).
 - `ViLUperNet`: timm ViL backbone (features of sub-blocks 7/11/15/23) + neck + heads; `forward`,
   `slide_inference` (window 512, stride 341) and `loss`; `reduce_ade20k_labels` (raw 0 -> ignore 255, k -> k - 1).
+- `SegmentationMeter`: confusion-matrix mIoU / per-class IoU / aAcc / mAcc, summed over DDP ranks by `all_reduce`.
 
-What does not exist yet: the ADE20K data pipeline (loading, random resize 0.5-2x of (2048, 512), 512 crops,
-flip, colour jitter), the training recipe (160k iterations, AdamW with layer-wise lr decay 0.65, warm-up + cosine),
-mIoU evaluation and multi-scale + flip testing, and detection.
+The ADE20K data pipeline is in `vil.data.ade20k` (dataset) and `vil.data.seg_transforms` (resize 0.5-2x of
+(2048, 512), 512 crops, flip, colour jitter). What does not exist yet: the training recipe (160k iterations,
+AdamW with layer-wise lr decay 0.65, warm-up + cosine), multi-scale + flip testing, and detection.
 """
 
 from .heads import ConvBNReLU, FCNAuxHead, PyramidPooling, UperNetHead
+from .metrics import SegmentationMeter
 from .neck import MultiScaleNeck
 from .upernet import ViLUperNet, reduce_ade20k_labels, segmentation_cross_entropy
 
@@ -20,6 +22,7 @@ __all__ = [
     "FCNAuxHead",
     "MultiScaleNeck",
     "PyramidPooling",
+    "SegmentationMeter",
     "UperNetHead",
     "ViLUperNet",
     "reduce_ade20k_labels",
