@@ -8,30 +8,18 @@ compares both paths on the same inputs.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRET
-RUN_HERE = INTERPRET or ON_GPU
-DEVICE = "cuda" if ON_GPU else "cpu"
-
+from _interpreter import DEVICE, ON_GPU, RUN_HERE, run_module_in_interpreter
 
 if not RUN_HERE:
 
     def test_fused_triton_kernels_in_interpreter():
         """Runs this file's cases in a child process with TRITON_INTERPRET=1 (the interpreter is CPU-only)."""
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+        run_module_in_interpreter(__file__)
 
 else:
     from tfla import MLSTMState, mlstm_parallel

@@ -162,6 +162,19 @@ def mlstm_bwd_op(
     return tuple(g.contiguous() for g in grads)
 
 
+def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, device, needed: bool):
+    """Per-chunk-boundary state gradients [BNH, NC+1, ...], seeded at the end with the final state's gradient."""
+    if not needed:
+        return None, None
+    dCst = torch.zeros(BNH, lay.NC + 1, DQK, DHV, device=device, dtype=torch.float32)
+    dnst = torch.zeros(BNH, lay.NC + 1, DQK, device=device, dtype=torch.float32)
+    if dC is not None:
+        dCst[:, lay.NC] = _flat(dC[:, :, lay.NC]).float()
+    if dn is not None:
+        dnst[:, lay.NC] = _flat(dn[:, :, lay.NC]).float()
+    return dCst, dnst
+
+
 def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
@@ -191,14 +204,7 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
 
     keeps = Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
-    dCst = dnst = None
-    if state_pass or has_final_grad:
-        dCst = torch.zeros(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
-        dnst = torch.zeros(BNH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
-        if dC is not None:
-            dCst[:, lay.NC] = _flat(dC[:, :, lay.NC]).float()
-        if dn is not None:
-            dnst[:, lay.NC] = _flat(dn[:, :, lay.NC]).float()
+    dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
     dqf, dkf, dvf, qdq, kdk = mlstm_bwd(
@@ -278,14 +284,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
 
     keeps = Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
-    dCst = dnst = None
-    if state_pass or has_final_grad:
-        dCst = torch.zeros(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
-        dnst = torch.zeros(BNH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
-        if dC is not None:
-            dCst[:, lay.NC] = _flat(dC[:, :, lay.NC]).float()
-        if dn is not None:
-            dnst[:, lay.NC] = _flat(dn[:, :, lay.NC]).float()
+    dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
     dqf, dkf, dvf, qdq, kdk = mlstm_bwd(
