@@ -22,13 +22,88 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_rows(base, rows, row_ok, cols, NCOLS: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Tile [rows, cols] of a row-major [*, NCOLS] matrix, zero outside; masks only where a bound can be crossed
+    (unmasked loads vectorise, and off-diagonal tiles never cross the sequence's end)."""
+    ptrs = base + rows[:, None] * NCOLS + cols[None, :]
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < NCOLS), other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols[None, :] < NCOLS, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_vec(ptr, offs, ok, CHECK: tl.constexpr):
+    if CHECK:
+        x = tl.load(ptr + offs, mask=ok, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
+def _scores(a_res, a_base, a_rows, a_ok, b_base, b_rows, b_ok, D: tl.constexpr, BD: tl.constexpr,
+            CHECK_A: tl.constexpr, CHECK_B: tl.constexpr, PREC: tl.constexpr):
+    """a b^T over a head dim of D: [len(a_rows), len(b_rows)] in float32. With D <= BD, a_res holds a's whole tile
+    (loaded once by the caller); otherwise both operands are read in BD-wide slices."""
+    if D <= BD:
+        offs_d = tl.arange(0, BD)
+        b = _load_rows(b_base, b_rows, b_ok, offs_d, D, CHECK_B, D != BD)
+        acc = tl.dot(a_res, tl.trans(b), input_precision=PREC)
+    else:
+        acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            a = _load_rows(a_base, a_rows, a_ok, offs_d, D, CHECK_A, D % BD != 0)
+            b = _load_rows(b_base, b_rows, b_ok, offs_d, D, CHECK_B, D % BD != 0)
+            acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _resident(base, rows, row_ok, D: tl.constexpr, BD: tl.constexpr, DTYPE: tl.constexpr):
+    """The whole [rows, D] tile when it fits one BD-wide slice (what _scores takes as a_res), else a dummy."""
+    if D <= BD:
+        x = _load_rows(base, rows, row_ok, tl.arange(0, BD), D, True, D != BD)
+    else:
+        x = tl.zeros((rows.shape[0], 16), dtype=DTYPE)
+    return x
+
+
+@triton.jit
+def _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, Lc, offs_v, scale,
+                DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                DIAG: tl.constexpr, PREC: tl.constexpr):
+    # DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
+    s_loc = j0 + tl.arange(0, BS)
+    s_ok = s_loc < Lc
+    f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
+    a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
+    sc = _scores(q_res, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, BK, True, DIAG, PREC)
+    w = sc * (tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale)
+    if DIAG:
+        w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
+    qn += tl.sum(w, 1)
+    v_s = _load_rows(v_base, s_loc, s_ok, offs_v, DHV, DIAG, DHV % BV != 0)
+    acc += tl.dot(w.to(v_s.dtype), v_s, input_precision=PREC)
+    return acc, qn
+
+
+@triton.jit
 def mlstm_fwd_h_kernel(
     Q, K, V, H, FV, AV, MROW, QN, CST, NST, MST,
-    S, L, NC, SP, DQK, DHV, scale, eps,
+    S, L, NC, SP, scale, eps,
+    DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised."""
+    """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised.
+    BT is a multiple of BS: key tiles before the query tile's first row need no mask, those from it on do."""
     pid_t = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -36,7 +111,8 @@ def mlstm_fwd_h_kernel(
     c = pid_bc % NC
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
-    t_loc = pid_t * BT + tl.arange(0, BT)
+    t_lo = pid_t * BT
+    t_loc = t_lo + tl.arange(0, BT)
     t_ok = t_loc < Lc
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < DHV
@@ -46,29 +122,16 @@ def mlstm_fwd_h_kernel(
     vec = bh * SP + row0
     f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+    q_res = _resident(q_base, t_loc, t_ok, DQK, BK, Q.dtype.element_ty)
 
     acc = tl.zeros((BT, BV), dtype=tl.float32)
     qn = tl.zeros((BT,), dtype=tl.float32)
-    hi = tl.minimum((pid_t + 1) * BT, Lc)
-    for j0 in range(0, hi, BS):
-        s_loc = j0 + tl.arange(0, BS)
-        s_ok = s_loc < Lc
-        f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
-        a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-        sc = tl.zeros((BT, BS), dtype=tl.float32)
-        for d0 in range(0, DQK, BK):
-            offs_d = d0 + tl.arange(0, BK)
-            d_ok = offs_d < DQK
-            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :],
-                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None],
-                mask=s_ok[None, :] & d_ok[:, None], other=0.0)
-            sc += tl.dot(q_t, k_tr, input_precision=PREC)
-        causal = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
-        w = tl.where(causal, sc * (tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale), 0.0)
-        qn += tl.sum(w, 1)
-        v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
-        acc += tl.dot(w.to(v_s.dtype), v_s, input_precision=PREC)
+    for j0 in range(0, t_lo, BS):
+        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, Lc,
+                              offs_v, scale, DQK, DHV, BS, BK, BV, False, PREC)
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
+        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, Lc,
+                              offs_v, scale, DQK, DHV, BS, BK, BV, True, PREC)
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
@@ -231,13 +294,33 @@ def mlstm_bwd_state_kernel(
 
 
 @triton.jit
+def _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, rs_t, dqn_t, Lc,
+                 offs_k, scale, DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr,
+                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+    s_loc = j0 + tl.arange(0, BS)
+    s_ok = s_loc < Lc
+    f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
+    a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
+    dw = _scores(dh_res, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, BV, True, DIAG, PREC)
+    p = tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale
+    ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
+    if DIAG:
+        ds = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], ds, 0.0)
+    k_s = _load_rows(k_base, s_loc, s_ok, offs_k, DQK, DIAG, DQK % BKO != 0)
+    acc += tl.dot(ds.to(k_s.dtype), k_s, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def mlstm_bwd_dq_kernel(
     Q, K, V, DH, FV, AV, MROW, RS, DQN, CST, NST, MST, DQ, QDQ,
-    S, L, NC, SP, DQK, DHV, scale,
+    S, L, NC, SP, scale,
+    DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn."""
+    """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn.
+    BT is a multiple of BS, as in the forward."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -245,7 +328,8 @@ def mlstm_bwd_dq_kernel(
     c = pid_bc % NC
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
-    t_loc = pid_t * BT + tl.arange(0, BT)
+    t_lo = pid_t * BT
+    t_loc = t_lo + tl.arange(0, BT)
     t_ok = t_loc < Lc
     offs_k = pid_k * BKO + tl.arange(0, BKO)
     k_ok = offs_k < DQK
@@ -258,28 +342,15 @@ def mlstm_bwd_dq_kernel(
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
     rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
     dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+    dh_res = _resident(dh_base, t_loc, t_ok, DHV, BV, DH.dtype.element_ty)
 
     acc = tl.zeros((BT, BKO), dtype=tl.float32)
-    hi = tl.minimum((pid_t + 1) * BT, Lc)
-    for j0 in range(0, hi, BS):
-        s_loc = j0 + tl.arange(0, BS)
-        s_ok = s_loc < Lc
-        f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
-        a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-        dw = tl.zeros((BT, BS), dtype=tl.float32)
-        for v0 in range(0, DHV, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            v_ok = offs_v < DHV
-            dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
-                           other=0.0)
-            v_tr = tl.load(v_base + s_loc[None, :] * DHV + offs_v[:, None], mask=s_ok[None, :] & v_ok[:, None],
-                           other=0.0)
-            dw += tl.dot(dh_t, v_tr, input_precision=PREC)
-        causal = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
-        p = tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale
-        ds = tl.where(causal, (dw * rs_t[:, None] + dqn_t[:, None]) * p, 0.0)
-        k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(ds.to(k_s.dtype), k_s, input_precision=PREC)
+    for j0 in range(0, t_lo, BS):
+        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, rs_t, dqn_t,
+                           Lc, offs_k, scale, DQK, DHV, BS, BV, BKO, False, PREC)
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
+        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, rs_t, dqn_t,
+                           Lc, offs_k, scale, DQK, DHV, BS, BV, BKO, True, PREC)
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
@@ -305,13 +376,45 @@ def mlstm_bwd_dq_kernel(
 
 
 @triton.jit
+def _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG: tl.constexpr):
+    """Transposed decay P^T [BS, BT] = exp(D_tj - m_t)/sqrt(d) for key rows j and query rows t (zero where t < j or t
+    is past the chunk: the key-side kernels sum over t, so no row past the end may leak in), with rs_t and dqn_t."""
+    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+    rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+    dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+    if DIAG:
+        ok = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
+    else:
+        ok = t_ok[None, :]
+    p_tr = tl.where(ok, tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * scale, 0.0)
+    return p_tr, rs_t, dqn_t
+
+
+@triton.jit
+def _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s, Lc,
+                 offs_k, scale, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+    t_loc = t0 + tl.arange(0, BT)
+    t_ok = t_loc < Lc
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG)
+    dw_tr = _scores(v_res, v_base, s_loc, s_ok, dh_base, t_loc, t_ok, DHV, BV, True, True, PREC)  # v dh^T
+    ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
+    q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, True, DQK % BKO != 0)
+    acc += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def mlstm_bwd_dk_kernel(
     Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, KDK,
-    S, L, NC, SP, DQK, DHV, scale,
+    S, L, NC, SP, scale,
+    DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1})."""
+    """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1}).
+    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
     pid_s = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -319,7 +422,8 @@ def mlstm_bwd_dk_kernel(
     c = pid_bc % NC
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
-    s_loc = pid_s * BS + tl.arange(0, BS)
+    s_lo = pid_s * BS
+    s_loc = s_lo + tl.arange(0, BS)
     s_ok = s_loc < Lc
     offs_k = pid_k * BKO + tl.arange(0, BKO)
     k_ok = offs_k < DQK
@@ -330,30 +434,15 @@ def mlstm_bwd_dk_kernel(
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+    v_res = _resident(v_base, s_loc, s_ok, DHV, BV, V.dtype.element_ty)
 
     acc = tl.zeros((BS, BKO), dtype=tl.float32)
-    t_start = ((pid_s * BS) // BT) * BT
-    for t0 in range(t_start, Lc, BT):
-        t_loc = t0 + tl.arange(0, BT)
-        t_ok = t_loc < Lc
-        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-        dw_tr = tl.zeros((BS, BT), dtype=tl.float32)
-        for v0 in range(0, DHV, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            v_ok = offs_v < DHV
-            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :],
-                          other=0.0)
-            dh_tr = tl.load(dh_base + t_loc[None, :] * DHV + offs_v[:, None], mask=t_ok[None, :] & v_ok[:, None],
-                            other=0.0)
-            dw_tr += tl.dot(v_s, dh_tr, input_precision=PREC)
-        causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
-        p_tr = tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * scale
-        ds_tr = tl.where(causal, (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr, 0.0)
-        q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
+    for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
+        acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
+                           Lc, offs_k, scale, DQK, DHV, BT, BV, BKO, True, PREC)
+    for t0 in range(s_lo + BS, Lc, BT):
+        acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
+                           Lc, offs_k, scale, DQK, DHV, BT, BV, BKO, False, PREC)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -380,13 +469,28 @@ def mlstm_bwd_dk_kernel(
 
 
 @triton.jit
+def _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s, Lc,
+                 offs_v, scale, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BVO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+    t_loc = t0 + tl.arange(0, BT)
+    t_ok = t_loc < Lc
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG)
+    sc_tr = _scores(k_res, k_base, s_loc, s_ok, q_base, t_loc, t_ok, DQK, BK, True, True, PREC)  # k q^T
+    w_tr = sc_tr * (p_tr * rs_t[None, :])
+    dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, True, DHV % BVO != 0)
+    acc += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def mlstm_bwd_dv_kernel(
-    Q, K, DH, FV, AV, MROW, RS, DCST, DV,
-    S, L, NC, SP, DQK, DHV, scale,
+    Q, K, DH, FV, AV, MROW, RS, DQN, DCST, DV,
+    S, L, NC, SP, scale,
+    DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BVO: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(D_tj-m_t)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}."""
+    """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(D_tj-m_t)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}. BS multiple of BT."""
     pid_s = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -394,7 +498,8 @@ def mlstm_bwd_dv_kernel(
     c = pid_bc % NC
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
-    s_loc = pid_s * BS + tl.arange(0, BS)
+    s_lo = pid_s * BS
+    s_loc = s_lo + tl.arange(0, BS)
     s_ok = s_loc < Lc
     offs_v = pid_v * BVO + tl.arange(0, BVO)
     v_ok = offs_v < DHV
@@ -404,29 +509,15 @@ def mlstm_bwd_dv_kernel(
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+    k_res = _resident(k_base, s_loc, s_ok, DQK, BK, K.dtype.element_ty)
 
     acc = tl.zeros((BS, BVO), dtype=tl.float32)
-    t_start = ((pid_s * BS) // BT) * BT
-    for t0 in range(t_start, Lc, BT):
-        t_loc = t0 + tl.arange(0, BT)
-        t_ok = t_loc < Lc
-        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-        sc_tr = tl.zeros((BS, BT), dtype=tl.float32)
-        for d0 in range(0, DQK, BK):
-            offs_d = d0 + tl.arange(0, BK)
-            d_ok = offs_d < DQK
-            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :],
-                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-            q_tr = tl.load(q_base + t_loc[None, :] * DQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
-                           other=0.0)
-            sc_tr += tl.dot(k_s, q_tr, input_precision=PREC)
-        causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
-        p_tr = tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * (scale * rs_t[None, :])
-        w_tr = tl.where(causal, sc_tr * p_tr, 0.0)
-        dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
-        acc += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
+    for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
+        acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
+                           Lc, offs_v, scale, DQK, DHV, BT, BK, BVO, True, PREC)
+    for t0 in range(s_lo + BS, Lc, BT):
+        acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
+                           Lc, offs_v, scale, DQK, DHV, BT, BK, BVO, False, PREC)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -448,9 +539,9 @@ def mlstm_bwd_dv_kernel(
              mask=s_ok[:, None] & v_ok[None, :])
 
 
-# Experimental fused paths (function.EXPERIMENTAL_FUSED, off by default; interpreter-tested only, measure on a GPU
-# before making them the default). They replace the PyTorch gate bookkeeping of function.py with three small kernels
-# and the separate dk / dv kernels with one. Only scans whose combine is commutative, or the forward cummax, are used.
+# Gate bookkeeping kernels (function._fused_gates says where they run): the gate vectors, the backward's per-row terms
+# and the routing of the gate gradients, one program per (batch, head) row. Only scans whose combine is commutative,
+# or the forward cummax, are used.
 
 
 @triton.jit
@@ -567,7 +658,7 @@ def mlstm_bwd_rows_kernel(
 @triton.jit
 def mlstm_gates_bwd_kernel(
     QDQ, KDK, DMROW, FV, AV, MST, ACST, DMF, IG, FG, DI, DF, DM0,
-    S, L, NC, SP, NKO, BNH,
+    S, L, NC, SP, NKO_Q, NKO_K, BNH,
     EXP_GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_DMF: tl.constexpr, HAS_INIT: tl.constexpr,
     BL: tl.constexpr,
 ):
@@ -589,8 +680,9 @@ def mlstm_gates_bwd_kernel(
         vec = bh * SP + row0
         qdq = tl.zeros((BL,), dtype=tl.float32)
         kdk = tl.zeros((BL,), dtype=tl.float32)
-        for ko in range(0, NKO):
+        for ko in range(0, NKO_Q):
             qdq += tl.load(QDQ + ko * BNH * SP + vec + offs, mask=ok, other=0.0)
+        for ko in range(0, NKO_K):
             kdk += tl.load(KDK + ko * BNH * SP + vec + offs, mask=ok, other=0.0)
         df_row = qdq - kdk
         da = kdk
@@ -628,23 +720,44 @@ def mlstm_gates_bwd_kernel(
 
 
 @triton.jit
+def _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, f_s, a_s, Lc,
+                   offs_k, offs_v, scale, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+    t_loc = t0 + tl.arange(0, BT)
+    t_ok = t_loc < Lc
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG)
+    q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, True, DQK != BK)
+    dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, True, DHV != BV)
+    sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
+    dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
+    w_tr = sc_tr * (p_tr * rs_t[None, :])
+    ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
+    acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
+    acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
+    return acc_k, acc_v
+
+
+@triton.jit
 def mlstm_bwd_dkdv_kernel(
     Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, DV, KDK,
-    S, L, NC, SP, DQK, DHV, scale,
+    S, L, NC, SP, scale,
+    DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK, BV: one slice each), both accumulators live:
     dv[j] = sum_{t>=j} (q_t.k_j) P_tj rs_t dh_t + e_j k_j^T dC_{c+1},
     dk[j] = sum_{t>=j} (rs_t dh_t.v_j + dqn_t) P_tj q_t + e_j (dC_{c+1} v_j + dn_{c+1}),  P_tj = exp(D_tj-m_t)/sqrt(d).
-    q and dh tiles are loaded row-major; the key-side products k q^T and v dh^T come out transposed directly."""
+    q and dh tiles are loaded row-major; the key-side products k q^T and v dh^T come out transposed directly.
+    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
     pid_s = tl.program_id(0)
     pid_bc = tl.program_id(1)
     bh = (pid_bc // NC).to(tl.int64)
     c = pid_bc % NC
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
-    s_loc = pid_s * BS + tl.arange(0, BS)
+    s_lo = pid_s * BS
+    s_loc = s_lo + tl.arange(0, BS)
     s_ok = s_loc < Lc
     offs_k = tl.arange(0, BK)
     k_ok = offs_k < DQK
@@ -664,25 +777,12 @@ def mlstm_bwd_dkdv_kernel(
 
     acc_k = tl.zeros((BS, BK), dtype=tl.float32)
     acc_v = tl.zeros((BS, BV), dtype=tl.float32)
-    t_start = ((pid_s * BS) // BT) * BT
-    for t0 in range(t_start, Lc, BT):
-        t_loc = t0 + tl.arange(0, BT)
-        t_ok = t_loc < Lc
-        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-        q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
-                       other=0.0)
-        sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
-        dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
-        causal = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
-        p_tr = tl.where(causal, tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * scale, 0.0)
-        w_tr = sc_tr * (p_tr * rs_t[None, :])
-        ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
-        acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
-        acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
+    for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
+        acc_k, acc_v = _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
+                                      f_s, a_s, Lc, offs_k, offs_v, scale, DQK, DHV, BT, BK, BV, True, PREC)
+    for t0 in range(s_lo + BS, Lc, BT):
+        acc_k, acc_v = _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
+                                      f_s, a_s, Lc, offs_k, offs_v, scale, DQK, DHV, BT, BK, BV, False, PREC)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -66,6 +68,71 @@ def _warps(*tile: int) -> int:
     return 8 if math.prod(tile) >= 64 * 256 else 4
 
 
+# Tile sizes and launch options of the five matrix kernels. Names: BT query rows, BS key rows per tile; BK / BV the
+# slice of the head dim a product reduces over (the whole dim when it fits, then the tile stays in registers);
+# BKO / BVO the slice of the output a program writes. Query-side kernels (fwd_h, dq) need BT % BS == 0, key-side
+# ones (dk, dv, dkdv) BS % BT == 0: that is what lets every tile off the diagonal skip the causal mask.
+def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
+    if kernel == "fwd_h":
+        cfg = dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BV=min(_pow2(DHV), 128))
+        return dict(cfg, num_warps=_warps(cfg["BT"], cfg["BV"]))
+    if kernel == "dq":
+        cfg = dict(BT=64, BS=64, BV=_dim_block(DHV, 128), BKO=min(_pow2(DQK), 128))
+        return dict(cfg, num_warps=_warps(cfg["BT"], cfg["BKO"]))
+    if kernel == "dk":
+        cfg = dict(BT=64, BS=64, BV=_dim_block(DHV, 128), BKO=min(_pow2(DQK), 128))
+        return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BKO"]))
+    if kernel == "dv":
+        cfg = dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BVO=min(_pow2(DHV), 128))
+        return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BVO"]))
+    if kernel == "dkdv":
+        cfg = dict(BT=64, BS=64, BK=_pow2(DQK), BV=_pow2(DHV))
+        return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BK"] + cfg["BV"]))
+    raise KeyError(kernel)
+
+
+# Measured choices that replace the defaults: tuned_tiles.json beside this file, written by bench/tune_mlstm.py
+# --write, maps a GPU architecture ("sm90") to {"kernel:DQK:DHV" (padded dims): tiles}. Other GPUs get the defaults.
+TUNED_TILES_FILE = Path(__file__).with_name("tuned_tiles.json")
+_tuned_cache: dict[str, dict] = {}
+# Set by bench/tune_mlstm.py and by tests to try other tiles: kernel -> entries that win over everything else.
+TILE_OVERRIDES: dict[str, dict] = {}
+_QUERY_SIDE = ("fwd_h", "dq")
+
+
+def gpu_arch(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def tuned_tiles(arch: str) -> dict:
+    if arch not in _tuned_cache:
+        table = json.loads(TUNED_TILES_FILE.read_text()) if TUNED_TILES_FILE.exists() else {}
+        _tuned_cache[arch] = table.get(arch, {})
+    return _tuned_cache[arch]
+
+
+def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu") -> dict:
+    """Meta-parameters of one kernel launch: defaults, then the tuned table of `arch`, then TILE_OVERRIDES."""
+    cfg = _default_tiles(kernel, DQK, DHV)
+    cfg.update(tuned_tiles(arch).get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}", {}))
+    cfg.update(TILE_OVERRIDES.get(kernel, {}))
+    outer, inner = ("BT", "BS") if kernel in _QUERY_SIDE else ("BS", "BT")
+    if cfg[outer] % cfg[inner]:
+        raise ValueError(f"{kernel} tiles {cfg}: {outer} must be a multiple of {inner}")
+    return cfg
+
+
+def _launch_opts(cfg: dict) -> dict:
+    """Splits the launch options off a tiles() dict (the rest are the kernel's constexpr arguments)."""
+    opts = {"num_warps": cfg.pop("num_warps")}
+    if "num_stages" in cfg:
+        opts["num_stages"] = cfg.pop("num_stages")
+    return opts
+
+
 def mlstm_fwd(
     q: torch.Tensor,  # [BNH, S, DQK]
     k: torch.Tensor,  # [BNH, S, DQK]
@@ -97,17 +164,15 @@ def mlstm_fwd(
         )
     h = _new(v)
     qn = torch.zeros(BNH, lay.SP, device=q.device, dtype=torch.float32)
-    BT = BS = 64
-    BK = _dim_block(DQK, 128)
-    BV = min(_pow2(DHV), 128)
-    grid = (triton.cdiv(lay.L, BT), triton.cdiv(DHV, BV), BNH * lay.NC)
+    cfg = tiles("fwd_h", DQK, DHV, gpu_arch(q.device))
+    opts = _launch_opts(cfg)
+    grid = (triton.cdiv(lay.L, cfg["BT"]), triton.cdiv(DHV, cfg["BV"]), BNH * lay.NC)
     dummy = fv
     mlstm_fwd_h_kernel[grid](
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale, eps,
-        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate,
-        BT=BT, BS=BS, BK=BK, BV=BV, PREC=prec, num_warps=_warps(BT, BV),
+        S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
+        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, **cfg, **opts,
     )
     return h, qn
 
@@ -144,7 +209,7 @@ def mlstm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv (experimental) takes
-    dk and dv from one kernel where both head dims are <= FUSED_DKDV_MAX_HEAD_DIM."""
+    dk and dv from one kernel where both head dims are <= fused_dkdv_max_head_dim(). Tiles: see tiles()."""
     BNH, S, DQK = q.shape
     DHV = v.shape[-1]
     prec = _precision(q.dtype)
@@ -158,48 +223,46 @@ def mlstm_bwd(
             HAS_FINAL=has_final_grad, BT=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
         )
     has_final = dCst is not None
-    BT = BS = 64
-    BV_in = _dim_block(DHV, 128)
-    BK_in = _dim_block(DQK, 128)
-    BKO = min(_pow2(DQK), 128)
-    BVO = min(_pow2(DHV), 128)
-    nko = triton.cdiv(DQK, BKO)
+    arch = gpu_arch(q.device)
+    dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
+    common = dict(DQK=DQK, DHV=DHV, PREC=prec)
 
+    cfg = tiles("dq", DQK, DHV, arch)
+    opts = _launch_opts(cfg)
+    nko = triton.cdiv(DQK, cfg["BKO"])
     dq = _new(q)
     qdq = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(lay.L, BT), nko, BNH * lay.NC)
-    mlstm_bwd_dq_kernel[grid](
+    mlstm_bwd_dq_kernel[(triton.cdiv(lay.L, cfg["BT"]), nko, BNH * lay.NC)](
         q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-        HAS_INIT=Cst is not None, BT=BT, BS=BS, BV=BV_in, BKO=BKO, PREC=prec, num_warps=_warps(BT, BKO),
+        S, lay.L, lay.NC, lay.SP, scale, HAS_INIT=Cst is not None, **common, **cfg, **opts,
     )
-    if fused_dkdv and max(DQK, DHV) <= FUSED_DKDV_MAX_HEAD_DIM:
+    if fused_dkdv and max(DQK, DHV) <= fused_dkdv_max_head_dim(arch):
         dk, dv = _new(k), _new(v)
         kdk = torch.zeros(1, BNH, lay.SP, device=q.device, dtype=torch.float32)
-        BK, BV = _pow2(DQK), _pow2(DHV)
-        mlstm_bwd_dkdv_kernel[(triton.cdiv(lay.L, BS), BNH * lay.NC)](
-            q, k, v, dh, fv, av, mrow, rs, dqn,
-            dCst if has_final else dummy, dnst if has_final else dummy, dk, dv, kdk,
-            S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-            HAS_FINAL=has_final, BT=BT, BS=BS, BK=BK, BV=BV, PREC=prec, num_warps=_warps(BS, BK + BV),
+        cfg = tiles("dkdv", DQK, DHV, arch)
+        opts = _launch_opts(cfg)
+        mlstm_bwd_dkdv_kernel[(triton.cdiv(lay.L, cfg["BS"]), BNH * lay.NC)](
+            q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
+            S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
         )
         return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
+
+    cfg = tiles("dk", DQK, DHV, arch)
+    opts = _launch_opts(cfg)
+    nko_k = triton.cdiv(DQK, cfg["BKO"])
     dk = _new(k)
-    kdk = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(lay.L, BS), nko, BNH * lay.NC)
-    mlstm_bwd_dk_kernel[grid](
-        q, k, v, dh, fv, av, mrow, rs, dqn,
-        dCst if has_final else dummy, dnst if has_final else dummy, dk, kdk,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-        HAS_FINAL=has_final, BT=BT, BS=BS, BV=BV_in, BKO=BKO, PREC=prec, num_warps=_warps(BS, BKO),
+    kdk = torch.zeros(nko_k, BNH, lay.SP, device=q.device, dtype=torch.float32)
+    mlstm_bwd_dk_kernel[(triton.cdiv(lay.L, cfg["BS"]), nko_k, BNH * lay.NC)](
+        q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, kdk,
+        S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
     )
+    cfg = tiles("dv", DQK, DHV, arch)
+    opts = _launch_opts(cfg)
     dv = _new(v)
-    grid = (triton.cdiv(lay.L, BS), triton.cdiv(DHV, BVO), BNH * lay.NC)
-    mlstm_bwd_dv_kernel[grid](
-        q, k, dh, fv, av, mrow, rs, dCst if has_final else dummy, dv,
-        S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-        HAS_FINAL=has_final, BT=BT, BS=BS, BK=BK_in, BVO=BVO, PREC=prec, num_warps=_warps(BS, BVO),
+    mlstm_bwd_dv_kernel[(triton.cdiv(lay.L, cfg["BS"]), triton.cdiv(DHV, cfg["BVO"]), BNH * lay.NC)](
+        q, k, dh, fv, av, mrow, rs, dqn, dcst, dv,
+        S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
     )
     if not sum_slices:
         return dq, dk, dv, qdq, kdk
@@ -210,7 +273,15 @@ def mlstm_bwd(
 # Longest chunk the one-program-per-row gate kernels take; function.py keeps the PyTorch gates above it.
 FUSED_GATES_MAX_CHUNK = 8192
 # Widest head dims the one-pass dk+dv kernel takes (both accumulators in registers); wider ones use dk and dv kernels.
-FUSED_DKDV_MAX_HEAD_DIM = 128
+# The tuned table may say where one pass wins ("fused_dkdv_max_head_dim"); a value set here wins over it (tuner, tests).
+FUSED_DKDV_MAX_HEAD_DIM: Optional[int] = None
+DEFAULT_FUSED_DKDV_MAX_HEAD_DIM = 128
+
+
+def fused_dkdv_max_head_dim(arch: str) -> int:
+    if FUSED_DKDV_MAX_HEAD_DIM is not None:
+        return FUSED_DKDV_MAX_HEAD_DIM
+    return int(tuned_tiles(arch).get("fused_dkdv_max_head_dim", DEFAULT_FUSED_DKDV_MAX_HEAD_DIM))
 
 
 def _row_warps(BL: int) -> int:
@@ -264,7 +335,7 @@ def mlstm_bwd_rows(
 
 def mlstm_gates_bwd(
     qdq: torch.Tensor,  # [NKO, BNH, SP] partial row sums q.dq (one per output slice of the dq kernel)
-    kdk: torch.Tensor,  # [NKO, BNH, SP]
+    kdk: torch.Tensor,  # [NKO_K, BNH, SP] (the dk kernel's output slices; may differ from the dq kernel's)
     dm_row: torch.Tensor,  # [BNH, SP]
     fv: torch.Tensor,
     av: torch.Tensor,
@@ -279,14 +350,14 @@ def mlstm_gates_bwd(
     has_init: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """di, df [BNH, S] (in i's / f's dtype) and dm0 [BNH] (float32, meaningful with has_init), in one launch."""
-    NKO, BNH, _ = qdq.shape
+    NKO_Q, BNH, _ = qdq.shape
     i, f = i.contiguous(), f.contiguous()
     di, df = torch.empty_like(i), torch.empty_like(f)
     dm0 = torch.zeros(BNH, device=i.device, dtype=torch.float32)
     BL = _pow2(lay.L)
     mlstm_gates_bwd_kernel[(BNH,)](
         qdq, kdk, dm_row, fv, av, mst, A if A is not None else fv, dm_final if dm_final is not None else fv,
-        i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO, BNH,
+        i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH,
         EXP_GATE=exp_gate, HAS_A=A is not None, HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL,
         num_warps=_row_warps(BL),
     )
