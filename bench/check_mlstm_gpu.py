@@ -125,12 +125,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--random", type=int, default=8)
-    ap.add_argument("--fused", action="store_true", help="check the experimental fused path (and vs the default)")
+    ap.add_argument("--fused", action="store_true", help="fused kernels everywhere (and compared with the unfused path)")
+    ap.add_argument("--unfused", action="store_true", help="the unfused path everywhere (PyTorch gate bookkeeping)")
     ap.add_argument("--skip-grid", action="store_true", help="only the random shapes and the extra checks")
     args = ap.parse_args()
+    path = True if args.fused else False if args.unfused else None
     print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, "
-          f"{'EXPERIMENTAL FUSED path' if args.fused else 'default path'}", flush=True)
-    function.EXPERIMENTAL_FUSED = args.fused
+          f"{ {True: 'fused path everywhere', False: 'unfused path everywhere', None: 'shipped default path'}[path]}",
+          flush=True)
+    function.EXPERIMENTAL_FUSED = path
     rows, failures = [], 0
     cases = []
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
@@ -156,7 +159,7 @@ def main() -> int:
         ))
     for case in cases:
         t0 = time.time()
-        function.EXPERIMENTAL_FUSED = args.fused
+        function.EXPERIMENTAL_FUSED = path
         ok, res = check_case(**case)
         failures += not ok
         label = " ".join(f"{k}={v}" for k, v in case.items() if k not in ("seed",)).replace("torch.", "")
@@ -177,7 +180,7 @@ def main() -> int:
             label = "fused vs default " + " ".join(f"{k}={v}" for k, v in case.items()).replace("torch.", "")
             print(f"{'ok  ' if ok else 'FAIL'} {label} {fmt(res)}", flush=True)
             rows.append((label, ok, res))
-        function.EXPERIMENTAL_FUSED = True
+        function.EXPERIMENTAL_FUSED = path
 
     # Determinism: bitwise equal outputs and gradients run to run at a benchmark shape.
     gen = torch.Generator(device="cuda").manual_seed(5)

@@ -3,12 +3,12 @@
 Usage (CUDA machine, repo root):
     PYTHONPATH=kernels python bench/tune_mlstm.py --dh 96 192 384 512 --seq 196 --write --out bench/results/tune_h100.json
 
-For each head dim it tries a list of tile shapes, warps and pipeline stages per kernel (one kernel at a time, the
-others at their current choice: coordinate descent), times the op's forward (fwd_h) or backward (the rest) with
-do_bench, and checks every candidate's outputs against the current choice's (a tiling bug shows as a mismatch and
-the candidate is dropped). dkdv (dk and dv in one kernel) is tried beside dk + dv up to --fused-dkdv-max. The result
-is the tiles per kernel and head dim; --write stores them for this GPU architecture in
-kernels/tfla/triton/tuned_tiles.json, which the launch wrappers read (kernels/tfla/triton/launch.py: tiles()).
+For each head dim it tries a list of tile shapes, warps and pipeline stages per kernel, one kernel at a time with
+the others at their current choice (coordinate descent). It times the op's forward (for fwd_h) or backward (the
+rest) as GPU time of a CUDA-graph replay, so the host's launch cost does not blur the ranking, and it checks every
+candidate's outputs against the current choice's (a tiling bug shows as a mismatch and drops the candidate).
+dkdv (dk and dv in one kernel) is tried beside dk + dv where it fits. --write merges the winners for this GPU
+architecture into kernels/tfla/triton/tuned_tiles.json, which the launch wrappers read (launch.py: tiles()).
 """
 
 from __future__ import annotations
@@ -79,6 +79,23 @@ def bwd(x, saved, S):
                                  function.default_chunk_size(S), 1e-6)
 
 
+def gpu_ms(step) -> float:
+    """GPU time of one step, replayed from a CUDA graph: the host's launch cost (which swamps the kernels at small
+    shapes) is left out, so candidates are ranked by what their kernels take."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
+    del graph
+    return ms
+
+
 def rel(a, b):
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
@@ -90,8 +107,12 @@ def tune_kernel(kernel, dh, S, x, current, budget_s, log):
     step = (lambda: fwd(x, S)) if kernel == "fwd_h" else (lambda: bwd(x, saved, S))
     launch.TILE_OVERRIDES.clear()
     launch.TILE_OVERRIDES.update(current)
-    ref = [t.clone() for t in step()[:5]]
-    base_ms = do_bench(step, warmup=10, rep=40)
+    try:
+        ref = [t.clone() for t in step()[:5]]
+        base_ms = gpu_ms(step)
+    except Exception as e:  # the current tiles do not fit this GPU: the first candidate that runs is the reference
+        log(f"  {kernel} DH={dh}: current tiles fail ({type(e).__name__})")
+        ref, base_ms = None, float("inf")
     rows, best, best_ms = [], None, base_ms
     t_start = time.time()
     for cfg in candidates(kernel, dh):
@@ -103,8 +124,10 @@ def tune_kernel(kernel, dh, S, x, current, budget_s, log):
         launch.TILE_OVERRIDES[kernel] = cfg
         try:
             out = step()
+            if ref is None:
+                ref = [t.clone() for t in out[:5]]
             err = max(rel(a, b) for a, b in zip(out[:5], ref))
-            ms = do_bench(step, warmup=10, rep=40) if err < 2e-2 else float("nan")
+            ms = gpu_ms(step) if err < 2e-2 else float("nan")
         except Exception as e:  # out of registers / shared memory: not a candidate on this GPU
             rows.append(dict(cfg=cfg, ms=None, err=None, note=type(e).__name__))
             continue
@@ -123,7 +146,6 @@ def main():
     ap.add_argument("--tokens", type=int, default=50_000, help="B*S")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=60.0, help="per kernel and head dim")
-    ap.add_argument("--fused-dkdv-max", type=int, default=256)
     ap.add_argument("--out", default=None, help="JSON report of every candidate")
     ap.add_argument("--write", action="store_true", help="store the result in kernels/tfla/triton/tuned_tiles.json")
     args = ap.parse_args()
@@ -141,51 +163,48 @@ def main():
     log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
         f"B={B} NH={args.heads} S={S}")
     result = {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
-    tuned = {}
+    tuned: dict = {}
+    one_pass = {}
     for dh in args.dh:
         x = make_inputs(B, args.heads, S, dh)
         current: dict = {}
         entry = {}
-        kernels = ["fwd_h", "dq", "dk", "dv"]
-        for kernel in kernels:
-            launch.FUSED_DKDV_MAX_HEAD_DIM = 0  # dk and dv kernels while they are tuned
+        for kernel in ("fwd_h", "dq", "dk", "dv"):
+            launch.ONE_PASS_DKDV = False  # the dk and dv kernels while they are tuned
             best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log)
             if best is not None:
                 current[kernel] = best
             entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
-        separate_ms = entry["dv"]["best_ms"]
-        use_dkdv = False
-        if dh <= args.fused_dkdv_max:
-            launch.FUSED_DKDV_MAX_HEAD_DIM = args.fused_dkdv_max
+        separate_ms = min(entry["dv"]["base_ms"], entry["dv"]["best_ms"])
+        if _pow2(dh) <= launch.ONE_PASS_DKDV_MAX_HEAD_DIM:
+            launch.ONE_PASS_DKDV = True
             best, base_ms, best_ms, rows = tune_kernel("dkdv", dh, S, x, current, args.budget_s, log)
             entry["dkdv"] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
             if best is not None:
                 current["dkdv"] = best
-            use_dkdv = min(base_ms, best_ms) < separate_ms
-            log(f"  DH={dh}: backward with dkdv {min(base_ms, best_ms):.3f} ms vs dk + dv {separate_ms:.3f} ms -> "
-                f"{'dkdv' if use_dkdv else 'dk + dv'}")
-        entry["use_dkdv"] = use_dkdv
+            one_pass[_pow2(dh)] = min(base_ms, best_ms) < separate_ms
+            log(f"  DH={dh}: backward (GPU) with dkdv {min(base_ms, best_ms):.3f} ms vs dk + dv {separate_ms:.3f} ms"
+                f" -> {'dkdv' if one_pass[_pow2(dh)] else 'dk + dv'}")
         result["dims"][dh] = entry
         for kernel, cfg in current.items():
             tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}"] = cfg
-    launch.FUSED_DKDV_MAX_HEAD_DIM = None
-    # One pass for dk and dv up to the widest padded head dim below which it won at every tuned dim.
-    dkdv_max = 0
-    for dh in sorted(result["dims"]):
-        if not result["dims"][dh]["use_dkdv"]:
-            break
-        dkdv_max = _pow2(dh)
-    tuned["fused_dkdv_max_head_dim"] = dkdv_max
-    log(f"tuned tiles for {arch}: " + json.dumps(tuned, indent=1))
+    launch.ONE_PASS_DKDV = None
+    log(f"tuned tiles for {arch}: " + json.dumps(tuned, indent=1) + f"; one-pass dkdv: {one_pass}")
     result["tuned"] = tuned
+    result["one_pass_dkdv"] = one_pass
     result["log"] = lines
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1, default=str)
-    if args.write:
+    if args.write:  # merged into the table: head dims not tuned in this run keep their entries
         path = launch.TUNED_TILES_FILE
         table = json.loads(path.read_text()) if path.exists() else {}
-        table[arch] = tuned
+        entries = table.setdefault(arch, {})
+        entries.update(tuned)
+        dims = set(entries.get("dkdv_one_pass", []))
+        dims |= {p for p, won in one_pass.items() if won}
+        dims -= {p for p, won in one_pass.items() if not won}
+        entries["dkdv_one_pass"] = sorted(dims)
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         launch._tuned_cache.clear()
         log(f"wrote {path}")

@@ -328,6 +328,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn)
     ctx.cfg = (exp_gate, normalize, chunk_size, eps)
     ctx.init_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
+    ctx.return_state = return_state
+    # Outputs nobody used get None, not zeros: a zero gradient of the final max state would switch on the backward's
+    # final-state terms (extra products and a zero-filled state buffer) for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dh, dCst, dnst, dmst, dqn):
@@ -335,6 +339,8 @@ def _backward(ctx, dh, dCst, dnst, dmst, dqn):
     exp_gate, normalize, chunk_size, eps = ctx.cfg
     if dh is None:
         dh = torch.zeros_like(h)
+    if not ctx.return_state:  # the states were internal (saved for the backward), never handed out
+        dCst = dnst = dmst = None
     if dCst is not None and dCst.numel() == 0:
         dCst = None
     if dnst is not None and dnst.numel() == 0:

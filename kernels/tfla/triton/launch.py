@@ -86,8 +86,9 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
         cfg = dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BVO=min(_pow2(DHV), 128))
         return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BVO"]))
     if kernel == "dkdv":
-        cfg = dict(BT=64, BS=64, BK=_pow2(DQK), BV=_pow2(DHV))
-        return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BK"] + cfg["BV"]))
+        wide = max(DQK, DHV) > 128  # both accumulators and both key tiles live: halve the tile to fit
+        cfg = dict(BT=32 if wide else 64, BS=32 if wide else 64, BK=_pow2(DQK), BV=_pow2(DHV))
+        return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BK"] + cfg["BV"]), num_stages=2 if wide else 3)
     raise KeyError(kernel)
 
 
@@ -209,7 +210,7 @@ def mlstm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv (experimental) takes
-    dk and dv from one kernel where both head dims are <= fused_dkdv_max_head_dim(). Tiles: see tiles()."""
+    dk and dv from one kernel where one_pass_dkdv() says so. Tiles: see tiles()."""
     BNH, S, DQK = q.shape
     DHV = v.shape[-1]
     prec = _precision(q.dtype)
@@ -237,7 +238,7 @@ def mlstm_bwd(
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
         S, lay.L, lay.NC, lay.SP, scale, HAS_INIT=Cst is not None, **common, **cfg, **opts,
     )
-    if fused_dkdv and max(DQK, DHV) <= fused_dkdv_max_head_dim(arch):
+    if fused_dkdv and one_pass_dkdv(DQK, DHV, arch):
         dk, dv = _new(k), _new(v)
         kdk = torch.zeros(1, BNH, lay.SP, device=q.device, dtype=torch.float32)
         cfg = tiles("dkdv", DQK, DHV, arch)
@@ -272,16 +273,24 @@ def mlstm_bwd(
 # Experimental fused paths (see function.EXPERIMENTAL_FUSED): interpreter-tested only, measure on a GPU first.
 # Longest chunk the one-program-per-row gate kernels take; function.py keeps the PyTorch gates above it.
 FUSED_GATES_MAX_CHUNK = 8192
-# Widest head dims the one-pass dk+dv kernel takes (both accumulators in registers); wider ones use dk and dv kernels.
-# The tuned table may say where one pass wins ("fused_dkdv_max_head_dim"); a value set here wins over it (tuner, tests).
-FUSED_DKDV_MAX_HEAD_DIM: Optional[int] = None
-DEFAULT_FUSED_DKDV_MAX_HEAD_DIM = 128
+# Where dk and dv come from one kernel (both accumulators in registers) rather than from a dk and a dv kernel: the tuned
+# table lists the padded head dims where one pass won ("dkdv_one_pass"); untuned GPUs take it up to 128.
+# ONE_PASS_DKDV, when set (tuner, tests), wins over both: True everywhere it fits, False nowhere.
+ONE_PASS_DKDV: Optional[bool] = None
+ONE_PASS_DKDV_MAX_HEAD_DIM = 256  # wider: the two accumulators no longer fit a program
+DEFAULT_ONE_PASS_DKDV_MAX_HEAD_DIM = 128
 
 
-def fused_dkdv_max_head_dim(arch: str) -> int:
-    if FUSED_DKDV_MAX_HEAD_DIM is not None:
-        return FUSED_DKDV_MAX_HEAD_DIM
-    return int(tuned_tiles(arch).get("fused_dkdv_max_head_dim", DEFAULT_FUSED_DKDV_MAX_HEAD_DIM))
+def one_pass_dkdv(DQK: int, DHV: int, arch: str) -> bool:
+    widest = max(_pow2(DQK), _pow2(DHV))
+    if widest > ONE_PASS_DKDV_MAX_HEAD_DIM:
+        return False
+    if ONE_PASS_DKDV is not None:
+        return ONE_PASS_DKDV
+    table = tuned_tiles(arch)
+    if "dkdv_one_pass" in table:
+        return widest in table["dkdv_one_pass"]
+    return widest <= DEFAULT_ONE_PASS_DKDV_MAX_HEAD_DIM
 
 
 def _row_warps(BL: int) -> int:
