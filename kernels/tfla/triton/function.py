@@ -153,6 +153,10 @@ def mlstm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state), all contiguous."""
+    return _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+
+
+def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
     # The forward kept per-chunk states exactly when the fused-gate decision says so (Cst is empty otherwise).
     fused = _fused_gates(chunk_layout(q.shape[2], chunk_size), keeps_states=Cst.numel() > 0)
     impl = _bwd_impl_fused if fused else _bwd_impl
@@ -334,7 +338,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dh, dCst, dnst, dmst, dqn):
+def _backward(ctx, dh, dCst, dnst, dmst, dqn, bwd=mlstm_bwd_op):
     q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn = ctx.saved_tensors
     exp_gate, normalize, chunk_size, eps = ctx.cfg
     if dh is None:
@@ -345,7 +349,7 @@ def _backward(ctx, dh, dCst, dnst, dmst, dqn):
         dCst = None
     if dnst is not None and dnst.numel() == 0:
         dnst = None
-    dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_bwd_op(
+    dq, dk, dv, di, df, dC0, dn0, dm0 = bwd(
         dh, dCst, dnst, dmst, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps
     )
     if C0 is None:
@@ -356,6 +360,23 @@ def _backward(ctx, dh, dCst, dnst, dmst, dqn):
 
 
 torch.library.register_autograd("tfla::mlstm_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerMLSTM(torch.autograd.Function):
+    """The same forward and backward without the custom-op machinery, for eager calls: on an H100 a custom-op call
+    cost about 1 ms of host time (bench/results/tuning/cprofile_h100_custom_op.log), more than the kernels of a ViL
+    layer. torch.compile still sees the custom op (mlstm_triton picks it while compiling)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+        inputs = (q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
+        out = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dh, dCst, dnst, dmst, dqn):
+        return _backward(ctx, dh, dCst, dnst, dmst, dqn, bwd=_bwd_any)
 
 
 def mlstm_triton(
@@ -382,7 +403,8 @@ def mlstm_triton(
     C0 = n0 = m0 = None
     if initial_state is not None:
         C0, n0, m0 = initial_state
-    h, Cst, nst, mst, _ = mlstm_fwd_op(q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
+    op = mlstm_fwd_op if torch.compiler.is_compiling() else _EagerMLSTM.apply
+    h, Cst, nst, mst, _ = op(q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
     if not return_state:
         return h
     from ..reference import MLSTMState
