@@ -159,7 +159,7 @@ def main():
     S = args.seq
     B = max(1, round(args.tokens / S))
     arch = launch.gpu_arch(torch.device("cuda"))
-    launch._tuned_cache[arch] = {}  # start from the defaults, not from an earlier table
+    launch.reset_tile_caches(arch, {})  # start from the defaults, not from an earlier table
     log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
         f"B={B} NH={args.heads} S={S}")
     result = {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
@@ -206,7 +206,7 @@ def main():
         dims -= {p for p, won in one_pass.items() if not won}
         entries["dkdv_one_pass"] = sorted(dims)
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        launch._tuned_cache.clear()
+        launch.reset_tile_caches()
         log(f"wrote {path}")
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 
 from .kernels import (
     mlstm_bwd_delta_kernel,
@@ -45,12 +44,18 @@ class ChunkLayout(NamedTuple):
 
 def chunk_layout(S: int, chunk_size: int) -> ChunkLayout:
     L = max(1, min(chunk_size, S))
-    NC = triton.cdiv(S, L)
+    NC = _cdiv(S, L)
     return ChunkLayout(S, L, NC, NC * L)
 
 
+# Plain-Python helpers: triton.cdiv / triton.next_power_of_2 go through Triton's constexpr machinery, which cost
+# about 90 us of host time per fwd+bwd here (a tenth of the GPU work of a ViL-T layer).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
+    return max(lo, 1 << max(0, x - 1).bit_length())
 
 
 def _dim_block(d: int, cap: int) -> int:
@@ -108,6 +113,14 @@ def gpu_arch(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
+def reset_tile_caches(arch: Optional[str] = None, table: Optional[dict] = None) -> None:
+    """Forget memoised tiles; with `arch` and `table`, use that table for `arch` instead of the file (the tuner)."""
+    _tiles_cache.clear()
+    _tuned_cache.clear()
+    if arch is not None:
+        _tuned_cache[arch] = table or {}
+
+
 def tuned_tiles(arch: str) -> dict:
     if arch not in _tuned_cache:
         table = json.loads(TUNED_TILES_FILE.read_text()) if TUNED_TILES_FILE.exists() else {}
@@ -115,8 +128,19 @@ def tuned_tiles(arch: str) -> dict:
     return _tuned_cache[arch]
 
 
+_tiles_cache: dict[tuple, dict] = {}
+
+
 def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu") -> dict:
-    """Meta-parameters of one kernel launch: defaults, then the tuned table of `arch`, then TILE_OVERRIDES."""
+    """Meta-parameters of one kernel launch (a fresh dict): defaults, then the tuned table of `arch`, then
+    TILE_OVERRIDES. Memoised: this runs on every launch."""
+    key = (kernel, DQK, DHV, arch, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
+    if key not in _tiles_cache:
+        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch)
+    return dict(_tiles_cache[key])
+
+
+def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
     cfg = _default_tiles(kernel, DQK, DHV)
     cfg.update(tuned_tiles(arch).get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}", {}))
     cfg.update(TILE_OVERRIDES.get(kernel, {}))
@@ -158,7 +182,7 @@ def mlstm_fwd(
     scale = 1.0 / math.sqrt(DQK)
     if Cst is not None:
         BK, BV = 64, 64
-        grid = (triton.cdiv(DQK, BK), triton.cdiv(DHV, BV), BNH)
+        grid = (_cdiv(DQK, BK), _cdiv(DHV, BV), BNH)
         mlstm_fwd_state_kernel[grid](
             k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
             HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
@@ -167,7 +191,7 @@ def mlstm_fwd(
     qn = torch.zeros(BNH, lay.SP, device=q.device, dtype=torch.float32)
     cfg = tiles("fwd_h", DQK, DHV, gpu_arch(q.device))
     opts = _launch_opts(cfg)
-    grid = (triton.cdiv(lay.L, cfg["BT"]), triton.cdiv(DHV, cfg["BV"]), BNH * lay.NC)
+    grid = (_cdiv(lay.L, cfg["BT"]), _cdiv(DHV, cfg["BV"]), BNH * lay.NC)
     dummy = fv
     mlstm_fwd_h_kernel[grid](
         q, k, v, h, fv, av, mrow, qn,
@@ -182,7 +206,7 @@ def mlstm_bwd_delta(h: torch.Tensor, dh: torch.Tensor, lay: ChunkLayout) -> torc
     BNH, S, DHV = h.shape
     delta = torch.zeros(BNH, lay.SP, device=h.device, dtype=torch.float32)
     BT, BV = 64, min(_pow2(DHV), 128)
-    mlstm_bwd_delta_kernel[(triton.cdiv(S, BT), BNH)](h, dh, delta, S, lay.SP, DHV, BT=BT, BV=BV, num_warps=4)
+    mlstm_bwd_delta_kernel[(_cdiv(S, BT), BNH)](h, dh, delta, S, lay.SP, DHV, BT=BT, BV=BV, num_warps=4)
     return delta
 
 
@@ -218,7 +242,7 @@ def mlstm_bwd(
     dummy = fv
     if state_pass:
         BK, BV = 64, 64
-        grid = (triton.cdiv(DQK, BK), triton.cdiv(DHV, BV), BNH)
+        grid = (_cdiv(DQK, BK), _cdiv(DHV, BV), BNH)
         mlstm_bwd_state_kernel[grid](
             q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
             HAS_FINAL=has_final_grad, BT=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
@@ -230,10 +254,10 @@ def mlstm_bwd(
 
     cfg = tiles("dq", DQK, DHV, arch)
     opts = _launch_opts(cfg)
-    nko = triton.cdiv(DQK, cfg["BKO"])
+    nko = _cdiv(DQK, cfg["BKO"])
     dq = _new(q)
     qdq = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
-    mlstm_bwd_dq_kernel[(triton.cdiv(lay.L, cfg["BT"]), nko, BNH * lay.NC)](
+    mlstm_bwd_dq_kernel[(_cdiv(lay.L, cfg["BT"]), nko, BNH * lay.NC)](
         q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
         S, lay.L, lay.NC, lay.SP, scale, HAS_INIT=Cst is not None, **common, **cfg, **opts,
@@ -243,7 +267,7 @@ def mlstm_bwd(
         kdk = torch.zeros(1, BNH, lay.SP, device=q.device, dtype=torch.float32)
         cfg = tiles("dkdv", DQK, DHV, arch)
         opts = _launch_opts(cfg)
-        mlstm_bwd_dkdv_kernel[(triton.cdiv(lay.L, cfg["BS"]), BNH * lay.NC)](
+        mlstm_bwd_dkdv_kernel[(_cdiv(lay.L, cfg["BS"]), BNH * lay.NC)](
             q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
             S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
         )
@@ -251,17 +275,17 @@ def mlstm_bwd(
 
     cfg = tiles("dk", DQK, DHV, arch)
     opts = _launch_opts(cfg)
-    nko_k = triton.cdiv(DQK, cfg["BKO"])
+    nko_k = _cdiv(DQK, cfg["BKO"])
     dk = _new(k)
     kdk = torch.zeros(nko_k, BNH, lay.SP, device=q.device, dtype=torch.float32)
-    mlstm_bwd_dk_kernel[(triton.cdiv(lay.L, cfg["BS"]), nko_k, BNH * lay.NC)](
+    mlstm_bwd_dk_kernel[(_cdiv(lay.L, cfg["BS"]), nko_k, BNH * lay.NC)](
         q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, kdk,
         S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
     )
     cfg = tiles("dv", DQK, DHV, arch)
     opts = _launch_opts(cfg)
     dv = _new(v)
-    mlstm_bwd_dv_kernel[(triton.cdiv(lay.L, cfg["BS"]), triton.cdiv(DHV, cfg["BVO"]), BNH * lay.NC)](
+    mlstm_bwd_dv_kernel[(_cdiv(lay.L, cfg["BS"]), _cdiv(DHV, cfg["BVO"]), BNH * lay.NC)](
         q, k, dh, fv, av, mrow, rs, dqn, dcst, dv,
         S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
     )
@@ -335,7 +359,7 @@ def mlstm_bwd_rows(
     rs = torch.empty(BNH, lay.SP, device=h.device, dtype=torch.float32)
     dqn, dm_row = torch.empty_like(rs), torch.empty_like(rs)
     BT, BV = 64, min(_pow2(DHV), 128)
-    mlstm_bwd_rows_kernel[(triton.cdiv(lay.SP, BT), BNH)](
+    mlstm_bwd_rows_kernel[(_cdiv(lay.SP, BT), BNH)](
         h, dh, qn, mrow, rs, dqn, dm_row, S, lay.SP, DHV, eps,
         NORMALIZE=normalize, EXP_GATE=exp_gate, BT=BT, BV=BV, num_warps=4,
     )
