@@ -176,3 +176,63 @@ else:
         assert _rel(out, eager) < 1e-6
         for a, b in zip(g_comp, g_eager):
             assert _rel(a, b) < 1e-6
+
+    # Tile shapes other than the defaults: what the tuned table picks on a GPU (query tiles twice the key tiles and
+    # the reverse, head dims read in slices narrower than the dim with a ragged last slice, one-pass dk+dv or not).
+    TILE_CASES = {
+        "query-side 2:1, sliced dims": dict(
+            fwd_h=dict(BT=32, BS=16, BK=16, BV=16), dq=dict(BT=32, BS=16, BV=16, BKO=16)),
+        "key-side 1:2, sliced dims": dict(
+            dk=dict(BT=16, BS=32, BV=16, BKO=16), dv=dict(BT=16, BS=32, BK=16, BVO=16)),
+        "key-side one pass 1:2": dict(dkdv=dict(BT=16, BS=32)),
+    }
+
+    @pytest.mark.parametrize("one_pass", [False, True], ids=["dk+dv", "dkdv"])
+    @pytest.mark.parametrize("case", list(TILE_CASES), ids=list(TILE_CASES))
+    def test_other_tiles(case, one_pass):
+        from tfla.triton import launch
+
+        from tfla.triton import function
+
+        launch.TILE_OVERRIDES.update(TILE_CASES[case])
+        launch.ONE_PASS_DKDV = one_pass
+        # The one-pass kernel runs on the fused path only: take it for the chunked, stateful call too.
+        function.EXPERIMENTAL_FUSED = True if one_pass else None
+        try:
+            check(1, 2, 70, 40, 24, "exp", torch.float32, seed=11)
+            check(1, 1, 45, 24, 40, "sig", torch.float32, init=True, ret=True, chunk_size=16, seed=12)
+        finally:
+            launch.TILE_OVERRIDES.clear()
+            launch.ONE_PASS_DKDV = None
+            function.EXPERIMENTAL_FUSED = None
+
+    def test_tile_table_is_well_formed():
+        """Every entry of the shipped tuned table names a kernel, satisfies the tile constraints and fits the dims."""
+        import json
+
+        from tfla.triton import launch
+
+        table = json.loads(launch.TUNED_TILES_FILE.read_text())
+        for arch, entries in table.items():
+            assert set(entries.get("dkdv_one_pass", [])) <= {16, 32, 64, 128, 256}, arch
+            for key, cfg in entries.items():
+                if key == "dkdv_one_pass":
+                    continue
+                kernel, dqk, dhv = key.split(":")
+                launch.reset_tile_caches(arch, {key: cfg})
+                try:
+                    got = launch.tiles(kernel, int(dqk), int(dhv), arch)
+                finally:
+                    launch.reset_tile_caches()
+                assert {"BT", "BS", "num_warps"} <= set(got), key
+                assert all(v >= 16 and v & (v - 1) == 0 for k, v in got.items() if k.startswith("B")), key
+
+    def test_tiles_that_break_the_mask_rule_are_refused():
+        from tfla.triton import launch
+
+        launch.TILE_OVERRIDES["fwd_h"] = dict(BT=16, BS=32)
+        try:
+            with pytest.raises(ValueError, match="BT must be a multiple of BS"):
+                launch.tiles("fwd_h", 32, 32)
+        finally:
+            launch.TILE_OVERRIDES.clear()
