@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-import torch
-
-from vil.data import DataError, build_loader, open_split, prepare_data
+from vil.data import build_loader, open_split, prepare_data
 from vil.training import (
     CheckpointError,
     ConfigError,
@@ -36,6 +33,7 @@ from vil.training import (
     load_config,
     load_init_weights,
     plot_curves,
+    run_cli,
     shutdown,
 )
 from vil.training.checkpoint import FORMAT
@@ -109,11 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size.", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, oom_hint="lower --batch-size")

@@ -27,11 +27,8 @@ import contextlib
 import json
 import math
 import os
-import random
-import sys
 import warnings
 
-import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -39,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 from vil.data import DataError, build_loader, open_split, prepare_data
 from vil.training import (
     CheckpointError,
-    ConfigError,
     MetricsLogger,
     ProgressMeter,
     all_gather_objects,
@@ -53,29 +49,23 @@ from vil.training import (
     capture_rng,
     config_to_yaml,
     evaluate,
+    find_resume_checkpoint,
     init_distributed,
-    load_checkpoint,
     load_config,
     plan_batches,
     plot_curves,
     restore_rng,
+    run_cli,
     save_atomic,
+    seed_rank,
     shutdown,
+    training_arg_parser,
 )
 from vil.training.checkpoint import FORMAT
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/mnist_vil_tiny.yaml")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="continue from <run dir>/checkpoints/last.pt (no value) or from the named checkpoint",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides such as train.epochs=10 optim.lr=5e-4")
+    parser = training_arg_parser(__doc__, "configs/mnist_vil_tiny.yaml", "train.epochs=10 optim.lr=5e-4")
     return parser.parse_args(argv)
 
 
@@ -86,26 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     device, is_main = dist.device, dist.is_main
     log = print if is_main else (lambda *a, **k: None)
     seed = cfg["run"]["seed"]
-    # Each rank draws its own drop-path masks and mixup parameters.
-    torch.manual_seed(seed + dist.rank)
-    np.random.seed((seed + dist.rank) % 2**32)
-    random.seed(seed + dist.rank)
-
+    seed_rank(seed, dist.rank)
     run_dir = os.path.join(cfg["run"]["output_dir"], cfg["run"]["name"])
-    ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
-    resume_from = None
-    if args.resume == "auto":
-        if os.path.isfile(ckpt_path):
-            resume_from = ckpt_path
-        else:
-            log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    elif args.resume:
-        resume_from = args.resume
-    ckpt = load_checkpoint(resume_from) if resume_from else None
-    if ckpt is not None and ckpt.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{resume_from} is not a train/train.py checkpoint; use model.init_checkpoint for weights."
-        )
+    ckpt_path, resume_from, ckpt = find_resume_checkpoint(args.resume, run_dir, FORMAT, "train/train.py", log)
 
     # Data: prepared once per node, then every rank opens the same splits.
     if dist.local_rank == 0:
@@ -389,8 +362,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -1,4 +1,4 @@
-"""Reusable pieces of the training entry points (train/train.py, train/evaluate.py)."""
+"""Reusable pieces of the training entry points (train/train.py, train/evaluate.py; segmentation: segmentation.py)."""
 
 from .checkpoint import CheckpointError, capture_rng, load_checkpoint, load_init_weights, restore_rng, save_atomic
 from .config import DEFAULTS, ConfigError, apply_overrides, config_to_yaml, load_config
@@ -13,6 +13,7 @@ from .engine import (
     evaluate,
     plan_batches,
 )
+from .entry import find_resume_checkpoint, run_cli, seed_rank, training_arg_parser
 from .metrics import MetricsLogger, ProgressMeter, format_eta, plot_curves, read_metrics
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "capture_rng",
     "config_to_yaml",
     "evaluate",
+    "find_resume_checkpoint",
     "format_eta",
     "init_distributed",
     "load_checkpoint",
@@ -44,6 +46,9 @@ __all__ = [
     "plot_curves",
     "read_metrics",
     "restore_rng",
+    "run_cli",
     "save_atomic",
+    "seed_rank",
     "shutdown",
+    "training_arg_parser",
 ]

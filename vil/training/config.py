@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -235,27 +235,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+def apply_overrides(cfg: dict, overrides: list[str], schema: dict = DEFAULTS) -> dict:
+    """``key.sub=value`` overrides, each key checked against ``schema`` (the classification DEFAULTS unless given)."""
     cfg = copy.deepcopy(cfg)
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        _merge(cfg, nested, DEFAULTS, (), f"override '{text}'")
+        _merge(cfg, nested, schema, (), f"override '{text}'")
     return cfg
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> dict:
-    """Defaults, then each file of the ``_base_`` chain, then the overrides; ``run.name`` defaults to the file stem."""
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(
+    path: str | None,
+    overrides: list[str] = (),
+    schema: dict = DEFAULTS,
+    validator: Callable[[dict], None] | None = None,
+    default_name: str = "run",
+) -> dict:
+    """Defaults, then each file of the ``_base_`` chain, then the overrides; ``run.name`` defaults to the file stem.
+    Other entry points (segmentation) pass their own ``schema`` of defaults and ``validator``."""
+    cfg = copy.deepcopy(schema)
     if path is not None:
         for data, source in _read_yaml(path):
-            _merge(cfg, data, DEFAULTS, (), source)
-    cfg = apply_overrides(cfg, list(overrides))
+            _merge(cfg, data, schema, (), source)
+    cfg = apply_overrides(cfg, list(overrides), schema)
     if cfg["run"]["name"] is None:
-        cfg["run"]["name"] = os.path.splitext(os.path.basename(path))[0] if path else "run"
-    validate(cfg)
+        cfg["run"]["name"] = os.path.splitext(os.path.basename(path))[0] if path else default_name
+    (validator or validate)(cfg)
     return cfg
 
 
