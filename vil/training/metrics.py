@@ -54,13 +54,20 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class MetricsLogger:
-    """Rank-0 metrics writer: ``metrics.jsonl`` (every record), ``metrics.csv`` (fixed columns), TensorBoard.
+    """Rank-0 metrics writer: ``metrics.jsonl`` (every record), ``metrics.csv`` (``csv_columns``), TensorBoard.
 
     On resume, records after the checkpoint's step (written by the interrupted run) are dropped first, so the files
     read as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: str, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        csv_columns: list[str] = CSV_COLUMNS,
+    ):
         self.enabled = enabled
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
         self.csv_path = os.path.join(run_dir, "metrics.csv")
@@ -73,12 +80,12 @@ class MetricsLogger:
         with open(self.jsonl_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, csv_columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         self._jsonl = open(self.jsonl_path, "a")
         self._csv_file = open(self.csv_path, "a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS, extrasaction="ignore")
+        self._csv = csv.DictWriter(self._csv_file, csv_columns, extrasaction="ignore")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

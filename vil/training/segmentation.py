@@ -12,7 +12,6 @@ A checkpoint is a ``torch.load(weights_only=True)``-safe dict::
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -33,7 +32,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, apply_overrides, load_config
 from .distributed import all_reduce_sum
 from .engine import autocast
-from .metrics import MetricsLogger, read_metrics
+from .metrics import MetricsLogger
 
 __all__ = [
     "MULTI_SCALE_RATIOS",
@@ -541,15 +540,4 @@ class SegmentationMetricsLogger(MetricsLogger):
     columns; ``step`` is the iteration."""
 
     def __init__(self, run_dir: str, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True):
-        super().__init__(run_dir, enabled, resume_step, tensorboard)
-        if not enabled:
-            return
-        # The parent wrote the classification header; rewrite the file (kept records included) with ours.
-        self._csv_file.close()
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, SEG_CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(read_metrics(self.jsonl_path))
-        # Open for the logger's lifetime; close() closes it.
-        self._csv_file = open(self.csv_path, "a", newline="")  # noqa: SIM115
-        self._csv = csv.DictWriter(self._csv_file, SEG_CSV_COLUMNS, extrasaction="ignore")
+        super().__init__(run_dir, enabled, resume_step, tensorboard, csv_columns=SEG_CSV_COLUMNS)
