@@ -10,9 +10,12 @@ state and the gradients of q, k, v, i, f (and of the initial state), each as ||o
 max|ours - ref| / max|ref|. Outputs are poisoned with NaN before each run, so an unwritten tile fails. It also checks
 run-to-run determinism, torch.compile, autocast and torch.library.opcheck.
 
---fused runs every check above on the experimental fused path (tfla.triton.function.EXPERIMENTAL_FUSED: gate
-bookkeeping and dk+dv in Triton; interpreter-tested only until this passes on a GPU) and adds a fused-vs-default
-comparison at the benchmark shapes (same inputs, every output and gradient, relative L2 within the dtype's tolerance):
+Which path: by default the op as shipped (fused gate kernels for one-chunk calls without state, the unfused path
+elsewhere); --fused takes the fused gate kernels everywhere (tfla.triton.function.EXPERIMENTAL_FUSED = True; chunked
+and stateful calls on that path are interpreter-tested only until this passes on a GPU) and adds a fused-vs-unfused
+comparison at the benchmark shapes (same inputs, every output and gradient, relative L2 within the dtype's
+tolerance); --unfused takes the unfused path everywhere. --skip-grid keeps only the random shapes and the extra
+checks (a few minutes less):
     PYTHONPATH=kernels python bench/check_mlstm_gpu.py --quick --fused
 """
 
