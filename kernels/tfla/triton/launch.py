@@ -101,6 +101,7 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
 # --write, maps a GPU architecture ("sm90") to {"kernel:DQK:DHV" (padded dims): tiles}. Other GPUs get the defaults.
 TUNED_TILES_FILE = Path(__file__).with_name("tuned_tiles.json")
 _tuned_cache: dict[str, dict] = {}
+_tiles_cache: dict[tuple, dict] = {}  # (kernel, DQK, DHV, arch, overrides) -> resolved tiles
 # Set by bench/tune_mlstm.py and by tests to try other tiles: kernel -> entries that win over everything else.
 TILE_OVERRIDES: dict[str, dict] = {}
 _QUERY_SIDE = ("fwd_h", "dq")
@@ -126,9 +127,6 @@ def tuned_tiles(arch: str) -> dict:
         table = json.loads(TUNED_TILES_FILE.read_text()) if TUNED_TILES_FILE.exists() else {}
         _tuned_cache[arch] = table.get(arch, {})
     return _tuned_cache[arch]
-
-
-_tiles_cache: dict[tuple, dict] = {}
 
 
 def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu") -> dict:
