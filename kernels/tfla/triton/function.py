@@ -19,6 +19,7 @@ chunk's last row. Then dlogsigmoid(f) is the reverse cumsum of dF inside each ch
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -94,13 +95,20 @@ def _keeps_states(lay: ChunkLayout, has_init: bool, return_state: bool) -> bool:
 
 
 def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+    return _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)[0]
+
+
+def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+    """The op's outputs, and the gate vectors (fv, av, mrow, mst) where the fused backward can reuse them (else None):
+    the eager path keeps them instead of recomputing them in the backward (one launch less)."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
     BNH = B * NH
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
     qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
-    if _fused_gates(lay, _keeps_states(lay, has_init, return_state)):
+    fused = _fused_gates(lay, _keeps_states(lay, has_init, return_state))
+    if fused:
         fv, av, mrow, mst = launch.mlstm_gates_fwd(_flat(i), _flat(f), _flat(m0) if m0 is not None else None, lay,
                                                    exp_gate=exp_gate)
     else:
@@ -124,7 +132,8 @@ def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, r
     else:  # views of fresh buffers, not of inputs
         Cst = Cst.view(B, NH, lay.NC + 1, DQK, DHV)
         nst = nst.view(B, NH, lay.NC + 1, DQK)
-    return h.view(B, NH, S, DHV), Cst, nst, mst.view(B, NH, lay.NC + 1), qn.view(B, NH, lay.SP)
+    outputs = (h.view(B, NH, S, DHV), Cst, nst, mst.view(B, NH, lay.NC + 1), qn.view(B, NH, lay.SP))
+    return outputs, ((fv, av, mrow, mst) if fused else None)
 
 
 @mlstm_fwd_op.register_fake
@@ -156,11 +165,12 @@ def mlstm_bwd_op(
     return _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
 
 
-def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
+def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps,
+             gates=None):
     # The forward kept per-chunk states exactly when the fused-gate decision says so (Cst is empty otherwise).
     fused = _fused_gates(chunk_layout(q.shape[2], chunk_size), keeps_states=Cst.numel() > 0)
-    impl = _bwd_impl_fused if fused else _bwd_impl
-    grads = impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+    args = (dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+    grads = _bwd_impl_fused(*args, gates=gates) if fused else _bwd_impl(*args)
     # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
     # contiguous tensors, whatever the inputs' strides.
     return tuple(g.contiguous() for g in grads)
@@ -271,8 +281,9 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
 
 
 def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
-                    eps):
-    """_bwd_impl with the gate bookkeeping in kernels (EXPERIMENTAL_FUSED): same math, same kernels for dq, dk, dv."""
+                    eps, gates=None):
+    """_bwd_impl with the gate bookkeeping in kernels (EXPERIMENTAL_FUSED): same math, same kernels for dq, dk, dv.
+    gates: the forward's (fv, av, mrow, mst) when it kept them; recomputed otherwise."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
     BNH = B * NH
@@ -282,7 +293,9 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
     dhf = _flat(dh.to(v.dtype).contiguous())
     i2, f2 = _flat(i), _flat(f)
-    fv, av, mrow, mst = launch.mlstm_gates_fwd(i2, f2, _flat(m0) if m0 is not None else None, lay, exp_gate=exp_gate)
+    if gates is None:
+        gates = launch.mlstm_gates_fwd(i2, f2, _flat(m0) if m0 is not None else None, lay, exp_gate=exp_gate)
+    fv, av, mrow, mst = gates
     rs, dqn, dm_row = launch.mlstm_bwd_rows(_flat(h.contiguous()), dhf, qn.reshape(BNH, lay.SP), mrow, lay,
                                             exp_gate=exp_gate, normalize=normalize, eps=eps)
 
@@ -370,13 +383,13 @@ class _EagerMLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
         inputs = (q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
-        out = _fwd_impl(*inputs)
+        out, ctx.gates = _fwd_with_gates(*inputs)  # intermediates (not outputs): kept on ctx, no reference cycle
         _setup_context(ctx, inputs, out)
         return out
 
     @staticmethod
     def backward(ctx, dh, dCst, dnst, dmst, dqn):
-        return _backward(ctx, dh, dCst, dnst, dmst, dqn, bwd=_bwd_any)
+        return _backward(ctx, dh, dCst, dnst, dmst, dqn, bwd=functools.partial(_bwd_any, gates=ctx.gates))
 
 
 def mlstm_triton(

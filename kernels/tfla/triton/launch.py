@@ -33,6 +33,15 @@ def _new(like: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def _row_sums(*shape: int, device: torch.device, zeroed: bool) -> torch.Tensor:
+    """A float32 per-row buffer the kernels fill for every real row. `zeroed` where someone also reads the padding
+    rows past the sequence's end (the PyTorch paths sum over them); otherwise no fill launch is spent on it."""
+    if zeroed:
+        return torch.zeros(*shape, device=device, dtype=torch.float32)
+    out = torch.empty(*shape, device=device, dtype=torch.float32)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 class ChunkLayout(NamedTuple):
     """How S rows are split: NC chunks of L rows (the last may be short); per-row vectors are padded to SP = NC*L."""
 
@@ -186,7 +195,7 @@ def mlstm_fwd(
             HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
         )
     h = _new(v)
-    qn = torch.zeros(BNH, lay.SP, device=q.device, dtype=torch.float32)
+    qn = _row_sums(BNH, lay.SP, device=q.device, zeroed=lay.SP != S)
     cfg = tiles("fwd_h", DQK, DHV, gpu_arch(q.device))
     opts = _launch_opts(cfg)
     grid = (_cdiv(lay.L, cfg["BT"]), _cdiv(DHV, cfg["BV"]), BNH * lay.NC)
@@ -254,7 +263,7 @@ def mlstm_bwd(
     opts = _launch_opts(cfg)
     nko = _cdiv(DQK, cfg["BKO"])
     dq = _new(q)
-    qdq = torch.zeros(nko, BNH, lay.SP, device=q.device, dtype=torch.float32)
+    qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
     mlstm_bwd_dq_kernel[(_cdiv(lay.L, cfg["BT"]), nko, BNH * lay.NC)](
         q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
@@ -262,7 +271,7 @@ def mlstm_bwd(
     )
     if fused_dkdv and one_pass_dkdv(DQK, DHV, arch):
         dk, dv = _new(k), _new(v)
-        kdk = torch.zeros(1, BNH, lay.SP, device=q.device, dtype=torch.float32)
+        kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
         cfg = tiles("dkdv", DQK, DHV, arch)
         opts = _launch_opts(cfg)
         mlstm_bwd_dkdv_kernel[(_cdiv(lay.L, cfg["BS"]), BNH * lay.NC)](
@@ -275,7 +284,7 @@ def mlstm_bwd(
     opts = _launch_opts(cfg)
     nko_k = _cdiv(DQK, cfg["BKO"])
     dk = _new(k)
-    kdk = torch.zeros(nko_k, BNH, lay.SP, device=q.device, dtype=torch.float32)
+    kdk = _row_sums(nko_k, BNH, lay.SP, device=q.device, zeroed=sum_slices)
     mlstm_bwd_dk_kernel[(_cdiv(lay.L, cfg["BS"]), nko_k, BNH * lay.NC)](
         q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, kdk,
         S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
