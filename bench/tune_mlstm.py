@@ -35,11 +35,14 @@ KEY_TILES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 2), (6
              (32, 128, 8, 3), (32, 32, 4, 3)]
 
 
-def slices(dh: int, resident_max: int = 256) -> list[int]:
-    """Widths to slice a head dim of dh into: the whole (padded) dim when it is small enough, and 64 / 128."""
+def slices(dh: int, resident_max: int = 256, exact: bool = False) -> list[int]:
+    """Widths to slice a head dim of dh into: the whole (padded) dim when it is small enough, and 64 / 128; with
+    `exact`, also 32 where it divides dh and 64 does not (96 = 3 x 32 instead of 128 with a quarter masked)."""
     p = _pow2(dh)
     out = [p] if p <= resident_max else []
     out += [w for w in (64, 128) if w < p]
+    if exact and dh % 32 == 0 and dh % 64 != 0:
+        out.append(32)
     return out
 
 
@@ -50,7 +53,8 @@ def candidates(kernel: str, dh: int) -> list[dict]:
         return [dict(BT=bt, BS=bs, BK=p, BV=p, num_warps=w, num_stages=st) for bt, bs, w, st in tiles]
     red, out = {"fwd_h": ("BK", "BV"), "dq": ("BV", "BKO"), "dk": ("BV", "BKO"), "dv": ("BK", "BVO")}[kernel]
     tiles = QUERY_TILES if kernel in ("fwd_h", "dq") else KEY_TILES
-    widths = [(r, o) for r in slices(dh) for o in slices(dh, resident_max=128)]
+    # Reduction slices may be 32 wide (no padding); output slices not (each one recomputes the scores).
+    widths = [(r, o) for r in slices(dh, exact=True) for o in slices(dh, resident_max=128)]
     # Tile shapes outer, widths inner, so that a search cut short by its budget has seen every width; past the
     # first two width pairs only the first four tile shapes, to keep the search affordable.
     return [{red: r, out: o, "BT": bt, "BS": bs, "num_warps": w, "num_stages": st}

@@ -185,6 +185,9 @@ else:
         "key-side 1:2, sliced dims": dict(
             dk=dict(BT=16, BS=32, BV=16, BKO=16), dv=dict(BT=16, BS=32, BK=16, BVO=16)),
         "key-side one pass 1:2": dict(dkdv=dict(BT=16, BS=32)),
+        "exact slices": dict(
+            fwd_h=dict(BT=32, BS=32, BK=16, BV=32), dq=dict(BT=32, BS=32, BV=16, BKO=32),
+            dk=dict(BT=32, BS=32, BV=16, BKO=16), dv=dict(BT=32, BS=32, BK=16, BVO=16)),
     }
 
     @pytest.mark.parametrize("one_pass", [False, True], ids=["dk+dv", "dkdv"])
@@ -201,6 +204,7 @@ else:
         try:
             check(1, 2, 70, 40, 24, "exp", torch.float32, seed=11)
             check(1, 1, 45, 24, 40, "sig", torch.float32, init=True, ret=True, chunk_size=16, seed=12)
+            check(1, 1, 50, 48, 32, "exp", torch.float32, seed=13)  # head dims that the slices divide
         finally:
             launch.TILE_OVERRIDES.clear()
             launch.ONE_PASS_DKDV = None
