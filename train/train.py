@@ -49,16 +49,14 @@ from vil.training import (
     capture_rng,
     config_to_yaml,
     evaluate,
-    find_resume_checkpoint,
-    init_distributed,
     load_config,
     plan_batches,
     plot_curves,
     restore_rng,
     run_cli,
     save_atomic,
-    seed_rank,
     shutdown,
+    start_run,
     training_arg_parser,
 )
 from vil.training.checkpoint import FORMAT
@@ -72,13 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    dist = init_distributed(cfg["train"]["device"])
+    dist, log, run_dir, ckpt_path, resume_from, ckpt = start_run(cfg, args.resume, FORMAT, "train/train.py")
     device, is_main = dist.device, dist.is_main
-    log = print if is_main else (lambda *a, **k: None)
     seed = cfg["run"]["seed"]
-    seed_rank(seed, dist.rank)
-    run_dir = os.path.join(cfg["run"]["output_dir"], cfg["run"]["name"])
-    ckpt_path, resume_from, ckpt = find_resume_checkpoint(args.resume, run_dir, FORMAT, "train/train.py", log)
 
     # Data: prepared once per node, then every rank opens the same splits.
     if dist.local_rank == 0:

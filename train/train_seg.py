@@ -36,14 +36,12 @@ from vil.training import (
     autocast,
     capture_rng,
     config_to_yaml,
-    find_resume_checkpoint,
     format_eta,
-    init_distributed,
     restore_rng,
     run_cli,
     save_atomic,
-    seed_rank,
     shutdown,
+    start_run,
     training_arg_parser,
 )
 from vil.training.segmentation import (
@@ -70,13 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_segmentation_config(args.config, args.overrides)
-    dist = init_distributed(cfg["train"]["device"])
+    dist, log, run_dir, ckpt_path, resume_from, ckpt = start_run(cfg, args.resume, SEG_FORMAT, "train/train_seg.py")
     device, is_main = dist.device, dist.is_main
-    log = print if is_main else (lambda *a, **k: None)
     seed = cfg["run"]["seed"]
-    seed_rank(seed, dist.rank)
-    run_dir = os.path.join(cfg["run"]["output_dir"], cfg["run"]["name"])
-    ckpt_path, resume_from, ckpt = find_resume_checkpoint(args.resume, run_dir, SEG_FORMAT, "train/train_seg.py", log)
 
     global_batch = cfg["train"]["batch_size"]
     per_rank = rank_batch_size(global_batch, dist.world_size)

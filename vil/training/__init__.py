@@ -13,7 +13,7 @@ from .engine import (
     evaluate,
     plan_batches,
 )
-from .entry import find_resume_checkpoint, run_cli, seed_rank, training_arg_parser
+from .entry import RunStart, find_resume_checkpoint, run_cli, seed_rank, start_run, training_arg_parser
 from .metrics import MetricsLogger, ProgressMeter, format_eta, plot_curves, read_metrics
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "DistInfo",
     "MetricsLogger",
     "ProgressMeter",
+    "RunStart",
     "all_gather_objects",
     "all_reduce_sum",
     "apply_overrides",
@@ -50,5 +51,6 @@ __all__ = [
     "save_atomic",
     "seed_rank",
     "shutdown",
+    "start_run",
     "training_arg_parser",
 ]

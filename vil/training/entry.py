@@ -7,7 +7,7 @@ import argparse
 import os
 import random
 import sys
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from vil.data import DataError
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
+from .distributed import DistInfo, init_distributed
 
 
 def training_arg_parser(description: str, example_config: str, example_overrides: str) -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def seed_rank(seed: int, rank: int) -> None:
 
 
 def find_resume_checkpoint(
-    resume: Optional[str], run_dir: str, expected_format: int, script: str, log: Callable[[str], None]
+    resume: Optional[str], run_dir: str, expected_format, script: str, log: Callable[..., None]
 ) -> tuple[str, Optional[str], Optional[dict]]:
     """``--resume`` -> (the run's last.pt path, the file resumed from or None, its loaded checkpoint or None).
 
@@ -62,6 +63,25 @@ def find_resume_checkpoint(
             f"{resume_from} is not a {script} checkpoint; for weights only, use model.init_checkpoint."
         )
     return ckpt_path, resume_from, ckpt
+
+
+class RunStart(NamedTuple):
+    dist: DistInfo
+    log: Callable[..., None]  # print on rank 0, silent elsewhere
+    run_dir: str
+    ckpt_path: str  # where this run writes last.pt
+    resume_from: Optional[str]
+    ckpt: Optional[dict]
+
+
+def start_run(cfg: dict, resume: Optional[str], expected_format, script: str) -> RunStart:
+    """Process group, per-rank seeds, run directory and the checkpoint to resume: how every training run begins."""
+    dist = init_distributed(cfg["train"]["device"])
+    log = print if dist.is_main else (lambda *a, **k: None)
+    seed_rank(cfg["run"]["seed"], dist.rank)
+    run_dir = os.path.join(cfg["run"]["output_dir"], cfg["run"]["name"])
+    ckpt_path, resume_from, ckpt = find_resume_checkpoint(resume, run_dir, expected_format, script, log)
+    return RunStart(dist, log, run_dir, ckpt_path, resume_from, ckpt)
 
 
 def run_cli(main: Callable[[], object], oom_hint: Optional[str] = None) -> None:

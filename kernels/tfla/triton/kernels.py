@@ -221,13 +221,9 @@ def mlstm_fwd_state_kernel(
 
 
 @triton.jit
-def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.constexpr):
-    """delta_t = sum_v dh[t, v] * h[t, v] (float32), the row term of the normaliser's gradient."""
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    rows = pid_t * BT + tl.arange(0, BT)
-    r_ok = rows < S
-    acc = tl.zeros((BT,), dtype=tl.float32)
+def _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV: tl.constexpr):
+    """sum_v h[row, v] * dh[row, v] in float32 for a tile of rows of one (batch, head)."""
+    acc = tl.zeros((rows.shape[0],), dtype=tl.float32)
     for v0 in range(0, DHV, BV):
         offs_v = v0 + tl.arange(0, BV)
         msk = r_ok[:, None] & (offs_v[None, :] < DHV)
@@ -235,7 +231,17 @@ def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.co
         h = tl.load(H + off, mask=msk, other=0.0).to(tl.float32)
         dh = tl.load(DH + off, mask=msk, other=0.0).to(tl.float32)
         acc += tl.sum(h * dh, 1)
-    tl.store(DELTA + bh * SP + rows, acc, mask=r_ok)
+    return acc
+
+
+@triton.jit
+def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.constexpr):
+    """delta_t = sum_v dh[t, v] * h[t, v] (float32), the row term of the normaliser's gradient."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_t * BT + tl.arange(0, BT)
+    r_ok = rows < S
+    tl.store(DELTA + bh * SP + rows, _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV), mask=r_ok)
 
 
 @triton.jit
@@ -625,14 +631,7 @@ def mlstm_bwd_rows_kernel(
     rows = pid_t * BT + tl.arange(0, BT)
     r_ok = rows < S
     p_ok = rows < SP
-    delta = tl.zeros((BT,), dtype=tl.float32)
-    for v0 in range(0, DHV, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        msk = r_ok[:, None] & (offs_v[None, :] < DHV)
-        off = (bh * S + rows[:, None]) * DHV + offs_v[None, :]
-        h = tl.load(H + off, mask=msk, other=0.0).to(tl.float32)
-        dh = tl.load(DH + off, mask=msk, other=0.0).to(tl.float32)
-        delta += tl.sum(h * dh, 1)
+    delta = _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV)
     vec = bh * SP + rows
     if NORMALIZE:
         qn = tl.load(QN + vec, mask=p_ok, other=0.0)

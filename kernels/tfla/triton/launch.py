@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -90,12 +91,9 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
     if kernel == "fwd_h":
         cfg = dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BV=min(_pow2(DHV), 128))
         return dict(cfg, num_warps=_warps(cfg["BT"], cfg["BV"]))
-    if kernel == "dq":
+    if kernel in ("dq", "dk"):  # both reduce over DHV and write DQK slices
         cfg = dict(BT=64, BS=64, BV=_dim_block(DHV, 128), BKO=min(_pow2(DQK), 128))
-        return dict(cfg, num_warps=_warps(cfg["BT"], cfg["BKO"]))
-    if kernel == "dk":
-        cfg = dict(BT=64, BS=64, BV=_dim_block(DHV, 128), BKO=min(_pow2(DQK), 128))
-        return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BKO"]))
+        return dict(cfg, num_warps=_warps(64, cfg["BKO"]))
     if kernel == "dv":
         cfg = dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BVO=min(_pow2(DHV), 128))
         return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BVO"]))
@@ -117,9 +115,15 @@ _QUERY_SIDE = ("fwd_h", "dq")
 
 
 def gpu_arch(device: torch.device) -> str:
-    if device.type != "cuda":
-        return device.type
-    major, minor = torch.cuda.get_device_capability(device)
+    return _arch(device.type, device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_type: str, index: Optional[int]) -> str:
+    # Memoised: asked on every launch.
+    if device_type != "cuda":
+        return device_type
+    major, minor = torch.cuda.get_device_capability(index)
     return f"sm{major}{minor}"
 
 
