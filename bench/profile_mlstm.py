@@ -2,11 +2,13 @@
 step replayed from a CUDA graph (no host cost at all).
 
 Usage: PYTHONPATH=kernels python bench/profile_mlstm.py 96:196 512:196 192:1024 192:4096 [--gate exp] [--table]
-       [--cprofile]
+       [--cprofile] [--launch-floor]
 
 Per shape it prints: wall ms of one fwd+bwd (do_bench), host ms to issue one step (no synchronisation; if this is
 close to the wall time, the step is launch-bound, not GPU-bound), CUDA-graph replay ms (GPU time alone), and with
---table the per-kernel CUDA time table, with --cprofile the host functions that take the time.
+--table the per-kernel CUDA time table, with --cprofile the host functions that take the time. --launch-floor
+first prints the host cost of launching an empty Triton kernel with as many arguments as ours, and of small torch
+calls, on this machine: the floor under any Triton op's host time.
 """
 
 import argparse
@@ -14,9 +16,49 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 from tfla.triton import mlstm_triton
+
+
+@triton.jit
+def _empty_kernel(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17,
+                  C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr,
+                  C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr, C8: tl.constexpr, C9: tl.constexpr):
+    pass
+
+
+def launch_floor(n: int = 2000) -> None:
+    """Host microseconds per call: an empty Triton kernel with 13 tensors, 5 ints and 10 constexprs (fwd_h's
+    signature size), and torch.empty / a tiny torch kernel for comparison."""
+    x = torch.empty(1024, device="cuda")
+    args = [x] * 13 + [196, 196, 1, 196, 0.1]
+    consts = dict(C0=96, C1=96, C2=False, C3=True, C4=True, C5=64, C6=64, C7=128, C8=128, C9="tf32")
+
+    def per_call_us(fn) -> float:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        us = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        return us
+
+    rows = [
+        ("empty Triton kernel, 18 args + 10 constexprs", per_call_us(lambda: _empty_kernel[(4, 1, 1020)](
+            *args, **consts, num_warps=4, num_stages=2))),
+        ("torch.empty(255*4, 196, 96, bf16)", per_call_us(lambda: torch.empty(1020, 196, 96, device="cuda",
+                                                                             dtype=torch.bfloat16))),
+        ("x.add_(1) on 1024 floats", per_call_us(lambda: x.add_(1))),
+    ]
+    print("| host cost of | us per call |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+    print()
 
 
 def main():
@@ -25,7 +67,10 @@ def main():
     ap.add_argument("--gate", nargs="*", default=["exp"])
     ap.add_argument("--table", action="store_true", help="print the per-kernel CUDA time table")
     ap.add_argument("--cprofile", action="store_true", help="print where the host's time goes (cProfile, 20 steps)")
+    ap.add_argument("--launch-floor", action="store_true", help="first time an empty Triton launch on this machine")
     args = ap.parse_args()
+    if args.launch_floor:
+        launch_floor()
     print("| DH | S | B | gate | wall fwd+bwd ms | host issue ms | CUDA-graph replay ms | kernels' CUDA ms |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in args.shapes:

@@ -164,6 +164,7 @@ def main():
     B = max(1, round(args.tokens / S))
     arch = launch.gpu_arch(torch.device("cuda"))
     launch.reset_tile_caches(arch, {})  # start from the defaults, not from an earlier table
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False  # a candidate that does not fit fails (and is dropped)
     log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
         f"B={B} NH={args.heads} S={S}")
     result = {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}

@@ -133,6 +133,12 @@ else:
         """Head dims above launch.one_pass_dkdv's limit (128 here) keep the separate dk / dv kernels under the fused gates."""
         check(1, 1, 9, 136, 16, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=6)
 
+    def test_fused_one_pass_dkdv_with_state_slices(fused, monkeypatch):
+        """dk and dv from one kernel with the state's gradient entering in 64-wide slices (DQK = 96 and DHV = 80 pad
+        to 128: two slices each, the second partly masked); chunked, states in and out."""
+        monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
+        check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
+
     def test_fused_cummax_ties(fused):
         """Equal maxima (constant input gates and no decay) route dm to the latest row, as torch.cummax does."""
         xs = _inputs(1, 1, 17, 16, 16, torch.float32, 9, False)

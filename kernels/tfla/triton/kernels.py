@@ -742,7 +742,7 @@ def mlstm_bwd_dkdv_kernel(
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    SL: tl.constexpr, PREC: tl.constexpr,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK, BV: one slice each), both accumulators live:
     dv[j] = sum_{t>=j} (q_t.k_j) P_tj rs_t dh_t + e_j k_j^T dC_{c+1},
@@ -784,15 +784,31 @@ def mlstm_bwd_dkdv_kernel(
                                       f_s, a_s, Lc, offs_k, offs_v, scale, DQK, DHV, BT, BK, BV, False, PREC)
 
     if HAS_FINAL:
+        # The state's gradient enters in SL-wide slices: the whole [BK, BV] tile of dC would need more shared memory
+        # than a Hopper SM has at BK = BV = 256. k and v slices are re-read (they were just loaded, so from L2).
         st = bh * (NC + 1) + c + 1
         f_last = tl.load(FV + vec + Lc - 1)
         m_last = tl.load(MROW + vec + Lc - 1)
         e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
-        dc = tl.load(DCST + st * DQK * DHV + offs_k[:, None] * DHV + offs_v[None, :],
-                     mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(k_s.dtype)  # [BK, BV]
+        dc_base = DCST + st * DQK * DHV
+        for d0 in range(0, DQK, SL):  # acc_v += e * k dC, summed over DQK slices
+            offs_d = d0 + tl.arange(0, SL)
+            d_ok = offs_d < DQK
+            k_d = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                          other=0.0)
+            dc_d = tl.load(dc_base + offs_d[:, None] * DHV + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
+                           other=0.0).to(k_s.dtype)  # [SL, BV]
+            acc_v += e[:, None] * tl.dot(k_d, dc_d, input_precision=PREC)
+        for d0 in range(0, DHV, SL):  # acc_k += e * v dC^T, summed over DHV slices
+            offs_d = d0 + tl.arange(0, SL)
+            d_ok = offs_d < DHV
+            v_d = tl.load(v_base + s_loc[:, None] * DHV + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                          other=0.0)
+            dc_d = tl.load(dc_base + offs_k[:, None] * DHV + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                           other=0.0).to(k_s.dtype)  # [BK, SL]
+            acc_k += e[:, None] * tl.dot(v_d, tl.trans(dc_d), input_precision=PREC)
         dn_k = tl.load(DNST + st * DQK + offs_k, mask=k_ok, other=0.0)
-        acc_v += e[:, None] * tl.dot(k_s, dc, input_precision=PREC)
-        acc_k += e[:, None] * (tl.dot(v_s, tl.trans(dc), input_precision=PREC) + dn_k[None, :])
+        acc_k += e[:, None] * dn_k[None, :]
 
     tl.store(DK + (bh * S + row0) * DQK + s_loc[:, None] * DQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
              mask=sk_ok)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from .kernels import (
     mlstm_bwd_delta_kernel,
@@ -169,6 +171,55 @@ def _launch_opts(cfg: dict) -> dict:
     return opts
 
 
+# Tiles that had to shrink to launch: (kernel name, tiles, constexprs) -> the tiles that worked. Tuned tiles are
+# measured on the stateless variant of a kernel; a variant with states (initial / final) keeps extra tiles live and
+# can need more shared memory than the SM has. Empty unless that happened, so a launch costs no extra lookup.
+_SHRUNK_TILES: dict[tuple, dict] = {}
+# bench/tune_mlstm.py turns shrinking off: a candidate that does not fit must fail, not run as another candidate.
+SHRINK_TILES_THAT_DO_NOT_FIT = True
+
+
+def _name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or repr(kernel)
+
+
+def _smaller(cfg: dict) -> Optional[dict]:
+    """The next tiles to try after an out-of-resources launch: one pipeline stage, then halved row tiles. Head-dim
+    slices stay as they are, since output buffers are shaped by them."""
+    if cfg.get("num_stages", 3) > 1:
+        return dict(cfg, num_stages=1)
+    if min(cfg["BT"], cfg["BS"]) > 16:
+        return dict(cfg, BT=cfg["BT"] // 2, BS=cfg["BS"] // 2)
+    return None
+
+
+def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
+    """kernel[grid_of(tiles)](*args, **consts, **tiles), shrinking the tiles if the GPU cannot hold them (see
+    _SHRUNK_TILES); the first shrink per variant warns once, later launches go straight to what worked."""
+    key = None
+    if _SHRUNK_TILES:
+        key = (_name(kernel), tuple(cfg.items()), tuple(consts.items()))
+        cfg = _SHRUNK_TILES.get(key, cfg)
+    attempt = cfg
+    while True:
+        meta = dict(attempt)
+        opts = _launch_opts(meta)
+        try:
+            kernel[grid_of(attempt)](*args, **consts, **meta, **opts)
+            break
+        except OutOfResources as err:
+            smaller = _smaller(attempt) if SHRINK_TILES_THAT_DO_NOT_FIT else None
+            if smaller is None:
+                raise
+            attempt = smaller
+            failure = err
+    if attempt is not cfg:
+        key = key or (_name(kernel), tuple(cfg.items()), tuple(consts.items()))
+        _SHRUNK_TILES[key] = attempt
+        warnings.warn(f"{_name(kernel)}: tiles {cfg} do not fit this GPU for {consts} ({failure}); using {attempt}. "
+                      "Re-run bench/tune_mlstm.py on this GPU to choose tiles that fit.", stacklevel=3)
+
+
 def mlstm_fwd(
     q: torch.Tensor,  # [BNH, S, DQK]
     k: torch.Tensor,  # [BNH, S, DQK]
@@ -200,15 +251,14 @@ def mlstm_fwd(
         )
     h = _new(v)
     qn = _row_sums(BNH, lay.SP, device=q.device, zeroed=lay.SP != S)
-    cfg = tiles("fwd_h", DQK, DHV, gpu_arch(q.device))
-    opts = _launch_opts(cfg)
-    grid = (_cdiv(lay.L, cfg["BT"]), _cdiv(DHV, cfg["BV"]), BNH * lay.NC)
     dummy = fv
-    mlstm_fwd_h_kernel[grid](
+    _launch_tiled(
+        mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"]), BNH * lay.NC),
+        tiles("fwd_h", DQK, DHV, gpu_arch(q.device)),
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
-        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, **cfg, **opts,
+        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec,
     )
     return h, qn
 
@@ -264,41 +314,41 @@ def mlstm_bwd(
     common = dict(DQK=DQK, DHV=DHV, PREC=prec)
 
     cfg = tiles("dq", DQK, DHV, arch)
-    opts = _launch_opts(cfg)
     nko = _cdiv(DQK, cfg["BKO"])
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-    mlstm_bwd_dq_kernel[(_cdiv(lay.L, cfg["BT"]), nko, BNH * lay.NC)](
+    _launch_tiled(
+        mlstm_bwd_dq_kernel, lambda t: (_cdiv(lay.L, t["BT"]), nko, BNH * lay.NC), cfg,
         q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
-        S, lay.L, lay.NC, lay.SP, scale, HAS_INIT=Cst is not None, **common, **cfg, **opts,
+        S, lay.L, lay.NC, lay.SP, scale, HAS_INIT=Cst is not None, **common,
     )
     if fused_dkdv and one_pass_dkdv(DQK, DHV, arch):
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
         cfg = tiles("dkdv", DQK, DHV, arch)
-        opts = _launch_opts(cfg)
-        mlstm_bwd_dkdv_kernel[(_cdiv(lay.L, cfg["BS"]), BNH * lay.NC)](
+        _launch_tiled(
+            mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
             q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
-            S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
+            S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]), **common,
         )
         return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
 
     cfg = tiles("dk", DQK, DHV, arch)
-    opts = _launch_opts(cfg)
     nko_k = _cdiv(DQK, cfg["BKO"])
     dk = _new(k)
     kdk = _row_sums(nko_k, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-    mlstm_bwd_dk_kernel[(_cdiv(lay.L, cfg["BS"]), nko_k, BNH * lay.NC)](
+    _launch_tiled(
+        mlstm_bwd_dk_kernel, lambda t: (_cdiv(lay.L, t["BS"]), nko_k, BNH * lay.NC), cfg,
         q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, kdk,
-        S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
+        S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common,
     )
-    cfg = tiles("dv", DQK, DHV, arch)
-    opts = _launch_opts(cfg)
     dv = _new(v)
-    mlstm_bwd_dv_kernel[(_cdiv(lay.L, cfg["BS"]), _cdiv(DHV, cfg["BVO"]), BNH * lay.NC)](
+    _launch_tiled(
+        mlstm_bwd_dv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), _cdiv(DHV, t["BVO"]), BNH * lay.NC),
+        tiles("dv", DQK, DHV, arch),
         q, k, dh, fv, av, mrow, rs, dqn, dcst, dv,
-        S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common, **cfg, **opts,
+        S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common,
     )
     if not sum_slices:
         return dq, dk, dv, qdq, kdk

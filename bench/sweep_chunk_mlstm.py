@@ -1,0 +1,59 @@
+"""Which chunk size should long sequences use? fwd+bwd time of the Triton mLSTM per chunk size, shipped vs fused.
+
+Usage (CUDA machine, repo root):
+    PYTHONPATH=kernels python bench/sweep_chunk_mlstm.py --dh 96 192 --seq 1024 4096 --chunks 128 256 512 1024
+
+One chunk is quadratic in its length; more chunks add the sequential state pass and the state tensors
+([DQK, DHV] per chunk). The crossover decides `function.default_chunk_size`. Each row: bf16, NH = 4,
+B = round(50k / S), exp and sig gate, median ms of triton.testing.do_bench over fwd+bwd, with the fused gate kernels
+as shipped (None) and forced on (True) -- chunked calls take the unfused path unless EXPERIMENTAL_FUSED is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+from tfla.triton import function, mlstm_triton
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dh", type=int, nargs="+", default=[96, 192])
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--gates", nargs="+", default=["exp", "sig"])
+    ap.add_argument("--tokens", type=int, default=50_000)
+    args = ap.parse_args()
+    print("| DH | S | B | gate | chunk | fwd+bwd ms shipped | fwd+bwd ms fused |")
+    print("|---|---|---|---|---|---|---|")
+    for DH in args.dh:
+        for S in args.seq:
+            B, NH = max(1, round(args.tokens / S)), 4
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+                       for _ in range(3))
+            i = torch.randn(B, NH, S, device="cuda", generator=g).requires_grad_()
+            f = (torch.randn(B, NH, S, device="cuda", generator=g) + 3).requires_grad_()
+            dh = torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16)
+            for gate in args.gates:
+                for L in args.chunks:
+                    if L > S:
+                        continue
+                    row = []
+                    for fused in (None, True):
+                        def step():
+                            function.EXPERIMENTAL_FUSED = fused
+                            mlstm_triton(q, k, v, i, f, gate=gate, chunk_size=L).backward(dh)
+
+                        step()
+                        ms = do_bench(step, warmup=10, rep=100, grad_to_none=(q, k, v, i, f), return_mode="median")
+                        row.append(f"{ms:.3f}")
+                    function.EXPERIMENTAL_FUSED = None
+                    print(f"| {DH} | {S} | {B} | {gate} | {L} | {row[0]} | {row[1]} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Launch wrappers without running kernels: tiles that do not fit a GPU shrink instead of failing the call."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+pytest.importorskip("triton")
+
+from triton.runtime.errors import OutOfResources
+
+from tfla.triton import launch
+
+
+class FakeKernel:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **meta)` records the launch, and raises OutOfResources
+    (as Triton does at launch) while the tiles need more shared memory than `fits` allows."""
+
+    __name__ = "fake_kernel"
+
+    def __init__(self, fits):
+        self.fits = fits
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            if not self.fits(meta):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            self.launches.append((grid, args, meta))
+
+        return run
+
+
+@pytest.fixture(autouse=True)
+def clean_shrunk_tiles(monkeypatch):
+    monkeypatch.setattr(launch, "_SHRUNK_TILES", {})
+    monkeypatch.setattr(launch, "SHRINK_TILES_THAT_DO_NOT_FIT", True)
+
+
+TILES = dict(BT=64, BS=64, BK=256, BV=256, num_warps=4, num_stages=3)
+
+
+def grid_of(t):
+    return (1024 // t["BS"], 8)
+
+
+def test_tiles_that_fit_launch_unchanged():
+    kernel = FakeKernel(lambda meta: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launch._launch_tiled(kernel, grid_of, dict(TILES), "x", HAS_FINAL=True)
+    (grid, args, meta), = kernel.launches
+    assert grid == (16, 8) and args == ("x",)
+    assert meta == dict(TILES, HAS_FINAL=True)
+    assert launch._SHRUNK_TILES == {}
+
+
+def test_tiles_that_do_not_fit_shrink_once_and_are_remembered():
+    # Fits only with one pipeline stage and 32-row tiles: stages drop first, then the row tiles halve.
+    kernel = FakeKernel(lambda meta: meta["num_stages"] == 1 and meta["BS"] <= 32)
+    with pytest.warns(UserWarning, match="fake_kernel: tiles .* do not fit this GPU"):
+        launch._launch_tiled(kernel, grid_of, dict(TILES), "x", HAS_FINAL=True)
+    (grid, _, meta), = kernel.launches
+    assert (meta["num_stages"], meta["BT"], meta["BS"], meta["BK"], meta["BV"]) == (1, 32, 32, 256, 256)
+    assert grid == (32, 8)  # the grid follows the shrunk tiles
+    # The next launch of the same variant goes straight to the tiles that worked, without a warning.
+    kernel.fits = lambda meta: meta["BS"] <= 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launch._launch_tiled(kernel, grid_of, dict(TILES), "x", HAS_FINAL=True)
+    assert kernel.launches[-1][2]["BS"] == 32
+    # Another variant (other constexprs) starts from its own tiles again.
+    kernel.fits = lambda meta: True
+    launch._launch_tiled(kernel, grid_of, dict(TILES), "x", HAS_FINAL=False)
+    assert kernel.launches[-1][2]["BS"] == 64
+
+
+def test_tiles_that_never_fit_raise():
+    kernel = FakeKernel(lambda meta: False)
+    with pytest.raises(OutOfResources):
+        launch._launch_tiled(kernel, grid_of, dict(TILES), "x")
+
+
+def test_tuner_mode_does_not_shrink(monkeypatch):
+    monkeypatch.setattr(launch, "SHRINK_TILES_THAT_DO_NOT_FIT", False)
+    kernel = FakeKernel(lambda meta: meta["num_stages"] == 1)
+    with pytest.raises(OutOfResources):
+        launch._launch_tiled(kernel, grid_of, dict(TILES), "x")
+    assert kernel.launches == []
