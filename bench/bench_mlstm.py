@@ -3,12 +3,13 @@
 Usage (CUDA machine, repo root):
     PYTHONPATH=kernels python bench/bench_mlstm.py --out bench/results/mlstm_h100.md
     PYTHONPATH=kernels python bench/bench_mlstm.py --dh 192 --seq 1024 --no-torch     # one shape, no slow peer
-    PYTHONPATH=kernels python bench/bench_mlstm.py --fused --no-torch --dh 96 192 512 --seq 196 1024
+    PYTHONPATH=kernels python bench/bench_mlstm.py --seq 196 --graph   # plus GPU time alone (CUDA-graph replay)
+    PYTHONPATH=kernels python bench/bench_mlstm.py --unfused --no-torch --dh 96 192 512 --seq 196 1024
 
-The ours_* rows run the op as shipped: the fused kernels (gate bookkeeping and dk+dv in Triton) where they were
-GPU-checked (one chunk, no state), the unfused path elsewhere. --fused adds rows ours_exp_fused / ours_sig_fused with
-the fused kernels everywhere (tfla.triton.function.EXPERIMENTAL_FUSED = True), same inputs, same process, and prints a
-shipped-vs-fused table (speedup = shipped time / fused time): the question whether chunked calls should fuse too.
+The ours_* rows run the op as shipped: the fused kernels (gate bookkeeping and dk+dv in Triton) everywhere.
+--unfused adds rows ours_exp_unfused / ours_sig_unfused with the PyTorch gate bookkeeping
+(tfla.triton.function.FUSED_KERNELS = False), same inputs, same process, and prints a shipped-vs-unfused table
+(speedup = unfused time / shipped time).
 
 Shapes: DH in {96, 192, 384, 512} x S in {196, 1024, 4096}, NH = 4, B = round(50k / S) (B*S ~ 50k tokens),
 bf16 inputs, fresh random data (never zeros). Each implementation runs in the same process on the same inputs;
@@ -59,11 +60,11 @@ def mlstm_kernels_fn():
 
 
 def ours(gate: str, fused):
-    """Our op with the fused path as shipped (None: where GPU-checked), everywhere (True) or nowhere (False); the flag
+    """Our op as shipped (None: fused kernels), fused forced (True) or unfused (False); the flag
     stays set through the backward of the step."""
 
     def fn(q, k, v, i, f):
-        function.EXPERIMENTAL_FUSED = fused
+        function.FUSED_KERNELS = fused
         return mlstm_triton(q, k, v, i, f, gate=gate)
 
     return fn
@@ -95,6 +96,33 @@ def timed(fn, args, grad_args, backward: bool):
     return ms, peak
 
 
+def graph_ms(fn, args) -> float:
+    """GPU time of one fwd+bwd replayed from a CUDA graph: what the kernels take with no host launch cost (what a
+    model compiled with CUDA graphs pays). At small shapes the host, not the GPU, sets do_bench's wall time."""
+    leaves = [t.detach().requires_grad_() for t in args]
+    dh = torch.randn_like(fn(*leaves))
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(dh)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for x in leaves:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*leaves).backward(dh)
+    ms = do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
+    del graph
+    return ms
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dh", type=int, nargs="*", default=[96, 192, 384, 512])
@@ -102,8 +130,10 @@ def main():
     ap.add_argument("--nh", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=50_000)
     ap.add_argument("--no-torch", action="store_true", help="skip the (slow) PyTorch parallel mLSTM peer")
-    ap.add_argument("--fused", action="store_true", help="also time the experimental fused path (default vs fused)")
+    ap.add_argument("--unfused", action="store_true", help="also time the unfused path (shipped vs unfused)")
     ap.add_argument("--out", default=None, help="markdown table path; a .png plot and .json are written beside it")
+    ap.add_argument("--graph", action="store_true",
+                    help="also GPU time alone (CUDA-graph replay, fwd+bwd) of ours (exp) and SDPA causal")
     args = ap.parse_args()
 
     ext = mlstm_kernels_fn()
@@ -122,9 +152,9 @@ def main():
                 "ours_sig": (ours("sig", None), (q, k, v, i, f)),
                 "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
             }
-            if args.fused:
-                impls["ours_exp_fused"] = (ours("exp", True), (q, k, v, i, f))
-                impls["ours_sig_fused"] = (ours("sig", True), (q, k, v, i, f))
+            if args.unfused:
+                impls["ours_exp_unfused"] = (ours("exp", False), (q, k, v, i, f))
+                impls["ours_sig_unfused"] = (ours("sig", False), (q, k, v, i, f))
             if not args.no_torch:
                 impls["torch_parallel"] = (lambda q, k, v, i, f: mlstm_parallel(q, k, v, i, f, gate="exp"),
                                            (q, k, v, i, f))
@@ -141,6 +171,9 @@ def main():
                 row[name] = (fwd, fb, peak)
                 del grads
                 torch.cuda.empty_cache()
+            if args.graph:
+                row["graph_fb_ms"] = {name: graph_ms(*impls[name]) for name in ("ours_exp", "sdpa_causal")}
+                torch.cuda.empty_cache()
             if ext is None and (DH, S) in TFLA_SIG_ANCHOR:
                 row["tfla_sig"] = (*TFLA_SIG_ANCHOR[(DH, S)], float("nan"))
             elem = B * NH * S * DH * 2
@@ -149,7 +182,7 @@ def main():
             results.append(row)
             o = row["ours_exp"]
             line = f"DH={DH:3d} S={S:5d} B={B:3d} | ours exp {o[0]:.3f}/{o[1]:.3f} ms {o[2]:.2f} GiB"
-            for peer in ("ours_exp_fused", "ours_sig", "ours_sig_fused", "sdpa_causal", "torch_parallel", "tfla_sig"):
+            for peer in ("ours_exp_unfused", "ours_sig", "ours_sig_unfused", "sdpa_causal", "torch_parallel", "tfla_sig"):
                 if peer in row:
                     p = row[peer]
                     line += f" | {peer} {p[0]:.3f}/{p[1]:.3f} (x{p[1] / o[1]:.2f})"
@@ -157,10 +190,12 @@ def main():
             del q, k, v, i, f
             torch.cuda.empty_cache()
 
-    function.EXPERIMENTAL_FUSED = False
+    function.FUSED_KERNELS = False
     table = render(results, meta)
-    if args.fused:
-        table += "\n" + render_fused(results)
+    if args.graph:
+        table += "\n" + render_graph(results)
+    if args.unfused:
+        table += "\n" + render_unfused(results)
     print(table)
     if args.out:
         with open(args.out, "w") as fh:
@@ -168,6 +203,21 @@ def main():
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
             json.dump(dict(meta=meta, results=results), fh, indent=1)
         plot(results, args.out.rsplit(".", 1)[0] + ".png", meta)
+
+
+def render_graph(results) -> str:
+    lines = [
+        "GPU time alone, fwd+bwd from a CUDA-graph replay (no host launch cost; ours = exp gate). The TFLA anchors are "
+        "wall times and are not comparable with this table.",
+        "",
+        "| DH | S | B | ours exp ms | SDPA causal ms | x SDPA (GPU time) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        g = r["graph_fb_ms"]
+        lines.append(f"| {r['DH']} | {r['S']} | {r['B']} | {g['ours_exp']:.3f} | {g['sdpa_causal']:.3f} | "
+                     f"{g['sdpa_causal'] / g['ours_exp']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(results, meta) -> str:
@@ -201,18 +251,18 @@ def render(results, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_fused(results) -> str:
+def render_unfused(results) -> str:
     lines = [
-        "Experimental fused path (gate bookkeeping + dk/dv in Triton) vs the default path; speedup = default / fused.",
+        "Shipped (fused: gate bookkeeping + dk/dv in Triton) vs the unfused path; speedup = unfused / shipped.",
         "",
-        ("| DH | S | B | exp default fwd / fwd+bwd | exp fused fwd / fwd+bwd | speedup fwd / fwd+bwd "
-         "| sig default fwd / fwd+bwd | sig fused fwd / fwd+bwd | speedup fwd / fwd+bwd |"),
+        ("| DH | S | B | exp unfused fwd / fwd+bwd | exp shipped fwd / fwd+bwd | speedup fwd / fwd+bwd "
+         "| sig unfused fwd / fwd+bwd | sig shipped fwd / fwd+bwd | speedup fwd / fwd+bwd |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         cells = []
         for gate in ("exp", "sig"):
-            d, f = r[f"ours_{gate}"], r[f"ours_{gate}_fused"]
+            f, d = r[f"ours_{gate}"], r[f"ours_{gate}_unfused"]
             cells += [f"{d[0]:.3f} / {d[1]:.3f}", f"{f[0]:.3f} / {f[1]:.3f}",
                       f"{d[0] / f[0]:.2f}x / {d[1] / f[1]:.2f}x"]
         lines.append(f"| {r['DH']} | {r['S']} | {r['B']} | " + " | ".join(cells) + " |")

@@ -10,10 +10,8 @@ state and the gradients of q, k, v, i, f (and of the initial state), each as ||o
 max|ours - ref| / max|ref|. Outputs are poisoned with NaN before each run, so an unwritten tile fails. It also checks
 run-to-run determinism, torch.compile, autocast and torch.library.opcheck.
 
-Which path: by default the op as shipped (fused gate kernels for one-chunk calls without state, the unfused path
-elsewhere); --fused takes the fused gate kernels everywhere (tfla.triton.function.EXPERIMENTAL_FUSED = True; chunked
-and stateful calls on that path are interpreter-tested only until this passes on a GPU) and adds a fused-vs-unfused
-comparison at the benchmark shapes (same inputs, every output and gradient, relative L2 within the dtype's
+Which path: by default the op as shipped (the fused gate kernels everywhere); --fused forces them
+(tfla.triton.function.FUSED_KERNELS = True) and adds a fused-vs-unfused comparison at the benchmark shapes (same inputs, every output and gradient, relative L2 within the dtype's
 tolerance); --unfused takes the unfused path everywhere. --skip-grid keeps only the random shapes and the extra
 checks (a few minutes less):
     PYTHONPATH=kernels python bench/check_mlstm_gpu.py --quick --fused
@@ -102,7 +100,7 @@ def compare_fused_default(B, NH, S, DQK, DHV, gate, dtype, *, init=False, ret=Fa
     weights = [torch.randn(s, generator=gen, device="cuda", dtype=torch.float64) for s in shapes]
     runs = []
     for fused in (False, True):
-        function.EXPERIMENTAL_FUSED = fused
+        function.FUSED_KERNELS = fused
         launch.POISON_OUTPUTS = fused
         ys = [x.detach().clone().requires_grad_() for x in xs]
         runs.append(run(mlstm_triton, ys, gate, ret, weights, chunk_size=chunk_size))
@@ -136,9 +134,9 @@ def main() -> int:
     args = ap.parse_args()
     path = True if args.fused else False if args.unfused else None
     print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, "
-          f"{ {True: 'fused path everywhere', False: 'unfused path everywhere', None: 'shipped default path'}[path]}",
+          f"{ {True: 'fused path (forced)', False: 'unfused path everywhere', None: 'shipped default path (fused)'}[path]}",
           flush=True)
-    function.EXPERIMENTAL_FUSED = path
+    function.FUSED_KERNELS = path
     rows, failures = [], 0
     cases = []
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
@@ -166,7 +164,7 @@ def main() -> int:
         ))
     for case in cases:
         t0 = time.time()
-        function.EXPERIMENTAL_FUSED = path
+        function.FUSED_KERNELS = path
         ok, res = check_case(**case)
         failures += not ok
         label = " ".join(f"{k}={v}" for k, v in case.items() if k not in ("seed",)).replace("torch.", "")
@@ -187,7 +185,7 @@ def main() -> int:
             label = "fused vs default " + " ".join(f"{k}={v}" for k, v in case.items()).replace("torch.", "")
             print(f"{'ok  ' if ok else 'FAIL'} {label} {fmt(res)}", flush=True)
             rows.append((label, ok, res))
-        function.EXPERIMENTAL_FUSED = path
+        function.FUSED_KERNELS = path
 
     # Determinism: bitwise equal outputs and gradients run to run at a benchmark shape.
     gen = torch.Generator(device="cuda").manual_seed(5)

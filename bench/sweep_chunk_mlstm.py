@@ -1,12 +1,12 @@
-"""Which chunk size should long sequences use? fwd+bwd time of the Triton mLSTM per chunk size, shipped vs fused.
+"""Which chunk size should long sequences use? fwd+bwd time of the Triton mLSTM per chunk size, unfused vs fused.
 
 Usage (CUDA machine, repo root):
     PYTHONPATH=kernels python bench/sweep_chunk_mlstm.py --dh 96 192 --seq 1024 4096 --chunks 128 256 512 1024
 
 One chunk is quadratic in its length; more chunks add the sequential state pass and the state tensors
 ([DQK, DHV] per chunk). The crossover decides `function.default_chunk_size`. Each row: bf16, NH = 4,
-B = round(50k / S), exp and sig gate, median ms of triton.testing.do_bench over fwd+bwd, with the fused gate kernels
-as shipped (None) and forced on (True) -- chunked calls take the unfused path unless EXPERIMENTAL_FUSED is set.
+B = round(50k / S), exp and sig gate, median ms of triton.testing.do_bench over fwd+bwd, on the unfused path
+(FUSED_KERNELS = False: PyTorch gate bookkeeping) and the fused one (True, the default since this sweep).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--gates", nargs="+", default=["exp", "sig"])
     ap.add_argument("--tokens", type=int, default=50_000)
     args = ap.parse_args()
-    print("| DH | S | B | gate | chunk | fwd+bwd ms shipped | fwd+bwd ms fused |")
+    print("| DH | S | B | gate | chunk | fwd+bwd ms unfused | fwd+bwd ms fused |")
     print("|---|---|---|---|---|---|---|")
     for DH in args.dh:
         for S in args.seq:
@@ -43,15 +43,15 @@ def main() -> None:
                     if L > S:
                         continue
                     row = []
-                    for fused in (None, True):
+                    for fused in (False, True):
                         def step():
-                            function.EXPERIMENTAL_FUSED = fused
+                            function.FUSED_KERNELS = fused
                             mlstm_triton(q, k, v, i, f, gate=gate, chunk_size=L).backward(dh)
 
                         step()
                         ms = do_bench(step, warmup=10, rep=100, grad_to_none=(q, k, v, i, f), return_mode="median")
                         row.append(f"{ms:.3f}")
-                    function.EXPERIMENTAL_FUSED = None
+                    function.FUSED_KERNELS = None
                     print(f"| {DH} | {S} | {B} | {gate} | {L} | {row[0]} | {row[1]} |", flush=True)
 
 

@@ -1,5 +1,5 @@
-"""The experimental fused Triton path (tfla.triton.function.EXPERIMENTAL_FUSED) vs the float64 reference and vs the
-default Triton path: outputs and every gradient, odd sizes, both gates, fp32 and fp16, initial state, chunks.
+"""The fused Triton path (the default; tfla.triton.function.FUSED_KERNELS) vs the float64 reference and vs the
+unfused Triton path: outputs and every gradient, odd sizes, both gates, fp32 and fp16, initial state, chunks.
 
 Same mechanism as test_triton_mlstm.py: without a GPU the cases run in Triton's interpreter in a child process
 (TRITON_INTERPRET=1 must be set before the kernels are defined). The flag is switched per test, so one process
@@ -34,10 +34,10 @@ else:
 
     @pytest.fixture
     def fused():
-        old = function.EXPERIMENTAL_FUSED
-        function.EXPERIMENTAL_FUSED = True
+        old = function.FUSED_KERNELS
+        function.FUSED_KERNELS = True
         yield
-        function.EXPERIMENTAL_FUSED = old
+        function.FUSED_KERNELS = old
 
     def _inputs(B, NH, S, DQK, DHV, dtype, seed, init):
         g = torch.Generator().manual_seed(seed)
@@ -70,9 +70,9 @@ else:
     def check(B, NH, S, DQK, DHV, gate, dtype, *, normalize=True, init=False, ret=False, chunk_size=None, seed=0):
         xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, init)
         kw = dict(chunk_size=chunk_size)
-        function.EXPERIMENTAL_FUSED = False
+        function.FUSED_KERNELS = False
         outs_d, grads_d = _run(mlstm_triton, xs, gate, normalize, ret, seed, **kw)
-        function.EXPERIMENTAL_FUSED = True
+        function.FUSED_KERNELS = True
         launch.POISON_OUTPUTS = True
         try:
             outs, grads = _run(mlstm_triton, xs, gate, normalize, ret, seed, **kw)
@@ -144,9 +144,9 @@ else:
         xs = _inputs(1, 1, 17, 16, 16, torch.float32, 9, False)
         xs[3] = torch.zeros_like(xs[3])
         xs[4] = torch.full_like(xs[4], 40.0)  # logsigmoid(40) == 0 in float32: F constant, a - F ties everywhere
-        function.EXPERIMENTAL_FUSED = False
+        function.FUSED_KERNELS = False
         _, grads_d = _run(mlstm_triton, xs, "exp", True, False, 0)
-        function.EXPERIMENTAL_FUSED = True
+        function.FUSED_KERNELS = True
         _, grads = _run(mlstm_triton, xs, "exp", True, False, 0)
         for name, a, b in zip(NAMES, grads, grads_d):
             assert _rel(a, b) < 1e-5, name
@@ -166,10 +166,11 @@ else:
                     b = b.reshape(a.shape)
                     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True), (name, exp_gate, m is None)
 
-    def test_default_fuses_only_where_gpu_checked(monkeypatch):
-        monkeypatch.setattr(function, "EXPERIMENTAL_FUSED", None)
-        single = launch.chunk_layout(196, 196)
-        assert function._fused_gates(single, keeps_states=False)
-        assert not function._fused_gates(single, keeps_states=True)
-        monkeypatch.setattr(function, "EXPERIMENTAL_FUSED", False)
-        assert not function._fused_gates(single, keeps_states=False)
+    def test_fused_is_the_default_everywhere_it_fits(monkeypatch):
+        monkeypatch.setattr(function, "FUSED_KERNELS", None)
+        for lay in (launch.chunk_layout(196, 196), launch.chunk_layout(4096, function.default_chunk_size(4096))):
+            assert function._fused_gates(lay)
+        too_long = launch.FUSED_GATES_MAX_CHUNK + 1  # one program per row would not hold the chunk
+        assert not function._fused_gates(launch.chunk_layout(too_long, too_long))
+        monkeypatch.setattr(function, "FUSED_KERNELS", False)
+        assert not function._fused_gates(launch.chunk_layout(196, 196))

@@ -199,8 +199,8 @@ else:
 
         launch.TILE_OVERRIDES.update(TILE_CASES[case])
         launch.ONE_PASS_DKDV = one_pass
-        # The one-pass kernel runs on the fused path only: take it for the chunked, stateful call too.
-        function.EXPERIMENTAL_FUSED = True if one_pass else None
+        # The one-pass kernel runs on the fused path only; without it, the unfused path's dk and dv kernels.
+        function.FUSED_KERNELS = bool(one_pass)
         try:
             check(1, 2, 70, 40, 24, "exp", torch.float32, seed=11)
             check(1, 1, 45, 24, 40, "sig", torch.float32, init=True, ret=True, chunk_size=16, seed=12)
@@ -208,7 +208,7 @@ else:
         finally:
             launch.TILE_OVERRIDES.clear()
             launch.ONE_PASS_DKDV = None
-            function.EXPERIMENTAL_FUSED = None
+            function.FUSED_KERNELS = None
 
     def test_tile_table_is_well_formed():
         """Every entry of the shipped tuned table names a kernel, satisfies the tile constraints and fits the dims."""

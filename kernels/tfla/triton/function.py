@@ -30,17 +30,19 @@ from . import launch
 from .launch import ChunkLayout, chunk_layout, mlstm_bwd, mlstm_bwd_delta, mlstm_fwd
 
 # Fused kernels: the gate bookkeeping (_gate_vectors and the backward's gate-gradient routing) as three small Triton
-# kernels, and dk + dv as one kernel for head dims <= 128. They are the default where they were checked on an H100
-# (bench/results/mlstm_check_fused_h100.log: one chunk, no initial state, no state returned: ViL's case; 2.7x faster
-# fwd+bwd at DH=96, S=196). Chunked or stateful calls take them only with TFLA_EXPERIMENTAL_FUSED=1 (interpreter-
-# tested, not yet GPU-checked), and TFLA_EXPERIMENTAL_FUSED=0 turns them off; tests and benchmarks set the flag.
-# None (default): fused where GPU-checked; True (TFLA_EXPERIMENTAL_FUSED=1): everywhere; False (=0): nowhere.
-_FUSED_ENV = os.environ.get("TFLA_EXPERIMENTAL_FUSED")
-EXPERIMENTAL_FUSED: Optional[bool] = None if _FUSED_ENV is None else _FUSED_ENV == "1"
+# kernels, and dk + dv as one kernel where the tuned table says it wins. They are the default everywhere: checked on an
+# H100 against the float64 reference for one chunk (bench/results/mlstm_check_fused_h100.log) and for chunked and
+# stateful calls (bench/results/mlstm_check_fused_long_h100.log: S = 4096 and 16384, random shapes with states), and
+# 2-2.5x faster fwd+bwd than the PyTorch gate bookkeeping on chunked calls (bench/results/sweep_chunk_*_h100.log).
+# The unfused path stays as a cross-check. None (default) and True: fused; False (TFLA_FUSED_KERNELS=0): unfused.
+_FUSED_ENV = os.environ.get("TFLA_FUSED_KERNELS")
+FUSED_KERNELS: Optional[bool] = None if _FUSED_ENV is None else _FUSED_ENV != "0"
 
 # Sequences up to this length run as one chunk (the whole sequence, tiled inside): what ViL at 224-512 px needs.
+# Longer ones take chunks of 256 rows: the fastest of 128-1024 at S = 4096 with DH = 192 on the H100, and within
+# noise of the best at DH = 96 (bench/sweep_chunk_mlstm.py, bench/results/sweep_chunk_*_h100.log).
 SINGLE_CHUNK_MAX_SEQ_LEN = 1024
-DEFAULT_LONG_CHUNK_SIZE = 512
+DEFAULT_LONG_CHUNK_SIZE = 256
 
 
 def default_chunk_size(S: int) -> int:
@@ -68,12 +70,10 @@ def _gate_vectors(i: torch.Tensor, f: torch.Tensor, m0: Optional[torch.Tensor], 
     return Fc, a, mrow, mst, M, idx, last
 
 
-def _fused_gates(lay: ChunkLayout, keeps_states: bool) -> bool:
+def _fused_gates(lay: ChunkLayout) -> bool:
     if lay.L > launch.FUSED_GATES_MAX_CHUNK:
         return False
-    if EXPERIMENTAL_FUSED is None:
-        return not keeps_states
-    return EXPERIMENTAL_FUSED
+    return FUSED_KERNELS is not False
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
     qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
-    fused = _fused_gates(lay, _keeps_states(lay, has_init, return_state))
+    fused = _fused_gates(lay)
     if fused:
         fv, av, mrow, mst = launch.mlstm_gates_fwd(_flat(i), _flat(f), _flat(m0) if m0 is not None else None, lay,
                                                    exp_gate=exp_gate)
@@ -167,8 +167,7 @@ def mlstm_bwd_op(
 
 def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps,
              gates=None):
-    # The forward kept per-chunk states exactly when the fused-gate decision says so (Cst is empty otherwise).
-    fused = _fused_gates(chunk_layout(q.shape[2], chunk_size), keeps_states=Cst.numel() > 0)
+    fused = _fused_gates(chunk_layout(q.shape[2], chunk_size))
     args = (dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
     grads = _bwd_impl_fused(*args, gates=gates) if fused else _bwd_impl(*args)
     # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
@@ -282,7 +281,7 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
 
 def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
                     eps, gates=None):
-    """_bwd_impl with the gate bookkeeping in kernels (EXPERIMENTAL_FUSED): same math, same kernels for dq, dk, dv.
+    """_bwd_impl with the gate bookkeeping in kernels (the default, see FUSED_KERNELS): same math, same kernels for dq, dk, dv.
     gates: the forward's (fv, av, mrow, mst) when it kept them; recomputed otherwise."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]

@@ -294,7 +294,7 @@ def mlstm_bwd(
     fused_dkdv: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
-    sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv (experimental) takes
+    sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
     dk and dv from one kernel where one_pass_dkdv() says so. Tiles: see tiles()."""
     BNH, S, DQK = q.shape
     DHV = v.shape[-1]
@@ -355,7 +355,7 @@ def mlstm_bwd(
     return dq, dk, dv, qdq.sum(0), kdk.sum(0)
 
 
-# Experimental fused paths (see function.EXPERIMENTAL_FUSED): interpreter-tested only, measure on a GPU first.
+# Fused paths (the default, see function.FUSED_KERNELS).
 # Longest chunk the one-program-per-row gate kernels take; function.py keeps the PyTorch gates above it.
 FUSED_GATES_MAX_CHUNK = 8192
 # Where dk and dv come from one kernel (both accumulators in registers) rather than from a dk and a dv kernel: the tuned
