@@ -182,7 +182,8 @@ def main():
             results.append(row)
             o = row["ours_exp"]
             line = f"DH={DH:3d} S={S:5d} B={B:3d} | ours exp {o[0]:.3f}/{o[1]:.3f} ms {o[2]:.2f} GiB"
-            for peer in ("ours_exp_unfused", "ours_sig", "ours_sig_unfused", "sdpa_causal", "torch_parallel", "tfla_sig"):
+            peers = ("ours_exp_unfused", "ours_sig", "ours_sig_unfused", "sdpa_causal", "torch_parallel", "tfla_sig")
+            for peer in peers:
                 if peer in row:
                     p = row[peer]
                     line += f" | {peer} {p[0]:.3f}/{p[1]:.3f} (x{p[1] / o[1]:.2f})"

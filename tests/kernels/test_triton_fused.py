@@ -130,7 +130,8 @@ else:
         check(1, 2, 17, 16, 24, "sig", torch.float32, normalize=False)
 
     def test_fused_gates_with_wide_head_dim(fused):
-        """Head dims above launch.one_pass_dkdv's limit (128 here) keep the separate dk / dv kernels under the fused gates."""
+        """Head dims above launch.one_pass_dkdv's limit (128 here) keep the separate dk / dv kernels under the fused
+        gates."""
         check(1, 1, 9, 136, 16, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=6)
 
     def test_fused_one_pass_dkdv_with_state_slices(fused, monkeypatch):

@@ -281,7 +281,8 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
 
 def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
                     eps, gates=None):
-    """_bwd_impl with the gate bookkeeping in kernels (the default, see FUSED_KERNELS): same math, same kernels for dq, dk, dv.
+    """_bwd_impl with the gate bookkeeping in kernels (the default, see FUSED_KERNELS): same math, same dq, dk, dv
+    kernels.
     gates: the forward's (fv, av, mrow, mst) when it kept them; recomputed otherwise."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
