@@ -163,14 +163,6 @@ def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
     return cfg
 
 
-def _launch_opts(cfg: dict) -> dict:
-    """Splits the launch options off a tiles() dict (the rest are the kernel's constexpr arguments)."""
-    opts = {"num_warps": cfg.pop("num_warps")}
-    if "num_stages" in cfg:
-        opts["num_stages"] = cfg.pop("num_stages")
-    return opts
-
-
 # Tiles that had to shrink to launch: (kernel name, tiles, constexprs) -> the tiles that worked. Tuned tiles are
 # measured on the stateless variant of a kernel; a variant with states (initial / final) keeps extra tiles live and
 # can need more shared memory than the SM has. Empty unless that happened, so a launch costs no extra lookup.
@@ -202,10 +194,9 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
         cfg = _SHRUNK_TILES.get(key, cfg)
     attempt = cfg
     while True:
-        meta = dict(attempt)
-        opts = _launch_opts(meta)
         try:
-            kernel[grid_of(attempt)](*args, **consts, **meta, **opts)
+            # num_warps / num_stages travel with the constexpr tiles: Triton takes launch options as keywords too.
+            kernel[grid_of(attempt)](*args, **consts, **attempt)
             break
         except OutOfResources as err:
             smaller = _smaller(attempt) if SHRINK_TILES_THAT_DO_NOT_FIT else None
