@@ -51,12 +51,30 @@ def inputs(B, NH, S, DH, dtype=torch.bfloat16, seed=0):
     return q, k, v, i, f
 
 
-def mlstm_kernels_fn():
+def mlstm_kernels_peers() -> dict:
+    """mlstm_kernels' TFLA kernels (the xl_chunk kernels, chunk 128) when the package is installed: {} otherwise.
+    They need S to be a multiple of their chunk size, so inputs are zero-padded at the end (rows past S do not reach
+    earlier rows in a causal op) and h is cut back; the padding copies are part of their time, as in the spec's
+    anchors. Inputs stay bf16 (autocast_kernel_dtype = the input dtype), like ours."""
     try:
-        from mlstm_kernels.torch.chunkwise import mlstm_chunkwise__xl_chunk  # noqa: F401
-    except Exception:
-        return None
-    return mlstm_chunkwise__xl_chunk
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
+    except Exception:  # not installed, or it does not import on this Triton: the anchors stand in
+        return {}
+
+    def padded(kernel):
+        def run(q, k, v, i, f):
+            S = q.shape[2]
+            pad = -S % 128
+            if pad:
+                q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+                i, f = (F.pad(t, (0, pad)) for t in (i, f))
+            h = kernel(q, k, v, i, f, chunk_size=128, autocast_kernel_dtype=q.dtype)
+            return h[:, :, :S]
+
+        return run
+
+    return {"tfla_sig": padded(mlstm_siging_chunkwise__xl_chunk), "tfla_exp": padded(mlstm_chunkwise__xl_chunk)}
 
 
 def ours(gate: str, fused):
@@ -136,9 +154,10 @@ def main():
                     help="also GPU time alone (CUDA-graph replay, fwd+bwd) of ours (exp) and SDPA causal")
     args = ap.parse_args()
 
-    ext = mlstm_kernels_fn()
+    ext = mlstm_kernels_peers()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), mlstm_kernels="installed" if ext else "not installed")
+                python=platform.python_version(), mlstm_kernels="installed" if ext else "not installed",
+                peer_errors={})
     print(json.dumps(meta), flush=True)
     results = []
     for S in args.seq:
@@ -158,8 +177,8 @@ def main():
             if not args.no_torch:
                 impls["torch_parallel"] = (lambda q, k, v, i, f: mlstm_parallel(q, k, v, i, f, gate="exp"),
                                            (q, k, v, i, f))
-            if ext is not None:
-                impls["tfla_sig"] = (lambda q, k, v, i, f: ext(q=q, k=k, v=v, i=i, f=f), (q, k, v, i, f))
+            for name, fn in ext.items():
+                impls[name] = (fn, (q, k, v, i, f))
             for name, (fn, a) in impls.items():
                 grads = [t.detach().requires_grad_() for t in a]
                 try:
@@ -168,13 +187,20 @@ def main():
                 except torch.OutOfMemoryError:
                     fwd = fb = peak = float("nan")
                     torch.cuda.empty_cache()
+                except Exception as err:  # a peer's kernel that does not compile here is a result: report it
+                    if name.startswith("ours"):
+                        raise
+                    fwd = fb = peak = float("nan")
+                    meta["peer_errors"][f"{name} DH={DH} S={S}"] = f"{type(err).__name__}: {str(err)[:200]}"
+                    print(f"{name} failed at DH={DH} S={S}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                    torch.cuda.empty_cache()
                 row[name] = (fwd, fb, peak)
                 del grads
                 torch.cuda.empty_cache()
             if args.graph:
                 row["graph_fb_ms"] = {name: graph_ms(*impls[name]) for name in ("ours_exp", "sdpa_causal")}
                 torch.cuda.empty_cache()
-            if ext is None and (DH, S) in TFLA_SIG_ANCHOR:
+            if not ext and (DH, S) in TFLA_SIG_ANCHOR:
                 row["tfla_sig"] = (*TFLA_SIG_ANCHOR[(DH, S)], float("nan"))
             elem = B * NH * S * DH * 2
             row["floor_fwd_ms"] = 4 * elem / COPY_BANDWIDTH * 1e3
@@ -182,7 +208,8 @@ def main():
             results.append(row)
             o = row["ours_exp"]
             line = f"DH={DH:3d} S={S:5d} B={B:3d} | ours exp {o[0]:.3f}/{o[1]:.3f} ms {o[2]:.2f} GiB"
-            peers = ("ours_exp_unfused", "ours_sig", "ours_sig_unfused", "sdpa_causal", "torch_parallel", "tfla_sig")
+            peers = ("ours_exp_unfused", "ours_sig", "ours_sig_unfused", "sdpa_causal", "torch_parallel", "tfla_sig",
+                     "tfla_exp")
             for peer in peers:
                 if peer in row:
                     p = row[peer]
@@ -225,7 +252,8 @@ def render(results, meta) -> str:
     tfla_note = "measured" if meta["mlstm_kernels"] == "installed" else "not installed: spec anchor numbers (H100)"
     lines = [
         f"GPU {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}; bf16, NH=4, B*S~50k tokens; median ms "
-        f"(do_bench). mlstm_kernels TFLA sig: {tfla_note}.",
+        f"(do_bench). mlstm_kernels TFLA sig: {tfla_note}; with mlstm_kernels installed, S is zero-padded to a "
+        "multiple of its chunk (128) for its kernels.",
         "Ratios are peer time / our time (fwd+bwd, ours = exp gate, the ViL gate); > 1 means ours is faster.",
         "",
         "| DH | S | B | ours exp fwd / fwd+bwd | ours sig fwd / fwd+bwd | peak GiB | BW fwd / fwd+bwd (% of 3.0 TB/s) "
@@ -249,6 +277,16 @@ def render(results, meta) -> str:
             f"{pair(r.get('torch_parallel'))} | {ratio['torch_parallel']} | {pair(r.get('tfla_sig'))} | "
             f"{ratio['tfla_sig']} |"
         )
+    def exp_cell(r):
+        t = r["tfla_exp"][1]
+        return "failed" if math.isnan(t) else f"{t:.3f} ({t / r['ours_exp'][1]:.2f}x)"
+
+    exp_rows = [r for r in results if "tfla_exp" in r]
+    if exp_rows:  # the exponential-gate TFLA kernel: the spec reports that it does not compile on Triton 3.6
+        lines += ["", "mlstm_kernels TFLA exp (the gate ViL uses), fwd+bwd ms (x TFLA exp): "
+                  + "; ".join(f"DH={r['DH']} S={r['S']}: {exp_cell(r)}" for r in exp_rows)]
+    for name, err in meta.get("peer_errors", {}).items():
+        lines.append(f"- {name} failed: {err}")
     return "\n".join(lines) + "\n"
 
 
