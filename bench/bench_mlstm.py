@@ -16,7 +16,9 @@ bf16 inputs, fresh random data (never zeros). Each implementation runs in the sa
 times are medians of triton.testing.do_bench (CUDA events). Reported: forward and forward+backward ms, peak memory
 of forward+backward, achieved bandwidth against the memory floor (fwd: read q, k, v and write h; fwd+bwd: 12 such
 tensors) and the ratios to each peer. mlstm_kernels is measured when installed; otherwise its row uses the anchor
-numbers of shared/spec/mlstm-kernels.md (H100, torch 2.11, Triton 3.6, sigmoid-gate TFLA) and says so.
+numbers of shared/spec/mlstm-kernels.md (H100, torch 2.11, Triton 3.6, sigmoid-gate TFLA) and says so. It is pure
+Python: on a machine without internet, `pip download --no-deps mlstm_kernels` elsewhere and install the wheel with
+`pip install --no-deps --target DIR`, DIR on PYTHONPATH (it also imports einops).
 """
 
 from __future__ import annotations
