@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from mlstm_bench_utils import cuda_graph_ms, mlstm_inputs
 from tfla import mlstm_parallel
 from tfla.triton import function, mlstm_triton
 
@@ -43,14 +44,6 @@ TFLA_SIG_ANCHOR = {
     (512, 1024): (3.939, 13.06), (512, 4096): (3.838, 12.84),
 }
 COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy measured on this H100 (read + write)
-
-
-def inputs(B, NH, S, DH, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=dtype) for _ in range(3))
-    i = torch.randn(B, NH, S, device="cuda", generator=g)
-    f = torch.randn(B, NH, S, device="cuda", generator=g) + 3.0
-    return q, k, v, i, f
 
 
 def mlstm_kernels_peers() -> dict:
@@ -117,30 +110,11 @@ def timed(fn, args, grad_args, backward: bool):
 
 
 def graph_ms(fn, args) -> float:
-    """GPU time of one fwd+bwd replayed from a CUDA graph: what the kernels take with no host launch cost (what a
-    model compiled with CUDA graphs pays). At small shapes the host, not the GPU, sets do_bench's wall time."""
+    """GPU time alone of one fwd+bwd (see mlstm_bench_utils.cuda_graph_ms): what a model compiled with CUDA graphs
+    pays. At small shapes the host, not the GPU, sets do_bench's wall time."""
     leaves = [t.detach().requires_grad_() for t in args]
     dh = torch.randn_like(fn(*leaves))
-
-    def step():
-        for x in leaves:
-            x.grad = None
-        fn(*leaves).backward(dh)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    for x in leaves:
-        x.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(*leaves).backward(dh)
-    ms = do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
-    del graph
-    return ms
+    return cuda_graph_ms(lambda: fn(*leaves).backward(dh), leaves)
 
 
 def main():
@@ -166,7 +140,7 @@ def main():
         for DH in args.dh:
             B = max(1, round(args.tokens / S))
             NH = args.nh
-            q, k, v, i, f = inputs(B, NH, S, DH)
+            q, k, v, i, f, _ = mlstm_inputs(B, NH, S, DH)
             row = dict(DH=DH, S=S, B=B)
             impls = {
                 "ours_exp": (ours("exp", None), (q, k, v, i, f)),

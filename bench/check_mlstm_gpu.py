@@ -11,9 +11,10 @@ max|ours - ref| / max|ref|. Outputs are poisoned with NaN before each run, so an
 run-to-run determinism, torch.compile, autocast and torch.library.opcheck.
 
 Which path: by default the op as shipped (the fused gate kernels everywhere); --fused forces them
-(tfla.triton.function.FUSED_KERNELS = True) and adds a fused-vs-unfused comparison at the benchmark shapes (same inputs, every output and gradient, relative L2 within the dtype's
-tolerance); --unfused takes the unfused path everywhere. --skip-grid keeps only the random shapes and the extra
-checks (a few minutes less):
+(tfla.triton.function.FUSED_KERNELS = True) and adds a fused-vs-unfused comparison at the benchmark shapes (same
+inputs, every output and gradient, relative L2 within the dtype's tolerance); --unfused takes the unfused path
+everywhere. --skip-grid keeps only the random shapes and the extra checks (a few minutes less), --seq restricts the
+grid's sequence lengths:
     PYTHONPATH=kernels python bench/check_mlstm_gpu.py --quick --fused
 """
 
@@ -126,16 +127,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--random", type=int, default=8)
-    ap.add_argument("--fused", action="store_true", help="fused kernels everywhere (and compared with the unfused path)")
+    ap.add_argument("--fused", action="store_true",
+                    help="fused kernels everywhere (and compared with the unfused path)")
     ap.add_argument("--unfused", action="store_true", help="the unfused path everywhere (PyTorch gate bookkeeping)")
     ap.add_argument("--skip-grid", action="store_true", help="only the random shapes and the extra checks")
     ap.add_argument("--seq", type=int, nargs="+", default=[196, 1024, 4096, 16384],
                     help="grid sequence lengths to check (16384: two long single-head cases)")
     args = ap.parse_args()
     path = True if args.fused else False if args.unfused else None
-    print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, "
-          f"{ {True: 'fused path (forced)', False: 'unfused path everywhere', None: 'shipped default path (fused)'}[path]}",
-          flush=True)
+    which = {True: "fused path (forced)", False: "unfused path everywhere", None: "shipped default path (fused)"}[path]
+    print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, {which}", flush=True)
     function.FUSED_KERNELS = path
     rows, failures = [], 0
     cases = []

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from mlstm_bench_utils import cuda_graph_ms, mlstm_inputs
 from tfla.triton import mlstm_triton
 
 
@@ -76,12 +77,7 @@ def main():
     for spec in args.shapes:
         DH, S = map(int, spec.split(":"))
         B, NH = max(1, round(50_000 / S)), 4
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
-                   for _ in range(3))
-        i = torch.randn(B, NH, S, device="cuda", generator=g).requires_grad_()
-        f = (torch.randn(B, NH, S, device="cuda", generator=g) + 3).requires_grad_()
-        dh = torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16)
+        q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
         leaves = (q, k, v, i, f)
         for gate in args.gate:
             def step():
@@ -103,22 +99,7 @@ def main():
             host = (time.perf_counter() - t0) / n * 1e3
             torch.cuda.synchronize()
 
-            for x in leaves:
-                x.grad = None
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    for x in leaves:
-                        x.grad = None
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            for x in leaves:
-                x.grad = None
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            replay = do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
+            replay = cuda_graph_ms(step, leaves)
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
@@ -142,7 +123,6 @@ def main():
                 pr.disable()
                 torch.cuda.synchronize()
                 pstats.Stats(pr).sort_stats("tottime").print_stats(25)
-            del graph
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from triton.testing import do_bench
 
+from mlstm_bench_utils import mlstm_inputs
 from tfla.triton import function, mlstm_triton
 
 
@@ -32,12 +32,7 @@ def main() -> None:
     for DH in args.dh:
         for S in args.seq:
             B, NH = max(1, round(args.tokens / S)), 4
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
-                       for _ in range(3))
-            i = torch.randn(B, NH, S, device="cuda", generator=g).requires_grad_()
-            f = (torch.randn(B, NH, S, device="cuda", generator=g) + 3).requires_grad_()
-            dh = torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16)
+            q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
             for gate in args.gates:
                 for L in args.chunks:
                     if L > S:

@@ -1,7 +1,8 @@
 """Tile tuning of the Triton mLSTM's matrix kernels (fwd_h, dq, dk, dv, dkdv) on the GPU at hand.
 
 Usage (CUDA machine, repo root):
-    PYTHONPATH=kernels python bench/tune_mlstm.py --dh 96 192 384 512 --seq 196 --write --out bench/results/tune_h100.json
+    PYTHONPATH=kernels python bench/tune_mlstm.py --dh 96 192 384 512 --seq 196 --write \
+        --out bench/results/tune_h100.json
 
 For each head dim it tries a list of tile shapes, warps and pipeline stages per kernel, one kernel at a time with
 the others at their current choice (coordinate descent). It times the op's forward (for fwd_h) or backward (the
@@ -19,8 +20,8 @@ import time
 
 import torch
 import triton
-from triton.testing import do_bench
 
+from mlstm_bench_utils import cuda_graph_ms, mlstm_inputs
 from tfla.triton import function, launch
 
 
@@ -61,15 +62,6 @@ def candidates(kernel: str, dh: int) -> list[dict]:
             for n, (bt, bs, w, st) in enumerate(tiles) for j, (r, o) in enumerate(widths) if j < 2 or n < 4]
 
 
-def make_inputs(B, NH, S, DH, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    i = torch.randn(B, NH, S, device="cuda", generator=g)
-    f = torch.randn(B, NH, S, device="cuda", generator=g) + 3.0
-    dh = torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=torch.bfloat16)
-    return q, k, v, i, f, dh
-
-
 def fwd(x, S):
     q, k, v, i, f, _ = x
     return function.mlstm_fwd_op(q, k, v, i, f, None, None, None, True, True, function.default_chunk_size(S), 1e-6,
@@ -84,20 +76,9 @@ def bwd(x, saved, S):
 
 
 def gpu_ms(step) -> float:
-    """GPU time of one step, replayed from a CUDA graph: the host's launch cost (which swamps the kernels at small
-    shapes) is left out, so candidates are ranked by what their kernels take."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    ms = do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
-    del graph
-    return ms
+    """GPU time of one step from a CUDA graph: the host's launch cost (which swamps the kernels at small shapes) is
+    left out, so candidates are ranked by what their kernels take."""
+    return cuda_graph_ms(step, warmup=5, rep=30)
 
 
 def rel(a, b):
@@ -171,7 +152,7 @@ def main():
     tuned: dict = {}
     one_pass = {}
     for dh in args.dh:
-        x = make_inputs(B, args.heads, S, dh)
+        x = mlstm_inputs(B, args.heads, S, dh)
         current: dict = {}
         entry = {}
         for kernel in ("fwd_h", "dq", "dk", "dv"):

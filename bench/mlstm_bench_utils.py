@@ -1,0 +1,47 @@
+"""What the mLSTM benchmark scripts share: the benchmark's inputs and GPU-only timing from a CUDA graph.
+Imported by sibling scripts (`python bench/<script>.py` puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from triton.testing import do_bench
+
+
+def mlstm_inputs(B: int, NH: int, S: int, DH: int, dtype=torch.bfloat16, seed: int = 0, requires_grad=False):
+    """q, k, v [B, NH, S, DH] in `dtype`, gate pre-activations i, f [B, NH, S] in float32 (forget gates around
+    sigmoid(3), open as in a trained model) and an output gradient dh, all fresh random numbers (never zeros)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=dtype) for _ in range(3))
+    i = torch.randn(B, NH, S, device="cuda", generator=g)
+    f = torch.randn(B, NH, S, device="cuda", generator=g) + 3.0
+    dh = torch.randn(B, NH, S, DH, device="cuda", generator=g, dtype=dtype)
+    leaves = [t.requires_grad_(requires_grad) for t in (q, k, v, i, f)]
+    return (*leaves, dh)
+
+
+def cuda_graph_ms(step: Callable[[], object], leaves: Sequence[torch.Tensor] = (), warmup=20, rep=200) -> float:
+    """GPU time of `step` replayed from a CUDA graph: no host launch cost, which at small shapes swamps the kernels.
+    `leaves`' gradients are cleared before every warm-up run and before the capture, so a backward inside `step`
+    writes fresh gradients rather than accumulating."""
+
+    def fresh_step():
+        for x in leaves:
+            x.grad = None
+        step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (allocator, autotuning, lazy init) off the capture stream
+        for _ in range(3):
+            fresh_step()
+    torch.cuda.current_stream().wait_stream(side)
+    for x in leaves:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+    del graph
+    return ms
