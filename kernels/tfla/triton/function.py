@@ -1,4 +1,4 @@
-"""The Triton mLSTM as one autograd-aware torch.library custom op (opaque to torch.compile, no graph breaks).
+"""The Triton mLSTM as one autograd-aware torch.library op (opaque to torch.compile, no graph breaks).
 
 Math (see ../../../shared/spec/mlstm-kernels.md and ../reference.py). Per (batch, head), inside chunk c of L rows
 with entering state (C_c, n_c, m_c): a_j = log input gate (i_j, or logsigmoid(i_j) for gate="sig"),
@@ -80,12 +80,28 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])
 
 
-@torch.library.custom_op("tfla::mlstm_fwd", mutates_args=())
-def mlstm_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-    C0: Optional[torch.Tensor], n0: Optional[torch.Tensor], m0: Optional[torch.Tensor],
-    exp_gate: bool, normalize: bool, chunk_size: int, eps: float, return_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# The two ops are defined with torch.library's low-level API rather than @torch.library.custom_op: custom_op wraps
+# every call in a Python layer (output aliasing checks and more). With the kernels stubbed out, one fwd + bwd op call
+# pair cost 35 us of op layer on this project's CPU with custom_op and 22 us with this registration (torch 2.14); a
+# cProfile of torch 2.11 on the H100 machine showed about 1 ms per call inside custom_op's wrapper
+# (bench/results/tuning/cprofile_h100_custom_op.log). torch.compile calls these ops once per layer and step, so the
+# wrapper would be paid in every compiled training step. The kernels' outputs are fresh tensors, never views of
+# inputs: what the skipped aliasing check verifies (torch.library.opcheck passes, tests/kernels).
+_LIB = torch.library.Library("tfla", "DEF")
+_LIB.define(
+    "mlstm_fwd(Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, Tensor? C0, Tensor? n0, Tensor? m0, bool exp_gate, "
+    "bool normalize, SymInt chunk_size, float eps, bool return_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+_LIB.define(
+    "mlstm_bwd(Tensor dh, Tensor? dC, Tensor? dn, Tensor? dm, Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, "
+    "Tensor? C0, Tensor? n0, Tensor? m0, Tensor h, Tensor Cst, Tensor nst, Tensor qn, bool exp_gate, bool normalize, "
+    "SymInt chunk_size, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+
+
+def _mlstm_fwd_kernels(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
     """h [B,NH,S,DHV]; states C [B,NH,NC+1,DQK,DHV], n [B,NH,NC+1,DQK], m [B,NH,NC+1] (empty when not kept); qn."""
     return _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
 
@@ -136,7 +152,7 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     return outputs, ((fv, av, mrow, mst) if fused else None)
 
 
-@mlstm_fwd_op.register_fake
+@torch.library.register_fake("tfla::mlstm_fwd", lib=_LIB)
 def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
@@ -152,15 +168,8 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
     return v.new_empty(B, NH, S, DHV), Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32)
 
 
-@torch.library.custom_op("tfla::mlstm_bwd", mutates_args=())
-def mlstm_bwd_op(
-    dh: torch.Tensor, dC: Optional[torch.Tensor], dn: Optional[torch.Tensor], dm: Optional[torch.Tensor],
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-    C0: Optional[torch.Tensor], n0: Optional[torch.Tensor], m0: Optional[torch.Tensor],
-    h: torch.Tensor, Cst: torch.Tensor, nst: torch.Tensor, qn: torch.Tensor,
-    exp_gate: bool, normalize: bool, chunk_size: int, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
+                       eps):
     """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state), all contiguous."""
     return _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
 
@@ -324,7 +333,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
             di.view(B, NH, S), df.view(B, NH, S), dC0, dn0, dm0_out)
 
 
-@mlstm_bwd_op.register_fake
+@torch.library.register_fake("tfla::mlstm_bwd", lib=_LIB)
 def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
     f32 = dict(dtype=torch.float32)
     if C0 is not None:
@@ -337,6 +346,13 @@ def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, norm
         return t.new_empty(t.shape)
 
     return fresh(q), fresh(k), fresh(v), fresh(i), fresh(f), dC0, dn0, dm0
+
+
+# One implementation for every device: the Triton kernels run on CUDA, and on CPU under TRITON_INTERPRET=1 (tests).
+_LIB.impl("mlstm_fwd", _mlstm_fwd_kernels, "CompositeExplicitAutograd")
+_LIB.impl("mlstm_bwd", _mlstm_bwd_kernels, "CompositeExplicitAutograd")
+mlstm_fwd_op = torch.ops.tfla.mlstm_fwd.default
+mlstm_bwd_op = torch.ops.tfla.mlstm_bwd.default
 
 
 def _setup_context(ctx, inputs, output):
@@ -372,13 +388,13 @@ def _backward(ctx, dh, dCst, dnst, dmst, dqn, bwd=mlstm_bwd_op):
     return dq, dk, dv, di, df, dC0, dn0, dm0, None, None, None, None, None
 
 
-torch.library.register_autograd("tfla::mlstm_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("tfla::mlstm_fwd", _backward, setup_context=_setup_context, lib=_LIB)
 
 
 class _EagerMLSTM(torch.autograd.Function):
     """The same forward and backward without the custom-op machinery, for eager calls: on an H100 a custom-op call
     cost about 1 ms of host time (bench/results/tuning/cprofile_h100_custom_op.log), more than the kernels of a ViL
-    layer. torch.compile still sees the custom op (mlstm_triton picks it while compiling)."""
+    layer. torch.compile still sees the registered op (mlstm_triton picks it while compiling)."""
 
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
