@@ -21,6 +21,7 @@ import timm
 import torch
 
 import vil  # noqa: F401  (registers the ViL models in timm)
+from vil.layers import linear
 
 PEERS = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224"}
 
@@ -100,8 +101,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--qkv-impl", choices=linear.BLOCK_DIAGONAL_IMPLS, default=linear.BLOCK_DIAGONAL_IMPL,
+                        help="how ViL's block-diagonal q/k/v maps are computed (vil.layers.linear)")
     parser.add_argument("--out", default=None, help="write a markdown table (and a .json beside it) here")
     args = parser.parse_args()
+    linear.BLOCK_DIAGONAL_IMPL = args.qkv_impl
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(torch.get_num_threads())
@@ -117,7 +121,7 @@ def main() -> None:
     header = (
         f"device: {gpu}; torch {torch.__version__}; timm {timm.__version__}; batch {args.batch}; "
         f"{args.img_size}px; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
-        f"compile={args.compile}; {torch.get_num_threads()} CPU threads\n"
+        f"compile={args.compile}; qkv maps: {args.qkv_impl}; {torch.get_num_threads()} CPU threads\n"
     )
     lines = [
         header,

@@ -2,7 +2,8 @@
 step's wall time. The model-level counterpart of profile_mlstm.py.
 
 Usage (CUDA machine, repo root):
-    PYTHONPATH=kernels python bench/profile_model.py --model vil_tiny --batch 128 [--rows 30]
+    PYTHONPATH=kernels python bench/profile_model.py --model vil_tiny --batch 128 [--rows 30] \
+        [--qkv-impl grouped_conv]
 
 bf16 autocast, 224 px, random inputs; eager (no torch.compile), as bench_models.py measures it.
 """
@@ -17,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vil  # noqa: F401  (registers the ViL models in timm)
+from vil.layers import linear
 
 
 def main() -> None:
@@ -25,7 +27,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--qkv-impl", choices=linear.BLOCK_DIAGONAL_IMPLS, default=linear.BLOCK_DIAGONAL_IMPL,
+                    help="how ViL's block-diagonal q/k/v maps are computed (vil.layers.linear)")
     args = ap.parse_args()
+    linear.BLOCK_DIAGONAL_IMPL = args.qkv_impl
     model = timm.create_model(args.model, num_classes=1000).cuda()
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device="cuda")
 
@@ -50,7 +55,8 @@ def main() -> None:
     events = prof.key_averages()
     cuda_ms = sum(e.self_device_time_total for e in events) / 2 / 1e3
     print(f"{args.model}, batch {args.batch}, {args.img_size} px, bf16 autocast, eager, "
-          f"{torch.cuda.get_device_name()}: wall {wall:.1f} ms per fwd+bwd, kernels' CUDA time {cuda_ms:.1f} ms")
+          f"qkv maps {args.qkv_impl}, {torch.cuda.get_device_name()}: wall {wall:.1f} ms per fwd+bwd, "
+          f"kernels' CUDA time {cuda_ms:.1f} ms")
     print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 

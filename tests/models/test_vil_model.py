@@ -193,6 +193,42 @@ def test_block_diagonal_linear_is_a_block_diagonal_matrix():
     torch.testing.assert_close(layer(x), x @ dense.T + layer.bias)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_diagonal_implementations_agree_with_gradients(monkeypatch, bias):
+    """The grouped-convolution form computes the einsum form's map and gradients, on a non-contiguous input
+    (the model feeds a chunk of proj_up's output)."""
+    layer = BlockDiagonalLinear(24, 4, bias=bias).double()
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 3, 5, 48, dtype=torch.float64)[..., :24].requires_grad_()
+    results = []
+    for impl in ("einsum", "grouped_conv"):
+        monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", impl)
+        y = layer(x)
+        grads = torch.autograd.grad((y * torch.arange(24.0, dtype=y.dtype)).sum(), [x, *layer.parameters()])
+        results.append((y, grads))
+    (y_e, g_e), (y_c, g_c) = results
+    assert y_c.shape == y_e.shape == (2, 3, 5, 24)
+    torch.testing.assert_close(y_c, y_e)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_diagonal_unknown_impl_is_refused(monkeypatch):
+    monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", "dense")
+    with pytest.raises(ValueError, match="BLOCK_DIAGONAL_IMPL must be one of"):
+        BlockDiagonalLinear(8, 4)(torch.randn(2, 8))
+
+
+def test_vil_model_same_output_with_grouped_conv_qkv(monkeypatch):
+    model = timm.create_model("vil_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", "grouped_conv")
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_multi_head_norm_is_group_norm_per_token():
     norm = MultiHeadLayerNorm(16, 4)
     torch.nn.init.normal_(norm.weight)
