@@ -505,3 +505,17 @@ def test_optimizer_with_layer_decay_groups_pairs_of_sub_blocks():
     optimizer.zero_grad()
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     optimizer.step()
+
+
+@pytest.mark.parametrize("impl", ["einsum", "grouped_conv"])
+def test_vil_compiles_without_graph_breaks(monkeypatch, impl):
+    """The recipes train with torch.compile: the whole model (either q/k/v form) is one graph, same outputs."""
+    monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", impl)
+    torch._dynamo.reset()
+    model = timm.create_model("vil_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    out = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
