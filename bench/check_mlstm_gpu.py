@@ -134,8 +134,9 @@ def main() -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=[196, 1024, 4096, 16384],
                     help="grid sequence lengths to check (16384: two long single-head cases)")
     args = ap.parse_args()
-    path = True if args.fused else False if args.unfused else None
-    which = {True: "fused path (forced)", False: "unfused path everywhere", None: "shipped default path (fused)"}[path]
+    path = True if args.fused else False if args.unfused else function.FUSED_KERNELS
+    which = ("fused path (forced)" if args.fused else "unfused path everywhere" if args.unfused
+             else f"shipped default path ({'fused' if path else 'unfused'})")
     print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, {which}", flush=True)
     function.FUSED_KERNELS = path
     rows, failures = [], 0

@@ -200,6 +200,7 @@ else:
         launch.TILE_OVERRIDES.update(TILE_CASES[case])
         launch.ONE_PASS_DKDV = one_pass
         # The one-pass kernel runs on the fused path only; without it, the unfused path's dk and dv kernels.
+        shipped = function.FUSED_KERNELS
         function.FUSED_KERNELS = bool(one_pass)
         try:
             check(1, 2, 70, 40, 24, "exp", torch.float32, seed=11)
@@ -208,7 +209,7 @@ else:
         finally:
             launch.TILE_OVERRIDES.clear()
             launch.ONE_PASS_DKDV = None
-            function.FUSED_KERNELS = None
+            function.FUSED_KERNELS = shipped
 
     def test_tile_table_is_well_formed():
         """Every entry of the shipped tuned table names a kernel, satisfies the tile constraints and fits the dims."""

@@ -34,9 +34,9 @@ from .launch import ChunkLayout, chunk_layout, mlstm_bwd, mlstm_bwd_delta, mlstm
 # H100 against the float64 reference for one chunk (bench/results/mlstm_check_fused_h100.log) and for chunked and
 # stateful calls (bench/results/mlstm_check_fused_long_h100.log: S = 4096 and 16384, random shapes with states), and
 # 2-2.5x faster fwd+bwd than the PyTorch gate bookkeeping on chunked calls (bench/results/sweep_chunk_*_h100.log).
-# The unfused path stays as a cross-check. None (default) and True: fused; False (TFLA_FUSED_KERNELS=0): unfused.
-_FUSED_ENV = os.environ.get("TFLA_FUSED_KERNELS")
-FUSED_KERNELS: Optional[bool] = None if _FUSED_ENV is None else _FUSED_ENV != "0"
+# The unfused path (PyTorch gate bookkeeping, separate dk and dv kernels) stays as a cross-check: FUSED_KERNELS =
+# False, or TFLA_FUSED_KERNELS=0 in the environment.
+FUSED_KERNELS: bool = os.environ.get("TFLA_FUSED_KERNELS", "1") != "0"
 
 # Sequences up to this length run as one chunk (the whole sequence, tiled inside): what ViL at 224-512 px needs.
 # Longer ones take chunks of 256 rows: the fastest of 128-1024 at S = 4096 with DH = 192 on the H100, and within
@@ -73,7 +73,7 @@ def _gate_vectors(i: torch.Tensor, f: torch.Tensor, m0: Optional[torch.Tensor], 
 def _fused_gates(lay: ChunkLayout) -> bool:
     if lay.L > launch.FUSED_GATES_MAX_CHUNK:
         return False
-    return FUSED_KERNELS is not False
+    return bool(FUSED_KERNELS)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
