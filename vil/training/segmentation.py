@@ -12,6 +12,7 @@ A checkpoint is a ``torch.load(weights_only=True)``-safe dict::
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from vil.data.seg_transforms import SegTrainTransform, keep_ratio_size, normaliz
 from vil.dense import SegmentationMeter, ViLUperNet
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, apply_overrides, load_config
+from .config import DEFAULTS, ConfigError, apply_overrides, load_config
 from .distributed import all_reduce_sum
 from .engine import autocast
 from .metrics import MetricsLogger
@@ -63,12 +64,7 @@ MULTI_SCALE_RATIOS = (0.75, 1.0, 1.25, 1.5, 1.75)
 
 # Defaults follow the spec's ADE20K UperNet recipe for ViL-T; the per-size recipes override what differs.
 SEG_DEFAULTS: dict = {
-    "run": {
-        # Run directory is <output_dir>/<name>; name defaults to the config file's stem.
-        "name": None,
-        "output_dir": "runs",
-        "seed": 0,
-    },
+    "run": copy.deepcopy(DEFAULTS["run"]),  # the classification recipes' run section: name, output_dir, seed
     "model": {
         "name": "vil_tiny",
         # Extra backbone kwargs for timm.create_model (embed_dim, depth, patch_size, mlstm_backend, ...).
