@@ -93,8 +93,8 @@ def check_case(B, NH, S, DQK, DHV, gate, dtype, *, init=False, ret=False, chunk_
     return ok, res
 
 
-def compare_fused_default(B, NH, S, DQK, DHV, gate, dtype, *, init=False, ret=False, chunk_size=None, seed=0):
-    """Fused path vs default path on the same inputs: relative errors of every output and gradient."""
+def compare_fused_unfused(B, NH, S, DQK, DHV, gate, dtype, *, init=False, ret=False, chunk_size=None, seed=0):
+    """Fused path vs the unfused path on the same inputs: relative errors of every output and gradient."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     xs = make_inputs(B, NH, S, DQK, DHV, dtype, init, gen)
     shapes = [(B, NH, S, DHV)] + ([(B, NH, DQK, DHV), (B, NH, DQK), (B, NH)] if ret else [])
@@ -182,9 +182,9 @@ def main() -> int:
                         dict(B=2, NH=2, S=729, DQK=64, DHV=64, gate="sig", dtype=torch.float32, init=True, ret=True,
                              chunk_size=100)]
         for case in fused_cases:
-            ok, res = compare_fused_default(**case)
+            ok, res = compare_fused_unfused(**case)
             failures += not ok
-            label = "fused vs default " + " ".join(f"{k}={v}" for k, v in case.items()).replace("torch.", "")
+            label = "fused vs unfused " + " ".join(f"{k}={v}" for k, v in case.items()).replace("torch.", "")
             print(f"{'ok  ' if ok else 'FAIL'} {label} {fmt(res)}", flush=True)
             rows.append((label, ok, res))
         function.FUSED_KERNELS = path
