@@ -47,15 +47,21 @@ def slices(dh: int, resident_max: int = 256, exact: bool = False) -> list[int]:
     return out
 
 
-def candidates(kernel: str, dh: int) -> list[dict]:
+# dk + dv in one program with both [BS, 256] accumulators: small row tiles, or 8 warps to spread the registers.
+WIDE_DKDV_TILES = [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)]
+
+
+def candidates(kernel: str, dh: int, max_output_slice: int = 256) -> list[dict]:
     if kernel == "dkdv":
         p = _pow2(dh)
-        tiles = KEY_TILES if p <= 128 else [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2)]
+        tiles = KEY_TILES if p <= 128 else WIDE_DKDV_TILES
         return [dict(BT=bt, BS=bs, BK=p, BV=p, num_warps=w, num_stages=st) for bt, bs, w, st in tiles]
     red, out = {"fwd_h": ("BK", "BV"), "dq": ("BV", "BKO"), "dk": ("BV", "BKO"), "dv": ("BK", "BVO")}[kernel]
     tiles = QUERY_TILES if kernel in ("fwd_h", "dq") else KEY_TILES
-    # Reduction slices may be 32 wide (no padding); output slices not (each one recomputes the scores).
-    widths = [(r, o) for r in slices(dh, exact=True) for o in slices(dh, resident_max=128)]
+    # Reduction slices may be 32 wide (no padding); output slices not. Every output slice is one more program that
+    # recomputes the same scores, so the widest output slices come first (up to max_output_slice: one program per
+    # row tile at DH <= 256, if its accumulator fits the registers).
+    widths = [(r, o) for o in slices(dh, resident_max=max_output_slice) for r in slices(dh, exact=True)]
     # Tile shapes outer, widths inner, so that a search cut short by its budget has seen every width; past the
     # first two width pairs only the first four tile shapes, to keep the search affordable.
     return [{red: r, out: o, "BT": bt, "BS": bs, "num_warps": w, "num_stages": st}
@@ -86,7 +92,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
-def tune_kernel(kernel, dh, S, x, current, budget_s, log):
+def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256):
     """Coordinate step: best candidate for one kernel with the others at `current`; returns (best cfg, table rows)."""
     saved = fwd(x, S)
     step = (lambda: fwd(x, S)) if kernel == "fwd_h" else (lambda: bwd(x, saved, S))
@@ -100,7 +106,7 @@ def tune_kernel(kernel, dh, S, x, current, budget_s, log):
         ref, base_ms = None, float("inf")
     rows, best, best_ms = [], None, base_ms
     t_start = time.time()
-    for cfg in candidates(kernel, dh):
+    for cfg in candidates(kernel, dh, max_output_slice):
         if time.time() - t_start > budget_s:
             log(f"  {kernel} DH={dh}: budget of {budget_s}s spent; {len(rows)} candidates tried")
             break
@@ -131,6 +137,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=50_000, help="B*S")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=60.0, help="per kernel and head dim")
+    ap.add_argument("--kernels", nargs="+", default=["fwd_h", "dq", "dk", "dv", "dkdv"],
+                    help="tune only these (the others keep their defaults)")
+    ap.add_argument("--max-output-slice", type=int, default=256,
+                    help="widest output slice to try (256: one program covers a head dim of up to 256)")
     ap.add_argument("--out", default=None, help="JSON report of every candidate")
     ap.add_argument("--write", action="store_true", help="store the result in kernels/tfla/triton/tuned_tiles.json")
     args = ap.parse_args()
@@ -155,22 +165,24 @@ def main():
         x = mlstm_inputs(B, args.heads, S, dh)
         current: dict = {}
         entry = {}
-        for kernel in ("fwd_h", "dq", "dk", "dv"):
+        for kernel in [k for k in ("fwd_h", "dq", "dk", "dv") if k in args.kernels]:
             launch.ONE_PASS_DKDV = False  # the dk and dv kernels while they are tuned
-            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log)
+            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log,
+                                                       args.max_output_slice)
             if best is not None:
                 current[kernel] = best
             entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
-        separate_ms = min(entry["dv"]["base_ms"], entry["dv"]["best_ms"])
-        if _pow2(dh) <= launch.ONE_PASS_DKDV_MAX_HEAD_DIM:
+        separate_ms = min(entry["dv"]["base_ms"], entry["dv"]["best_ms"]) if "dv" in entry else float("inf")
+        if _pow2(dh) <= launch.ONE_PASS_DKDV_MAX_HEAD_DIM and "dkdv" in args.kernels:
             launch.ONE_PASS_DKDV = True
             best, base_ms, best_ms, rows = tune_kernel("dkdv", dh, S, x, current, args.budget_s, log)
             entry["dkdv"] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
             if best is not None:
                 current["dkdv"] = best
-            one_pass[_pow2(dh)] = min(base_ms, best_ms) < separate_ms
-            log(f"  DH={dh}: backward (GPU) with dkdv {min(base_ms, best_ms):.3f} ms vs dk + dv {separate_ms:.3f} ms"
-                f" -> {'dkdv' if one_pass[_pow2(dh)] else 'dk + dv'}")
+            if "dv" in entry:  # dk + dv measured in this run: the one-pass choice can be made
+                one_pass[_pow2(dh)] = min(base_ms, best_ms) < separate_ms
+                log(f"  DH={dh}: backward (GPU) with dkdv {min(base_ms, best_ms):.3f} ms vs dk + dv "
+                    f"{separate_ms:.3f} ms -> {'dkdv' if one_pass[_pow2(dh)] else 'dk + dv'}")
         result["dims"][dh] = entry
         for kernel, cfg in current.items():
             tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}"] = cfg

@@ -13,12 +13,32 @@ Layout shared by every kernel (see function.py for how the vectors are made):
   enters the leaving state with weight e_j = exp(F_last - F_j + a_j - m_last), the old state with
   carry = exp(F_last + m_c - m_last).
 - 1/sqrt(DQK) multiplies the query-key weights (`scale`); q is never rescaled in memory.
+- In the matrix kernels the decay is one exp2 per element: exp(D_tj - m_t) = 2^(r_t + b_j) with the row term
+  r_t = (F_t - m_t) log2(e) and the key term b_j = (a_j - F_j) log2(e), formed once per tile from the vectors (the
+  1/sqrt(DQK) joins one of them as log2(scale)). On CUDA (FAST_EXP2) the exp2 is a single flush-to-zero MUFU.EX2:
+  tl.exp would add a multiply and a four-instruction denormal fix-up per element, and those elementwise instructions,
+  not the matrix products, bound these kernels (bench/results/ncu_mlstm_h100.md). Rows past the sequence's end get
+  r_t = -inf in the key-side kernels, so their weights vanish without a per-element mask.
 Matrix products take operands in the input dtype and accumulate in float32. No atomics: every output element is
 written by exactly one program, so results are identical run to run.
 """
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x. FAST (CUDA): one ex2.approx.ftz; a weight under 2^-126 beside a row maximum of 1 (or, for gate="sig",
+    beside the normaliser's floor of 1) is zero at any precision kept here. Else (Triton's CPU interpreter) tl.exp2."""
+    if FAST:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        y = tl.exp2(x)
+    return y
 
 
 @triton.jit
@@ -76,16 +96,17 @@ def _resident(base, rows, row_ok, D: tl.constexpr, BD: tl.constexpr, DTYPE: tl.c
 
 
 @triton.jit
-def _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, Lc, offs_v, scale,
+def _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
                 DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                DIAG: tl.constexpr, PREC: tl.constexpr):
+                DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     # DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
+    b_s = (a_s - f_s) * LOG2E
     sc = _scores(q_res, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, BK, True, DIAG, PREC)
-    w = sc * (tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale)
+    w = sc * _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     if DIAG:
         w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
     qn += tl.sum(w, 1)
@@ -101,6 +122,7 @@ def mlstm_fwd_h_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised.
     BT is a multiple of BS: key tiles before the query tile's first row need no mask, those from it on do."""
@@ -123,15 +145,16 @@ def mlstm_fwd_h_kernel(
     f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
     q_res = _resident(q_base, t_loc, t_ok, DQK, BK, Q.dtype.element_ty)
+    r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BT, BV), dtype=tl.float32)
     qn = tl.zeros((BT,), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
-        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, Lc,
-                              offs_v, scale, DQK, DHV, BS, BK, BV, False, PREC)
+        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc,
+                              offs_v, DQK, DHV, BS, BK, BV, False, PREC, FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
-        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, Lc,
-                              offs_v, scale, DQK, DHV, BS, BK, BV, True, PREC)
+        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc,
+                              offs_v, DQK, DHV, BS, BK, BV, True, PREC, FAST_EXP2)
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
@@ -300,15 +323,16 @@ def mlstm_bwd_state_kernel(
 
 
 @triton.jit
-def _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, rs_t, dqn_t, Lc,
-                 offs_k, scale, DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr,
-                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t, Lc,
+                 offs_k, DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr,
+                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
+    b_s = (a_s - f_s) * LOG2E
     dw = _scores(dh_res, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, BV, True, DIAG, PREC)
-    p = tl.exp(f_t[:, None] - f_s[None, :] + a_s[None, :] - m_t[:, None]) * scale
+    p = _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
     if DIAG:
         ds = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], ds, 0.0)
@@ -323,7 +347,7 @@ def mlstm_bwd_dq_kernel(
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn.
     BT is a multiple of BS, as in the forward."""
@@ -349,14 +373,15 @@ def mlstm_bwd_dq_kernel(
     rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
     dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
     dh_res = _resident(dh_base, t_loc, t_ok, DHV, BV, DH.dtype.element_ty)
+    r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BT, BKO), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
-        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, rs_t, dqn_t,
-                           Lc, offs_k, scale, DQK, DHV, BS, BV, BKO, False, PREC)
+        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t,
+                           Lc, offs_k, DQK, DHV, BS, BV, BKO, False, PREC, FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
-        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, f_t, m_t, rs_t, dqn_t,
-                           Lc, offs_k, scale, DQK, DHV, BS, BV, BKO, True, PREC)
+        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t,
+                           Lc, offs_k, DQK, DHV, BS, BV, BKO, True, PREC, FAST_EXP2)
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
@@ -382,28 +407,28 @@ def mlstm_bwd_dq_kernel(
 
 
 @triton.jit
-def _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG: tl.constexpr):
+def _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG: tl.constexpr, FAST_EXP2: tl.constexpr):
     """Transposed decay P^T [BS, BT] = exp(D_tj - m_t)/sqrt(d) for key rows j and query rows t (zero where t < j or t
-    is past the chunk: the key-side kernels sum over t, so no row past the end may leak in), with rs_t and dqn_t."""
+    is past the chunk: the key-side kernels sum over t, so no row past the end may leak in; those rows get r_t = -inf),
+    with rs_t and dqn_t. b_s: the key term (a_j - F_j) log2(e) + log2(scale)."""
     f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
     rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
     dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+    r_t = tl.where(t_ok, (f_t - m_t) * LOG2E, float("-inf"))
+    p_tr = _exp2(b_s[:, None] + r_t[None, :], FAST_EXP2)
     if DIAG:
-        ok = (s_loc[:, None] <= t_loc[None, :]) & t_ok[None, :]
-    else:
-        ok = t_ok[None, :]
-    p_tr = tl.where(ok, tl.exp(f_t[None, :] - f_s[:, None] + a_s[:, None] - m_t[None, :]) * scale, 0.0)
+        p_tr = tl.where(s_loc[:, None] <= t_loc[None, :], p_tr, 0.0)
     return p_tr, rs_t, dqn_t
 
 
 @triton.jit
-def _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s, Lc,
-                 offs_k, scale, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, Lc,
+                 offs_k, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
-    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG)
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
     dw_tr = _scores(v_res, v_base, s_loc, s_ok, dh_base, t_loc, t_ok, DHV, BV, True, True, PREC)  # v dh^T
     ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
     q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, True, DQK % BKO != 0)
@@ -417,7 +442,7 @@ def mlstm_bwd_dk_kernel(
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1}).
     BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
@@ -441,14 +466,15 @@ def mlstm_bwd_dk_kernel(
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
     v_res = _resident(v_base, s_loc, s_ok, DHV, BV, V.dtype.element_ty)
+    b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BS, BKO), dtype=tl.float32)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
-        acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
-                           Lc, offs_k, scale, DQK, DHV, BT, BV, BKO, True, PREC)
+        acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
+                           Lc, offs_k, DQK, DHV, BT, BV, BKO, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
-        acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
-                           Lc, offs_k, scale, DQK, DHV, BT, BV, BKO, False, PREC)
+        acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
+                           Lc, offs_k, DQK, DHV, BT, BV, BKO, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -475,12 +501,12 @@ def mlstm_bwd_dk_kernel(
 
 
 @triton.jit
-def _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s, Lc,
-                 offs_v, scale, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                 BVO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, Lc,
+                 offs_v, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BVO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
-    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG)
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
     sc_tr = _scores(k_res, k_base, s_loc, s_ok, q_base, t_loc, t_ok, DQK, BK, True, True, PREC)  # k q^T
     w_tr = sc_tr * (p_tr * rs_t[None, :])
     dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, True, DHV % BVO != 0)
@@ -494,7 +520,7 @@ def mlstm_bwd_dv_kernel(
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BVO: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(D_tj-m_t)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}. BS multiple of BT."""
     pid_s = tl.program_id(0)
@@ -516,14 +542,15 @@ def mlstm_bwd_dv_kernel(
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
     k_res = _resident(k_base, s_loc, s_ok, DQK, BK, K.dtype.element_ty)
+    b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BS, BVO), dtype=tl.float32)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
-        acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
-                           Lc, offs_v, scale, DQK, DHV, BT, BK, BVO, True, PREC)
+        acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
+                           Lc, offs_v, DQK, DHV, BT, BK, BVO, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
-        acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, f_s, a_s,
-                           Lc, offs_v, scale, DQK, DHV, BT, BK, BVO, False, PREC)
+        acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
+                           Lc, offs_v, DQK, DHV, BT, BK, BVO, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -719,12 +746,12 @@ def mlstm_gates_bwd_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, f_s, a_s, Lc,
-                   offs_k, offs_v, scale, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, b_s, Lc,
+                   offs_k, offs_v, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
-    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, f_s, a_s, scale, DIAG)
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
     q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, True, DQK != BK)
     dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, True, DHV != BV)
     sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
@@ -742,7 +769,7 @@ def mlstm_bwd_dkdv_kernel(
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SL: tl.constexpr, PREC: tl.constexpr,
+    SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK, BV: one slice each), both accumulators live:
     dv[j] = sum_{t>=j} (q_t.k_j) P_tj rs_t dh_t + e_j k_j^T dC_{c+1},
@@ -773,15 +800,16 @@ def mlstm_bwd_dkdv_kernel(
     sv_ok = s_ok[:, None] & v_ok[None, :]
     k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=sk_ok, other=0.0)
     v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=sv_ok, other=0.0)
+    b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc_k = tl.zeros((BS, BK), dtype=tl.float32)
     acc_v = tl.zeros((BS, BV), dtype=tl.float32)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc_k, acc_v = _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-                                      f_s, a_s, Lc, offs_k, offs_v, scale, DQK, DHV, BT, BK, BV, True, PREC)
+                                      b_s, Lc, offs_k, offs_v, DQK, DHV, BT, BK, BV, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
         acc_k, acc_v = _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-                                      f_s, a_s, Lc, offs_k, offs_v, scale, DQK, DHV, BT, BK, BV, False, PREC)
+                                      b_s, Lc, offs_k, offs_v, DQK, DHV, BT, BK, BV, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         # The state's gradient enters in SL-wide slices: the whole [BK, BV] tile of dC would need more shared memory

@@ -249,7 +249,7 @@ def mlstm_fwd(
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
-        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec,
+        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=q.is_cuda,
     )
     return h, qn
 
@@ -302,7 +302,7 @@ def mlstm_bwd(
     has_final = dCst is not None
     arch = gpu_arch(q.device)
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
-    common = dict(DQK=DQK, DHV=DHV, PREC=prec)
+    common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=q.is_cuda)
 
     cfg = tiles("dq", DQK, DHV, arch)
     nko = _cdiv(DQK, cfg["BKO"])
