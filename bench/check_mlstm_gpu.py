@@ -16,6 +16,7 @@ inputs, every output and gradient, relative L2 within the dtype's tolerance); --
 everywhere. --skip-grid keeps only the random shapes and the extra checks (a few minutes less), --seq restricts the
 grid's sequence lengths:
     PYTHONPATH=kernels python bench/check_mlstm_gpu.py --quick --fused
+--dh and --dtypes restrict the grid's head dims and dtypes the same way.
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def main() -> int:
     ap.add_argument("--skip-grid", action="store_true", help="only the random shapes and the extra checks")
     ap.add_argument("--seq", type=int, nargs="+", default=[196, 1024, 4096, 16384],
                     help="grid sequence lengths to check (16384: two long single-head cases)")
+    ap.add_argument("--dh", type=int, nargs="+", default=[96, 192, 384, 512], help="grid head dims to check")
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"],
+                    help="grid input dtypes to check (the random shapes draw from all three)")
     args = ap.parse_args()
     path = True if args.fused else False if args.unfused else function.FUSED_KERNELS
     which = ("fused path (forced)" if args.fused else "unfused path everywhere" if args.unfused
@@ -142,9 +146,9 @@ def main() -> int:
     rows, failures = [], 0
     cases = []
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
-    for dtype in ([] if args.skip_grid else dtypes):
+    for dtype in ([] if args.skip_grid else [getattr(torch, name) for name in args.dtypes]):
         for gate in ("exp", "sig"):
-            for DH in (96, 192, 384, 512):
+            for DH in args.dh:
                 for S in (196, 1024, 4096):
                     if S not in args.seq:
                         continue
