@@ -2,13 +2,14 @@
 step replayed from a CUDA graph (no host cost at all).
 
 Usage: PYTHONPATH=kernels python bench/profile_mlstm.py 96:196 512:196 192:1024 192:4096 [--gate exp] [--table]
-       [--cprofile] [--launch-floor]
+       [--cprofile] [--launch-floor] [--host-split]
 
 Per shape it prints: wall ms of one fwd+bwd (do_bench), host ms to issue one step (no synchronisation; if this is
 close to the wall time, the step is launch-bound, not GPU-bound), CUDA-graph replay ms (GPU time alone), and with
 --table the per-kernel CUDA time table, with --cprofile the host functions that take the time. --launch-floor
 first prints the host cost of launching an empty Triton kernel with as many arguments as ours, and of small torch
-calls, on this machine: the floor under any Triton op's host time.
+calls, on this machine: the floor under any Triton op's host time. --host-split splits one fwd+bwd's host time into the
+Triton launches and everything else (PyTorch glue, allocations, autograd), with SDPA's host time beside it.
 """
 
 import argparse
@@ -62,6 +63,77 @@ def launch_floor(n: int = 2000) -> None:
     print()
 
 
+def _median_issue_us(fn, leaves, n: int = 40, reps: int = 5) -> float:
+    """Host microseconds to issue fn once, without synchronising: median over reps of n calls. n stays small so that
+    the GPU's launch queue does not fill up and turn this into a GPU time."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for x in leaves:
+                x.grad = None
+            fn()
+        times.append((time.perf_counter() - t0) / n * 1e6)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def host_split(DH: int, S: int, gate: str) -> None:
+    """One row: host us of fwd+bwd as shipped; the same with every Triton launch replaced by a no-op (what the
+    PyTorch side costs); the Triton launches per step and their host cost each (re-issued with the recorded
+    arguments); the GPU time (CUDA graph); and SDPA causal's host us for the same fwd+bwd."""
+    from triton.runtime.jit import JITFunction
+
+    B, NH = max(1, round(50_000 / S)), 4
+    q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
+    leaves = (q, k, v, i, f)
+
+    def step():
+        mlstm_triton(q, k, v, i, f, gate=gate).backward(dh)
+
+    for _ in range(3):
+        step()
+    shipped = _median_issue_us(step, leaves)
+    gpu = cuda_graph_ms(step, leaves) * 1e3
+
+    recorded = []
+    real_run = JITFunction.run
+
+    def record(self, *args, **kwargs):
+        recorded.append((self, args, kwargs))
+        return real_run(self, *args, **kwargs)
+
+    JITFunction.run = record
+    try:
+        step()
+    finally:
+        JITFunction.run = real_run
+    torch.cuda.synchronize()
+    per_launch = []
+    for fn_, args, kwargs in recorded:
+        per_launch.append(_median_issue_us(lambda: real_run(fn_, *args, **kwargs), (), n=40))
+
+    JITFunction.run = lambda self, *args, **kwargs: None
+    try:
+        no_launch = _median_issue_us(step, leaves)
+    finally:
+        JITFunction.run = real_run
+
+    qs, ks, vs, dhs = (x.detach().clone().requires_grad_(x is not dh) for x in (q, k, v, dh))
+
+    def sdpa_step():
+        torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(dhs)
+
+    for _ in range(3):
+        sdpa_step()
+    sdpa = _median_issue_us(sdpa_step, (qs, ks, vs))
+    names = ", ".join(f"{fn_.fn.__name__.replace('mlstm_', '').replace('_kernel', '')} {us:.0f}"
+                      for (fn_, _, _), us in zip(recorded, per_launch))
+    print(f"| {DH} | {S} | {gate} | {shipped:.0f} | {no_launch:.0f} | {len(recorded)} | {sum(per_launch):.0f} "
+          f"({names}) | {gpu:.0f} | {sdpa:.0f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("shapes", nargs="*", default=["96:196"], help="DH:S")
@@ -69,9 +141,18 @@ def main():
     ap.add_argument("--table", action="store_true", help="print the per-kernel CUDA time table")
     ap.add_argument("--cprofile", action="store_true", help="print where the host's time goes (cProfile, 20 steps)")
     ap.add_argument("--launch-floor", action="store_true", help="first time an empty Triton launch on this machine")
+    ap.add_argument("--host-split", action="store_true",
+                    help="only the split of the host time: Triton launches vs the rest, per shape (see host_split)")
     args = ap.parse_args()
     if args.launch_floor:
         launch_floor()
+    if args.host_split:
+        print("| DH | S | gate | host us fwd+bwd | host us, Triton launches stubbed | Triton launches | their host us "
+              "(each) | GPU us (CUDA graph) | SDPA causal host us |\n|---|---|---|---|---|---|---|---|---|")
+        for spec in args.shapes:
+            for gate in args.gate:
+                host_split(*map(int, spec.split(":")), gate)
+        return
     print("| DH | S | B | gate | wall fwd+bwd ms | host issue ms | CUDA-graph replay ms | kernels' CUDA ms |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in args.shapes:
