@@ -31,8 +31,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _exp2(x, FAST: tl.constexpr):
-    """2^x. FAST (CUDA): one ex2.approx.ftz; a weight under 2^-126 beside a row maximum of 1 (or, for gate="sig",
-    beside the normaliser's floor of 1) is zero at any precision kept here. Else (Triton's CPU interpreter) tl.exp2."""
+    """2^x. FAST (CUDA): one ex2.approx.ftz, written out so that no Triton version's lowering can add a denormal
+    fix-up (Triton 3.8 compiles tl.exp2 to the same instruction; the H100 runs were on 3.6 with this form). A weight
+    under 2^-126 beside a row maximum of 1 (or, for gate="sig", beside the normaliser's floor of 1) is zero at any
+    precision kept here. Else (Triton's CPU interpreter, which has no inline PTX) tl.exp2."""
     if FAST:
         y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                       pack=1)

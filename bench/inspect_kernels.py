@@ -1,0 +1,54 @@
+"""Compile the Triton mLSTM's matrix kernels for a GPU architecture offline (no GPU needed) and report what the
+compiler made of them: registers per thread, spill stack, shared memory, and SASS instruction counts.
+
+Usage (any machine with Triton installed; repo root):
+    PYTHONPATH=kernels python bench/inspect_kernels.py --dh 96 --seq 196
+    PYTHONPATH=kernels python bench/inspect_kernels.py --dh 192 --kernel fwd_h --tiles BK=64 BV=256 num_warps=8
+
+Why: on the H100 these kernels are latency-bound (bench/results/ncu_mlstm_h100.md), so registers, spills and the
+instruction count of the inner loop decide their speed, and all three can be read here, on a CPU, before any GPU
+time is spent. Compilation and specialisation: tfla/triton/offline.py. Tiles come from the tuned table of --arch
+(kernels/tfla/triton/tuned_tiles.json) unless --tiles overrides them; the CUDA fast-exp path (FAST_EXP2) is what is
+compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import triton
+
+from tfla.triton import launch
+from tfla.triton.offline import KERNELS, compile_kernel, sass_report
+
+
+def _parse_tiles(items: list[str]) -> dict:
+    return {k: int(v) for k, v in (item.split("=") for item in items)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dh", type=int, default=96, help="head dim (DQK = DHV)")
+    ap.add_argument("--seq", type=int, default=196)
+    ap.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = H100)")
+    ap.add_argument("--tiles", nargs="*", default=[], help="KEY=VALUE overrides, e.g. BT=64 num_warps=8")
+    args = ap.parse_args()
+    print(f"Triton {triton.__version__}, sm_{args.arch}, DH={args.dh}, S={args.seq}, bf16, FAST_EXP2")
+    print("| kernel | tiles | regs | spill stack B | smem KiB | SASS | MUFU | HGMMA | HMMA | LDL+STL |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.kernel:
+        tiles = launch.tiles(name, args.dh, args.dh, f"sm{args.arch}")
+        tiles.update(_parse_tiles(args.tiles))
+        try:
+            r = sass_report(compile_kernel(name, args.dh, args.dh, args.seq, tiles, args.arch))
+        except Exception as err:  # a tile shape this GPU cannot hold: report it, keep going
+            print(f"| {name} | {tiles} | failed: {type(err).__name__}: {str(err)[:120]} |")
+            continue
+        c = r["counts"]
+        print(f"| {name} | {tiles} | {r['regs']} | {r['stack']} | {r['smem'] / 1024:.1f} | {sum(c.values())} | "
+              f"{c['MUFU']} | {c['HGMMA']} | {c['HMMA']} | {c['LDL'] + c['STL']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Offline compilation of the matrix kernels for a GPU architecture (no GPU needed): what bench/inspect_kernels.py
+reports (registers, spills, SASS counts) and what the CPU test suite compiles, so that a kernel edit that only breaks
+the CUDA path (the interpreter never runs it: FAST_EXP2's inline PTX, tile shapes a GPU cannot hold) fails in CI.
+
+The launch is specialised as Triton specialises a real one: pointers 16-byte aligned, integer arguments equal to 1
+made constants and multiples of 16 marked so. Triton's bundled cuobjdump reads the cubin.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import kernels as K
+
+# Half-precision tensors of each kernel (the rest of the pointers are float32 per-row vectors or states).
+_HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV"}
+_INTS = ("S", "L", "NC", "SP")
+_FLOATS = ("scale", "eps")
+KERNELS = {
+    "fwd_h": K.mlstm_fwd_h_kernel,
+    "dq": K.mlstm_bwd_dq_kernel,
+    "dk": K.mlstm_bwd_dk_kernel,
+    "dv": K.mlstm_bwd_dv_kernel,
+    "dkdv": K.mlstm_bwd_dkdv_kernel,
+}
+
+
+def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int = 90, dtype: str = "bf16",
+                   fast_exp2: bool = True):
+    """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states."""
+    fn = KERNELS[name]
+    consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2)
+    flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True), "dq": dict(HAS_INIT=False)}
+    consts.update(flags.get(name, dict(HAS_FINAL=False)))
+    options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
+    consts.update({k: v for k, v in tiles.items() if k not in options})
+    if name == "dkdv":
+        consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
+    ints = dict(S=S, L=S, NC=1, SP=S)
+    signature, attrs = {}, {}
+    for index, arg in enumerate(fn.arg_names):
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg in ints:
+            if ints[arg] == 1:  # Triton turns an integer argument equal to 1 into a constant
+                signature[arg], consts[arg] = "constexpr", 1
+            else:
+                signature[arg] = "i32"
+                if ints[arg] % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        elif arg in _FLOATS:
+            signature[arg] = "fp32"
+        else:  # a pointer; torch's allocations are 16-byte aligned
+            signature[arg] = "*" + (dtype if arg in _HALF else "fp32")
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _cuobjdump() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def sass_report(compiled) -> dict:
+    """Registers, spill stack and shared memory of a compiled kernel, and its SASS instructions by opcode."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    opcodes = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
+    return dict(regs=int(found.group(1)) if found else None, stack=int(found.group(2)) if found else None,
+                smem=compiled.metadata.shared, counts=collections.Counter(opcodes))

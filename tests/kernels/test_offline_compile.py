@@ -1,0 +1,30 @@
+"""The matrix kernels compile for the H100 (sm_90) with the shipped tiles, here on a CPU. The CUDA-only code never
+runs in Triton's interpreter (FAST_EXP2's inline PTX, the wgmma tile shapes, the shared memory a tile needs), so
+this is where CI sees it break."""
+
+import os
+
+import pytest
+
+from tfla.triton import launch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="compiles the kernels; under the interpreter they are not compilable objects")
+
+H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
+
+
+@pytest.mark.parametrize("DH, names", [(96, ("fwd_h", "dq", "dk", "dv", "dkdv")), (192, ("fwd_h", "dq", "dkdv"))])
+def test_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH, names):
+    from tfla.triton.offline import compile_kernel, sass_report
+
+    for name in names:
+        tiles = launch.tiles(name, DH, DH, "sm90")
+        compiled = compile_kernel(name, DH, DH, 196, tiles, arch=90)
+        # The decay's exp2 is the single flush-to-zero instruction (tl.exp would add a multiply and a denormal
+        # fix-up per element).
+        assert "ex2.approx.ftz.f32" in compiled.asm["ptx"], name
+        assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, (name, tiles, compiled.metadata.shared)
+        counts = sass_report(compiled)["counts"]
+        assert counts["HGMMA"] + counts["HMMA"] > 0, f"{name}: matrix products not on the tensor cores"
+        assert counts["MUFU"] > 0, name
