@@ -122,6 +122,27 @@ else:
         for a, b in zip(*runs):
             assert torch.equal(a, b)
 
+    @pytest.mark.parametrize("ret", [False, True])
+    def test_eager_call_frees_its_buffers_without_the_garbage_collector(ret):
+        # The eager autograd.Function keeps gate vectors, normaliser sums and internal states on ctx; if one of them
+        # were also an output, ctx and output would hold each other and the GPU memory would wait for gc.collect().
+        import gc
+        import weakref
+
+        xs = [t.requires_grad_() for t in _inputs(1, 2, 30, 16, 16, torch.float32, 5, False)]
+        out = mlstm_triton(*xs, gate="exp", chunk_size=16, return_state=ret)
+        h = out[0] if ret else out
+        kept = [h.grad_fn.qn, *h.grad_fn.gates] + ([] if ret else list(h.grad_fn.states))
+        refs = [weakref.ref(t) for t in kept]
+        del kept
+        gc.disable()
+        try:
+            del out, h
+            alive = [r() is not None for r in refs]
+        finally:
+            gc.enable()
+        assert not any(alive), alive
+
     def test_op_dispatch():
         xs = _inputs(1, 1, 17, 16, 16, torch.float32, 2, False)
         h_triton = mlstm(*xs, backend="triton")

@@ -32,7 +32,8 @@ class BlockDiagonalLinear(nn.Module):
     - "einsum": batched block_size x block_size matmuls. Measured in bench/results/models_h100.md.
     - "grouped_conv": one grouped 1x1 convolution, 1 op each way instead of about 20 views, permutes and bmm's
       (bench/bench_models.py --qkv-impl). An eager ViL-T step runs 5x the ATen ops of a ViT-T step, and this map is
-      40 % of them. Not yet timed on a GPU, so not the default.
+      40 % of them. Not the default: on an H100 one ViL-T training run took 4x the einsum step time with it (README,
+      "Measured speed"; a single run, cause not measured).
     """
 
     def __init__(

@@ -19,7 +19,6 @@ chunk's last row. Then dlogsigmoid(f) is the reverse cumsum of dF inside each ch
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -116,40 +115,38 @@ def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, r
 
 def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
     """The op's outputs, and the gate vectors (fv, av, mrow, mst) where the fused backward can reuse them (else None):
-    the eager path keeps them instead of recomputing them in the backward (one launch less)."""
+    the eager path keeps them instead of recomputing them in the backward (one launch less).
+    Tensors keep their [B, NH, ...] shape on the fused path: the launch wrappers take any leading dims, and every
+    reshape is one more dispatch of host time (this op is host-bound at ViL-T's shapes, bench/results)."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
-    BNH = B * NH
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
-    qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     fused = _fused_gates(lay)
     if fused:
-        fv, av, mrow, mst = launch.mlstm_gates_fwd(_flat(i), _flat(f), _flat(m0) if m0 is not None else None, lay,
-                                                   exp_gate=exp_gate)
+        fv, av, mrow, mst = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
     else:
         fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
                                                  exp_gate, lay)
-    Cst = nst = None
+        mst = mst.view(B, NH, lay.NC + 1)
     if _keeps_states(lay, has_init, return_state):
-        Cst = torch.empty(BNH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
-        nst = torch.empty(BNH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
+        Cst = torch.empty(B, NH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
+        nst = torch.empty(B, NH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
         if launch.POISON_OUTPUTS:
             Cst.fill_(float("nan"))
             nst.fill_(float("nan"))
         if has_init:
-            Cst[:, 0] = _flat(C0).float()
-            nst[:, 0] = _flat(n0).float()
-    h, qn = mlstm_fwd(qf, kf, vf, fv.reshape(BNH, -1), av.reshape(BNH, -1), mrow.reshape(BNH, -1), mst, Cst, nst,
-                      lay, exp_gate=exp_gate, normalize=normalize, eps=eps, has_init=has_init)
-    if Cst is None:
+            Cst[:, :, 0] = C0.float()
+            nst[:, :, 0] = n0.float()
+        h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
+                          has_init=has_init)
+    else:
+        h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, None, None, lay, exp_gate=exp_gate, normalize=normalize,
+                          eps=eps, has_init=False)
         Cst = q.new_empty(0, dtype=torch.float32)
         nst = q.new_empty(0, dtype=torch.float32)
-    else:  # views of fresh buffers, not of inputs
-        Cst = Cst.view(B, NH, lay.NC + 1, DQK, DHV)
-        nst = nst.view(B, NH, lay.NC + 1, DQK)
-    outputs = (h.view(B, NH, S, DHV), Cst, nst, mst.view(B, NH, lay.NC + 1), qn.view(B, NH, lay.SP))
-    return outputs, ((fv, av, mrow, mst) if fused else None)
+    return (h, Cst, nst, mst, qn), ((fv, av, mrow, mst) if fused else None)
 
 
 @torch.library.register_fake("tfla::mlstm_fwd", lib=_LIB)
@@ -291,7 +288,7 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
 def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
                     eps, gates=None):
     """_bwd_impl with the gate bookkeeping in kernels (the default, see FUSED_KERNELS): same math, same dq, dk, dv
-    kernels.
+    kernels. Tensors keep their [B, NH, ...] shape (see _fwd_with_gates); the state terms work on [B*NH, ...] views.
     gates: the forward's (fv, av, mrow, mst) when it kept them; recomputed otherwise."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
@@ -299,29 +296,28 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
     has_final_grad = dC is not None or dn is not None or dm is not None
-    qf, kf, vf = (_flat(t.contiguous()) for t in (q, k, v))
-    dhf = _flat(dh.to(v.dtype).contiguous())
-    i2, f2 = _flat(i), _flat(f)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dh = dh.to(v.dtype).contiguous()
     if gates is None:
-        gates = launch.mlstm_gates_fwd(i2, f2, _flat(m0) if m0 is not None else None, lay, exp_gate=exp_gate)
+        gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)
     fv, av, mrow, mst = gates
-    rs, dqn, dm_row = launch.mlstm_bwd_rows(_flat(h.contiguous()), dhf, qn.reshape(BNH, lay.SP), mrow, lay,
-                                            exp_gate=exp_gate, normalize=normalize, eps=eps)
+    rs, dqn, dm_row = launch.mlstm_bwd_rows(h.contiguous(), dh, qn, mrow, lay, exp_gate=exp_gate,
+                                            normalize=normalize, eps=eps)
 
     keeps = Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
-    dqf, dkf, dvf, qdq, kdk = mlstm_bwd(
-        qf, kf, vf, dhf, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
+    dq, dk, dv, qdq, kdk = mlstm_bwd(
+        q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
     )
     A = None
     if dCst is not None and keeps:
         A = (Cf * dCst).sum((-2, -1)) + (nf * dnst).sum(-1)  # [BNH, NC+1]
     dm_final = _flat(dm[:, :, lay.NC]).float().contiguous() if dm is not None else None
-    di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, A, dm_final, i2, f2, lay,
+    di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, A, dm_final, i, f, lay,
                                          exp_gate=exp_gate, has_init=has_init)
 
     dC0, dn0, dm0_out = (q.new_empty(0, dtype=torch.float32) for _ in range(3))
@@ -329,8 +325,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
         dC0 = dCst[:, 0].reshape(B, NH, DQK, DHV)
         dn0 = dnst[:, 0].reshape(B, NH, DQK)
         dm0_out = dm0.reshape(B, NH)
-    return (dqf.view(B, NH, S, DQK), dkf.view(B, NH, S, DQK), dvf.view(B, NH, S, DHV),
-            di.view(B, NH, S), df.view(B, NH, S), dC0, dn0, dm0_out)
+    return dq, dk, dv, di, df, dC0, dn0, dm0_out
 
 
 @torch.library.register_fake("tfla::mlstm_bwd", lib=_LIB)
@@ -394,18 +389,45 @@ torch.library.register_autograd("tfla::mlstm_fwd", _backward, setup_context=_set
 class _EagerMLSTM(torch.autograd.Function):
     """The same forward and backward without the custom-op machinery, for eager calls: on an H100 a custom-op call
     cost about 1 ms of host time (bench/results/tuning/cprofile_h100_custom_op.log), more than the kernels of a ViL
-    layer. torch.compile still sees the registered op (mlstm_triton picks it while compiling)."""
+    layer. torch.compile still sees the registered op (mlstm_triton picks it while compiling).
+    It returns h alone, or h and the state (C, n, m per chunk boundary) with return_state: every output of an
+    autograd.Function costs host time, and so does every output saved for the backward (a detach each way). The
+    normaliser sums and internal states are kept on ctx as intermediates (no reference cycle: they are not outputs)."""
 
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
         inputs = (q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
-        out, ctx.gates = _fwd_with_gates(*inputs)  # intermediates (not outputs): kept on ctx, no reference cycle
-        _setup_context(ctx, inputs, out)
-        return out
+        (h, Cst, nst, mst, qn), ctx.gates = _fwd_with_gates(*inputs)
+        ctx.cfg = (exp_gate, normalize, chunk_size, eps)
+        ctx.init_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
+        ctx.return_state = return_state
+        ctx.set_materialize_grads(False)  # as _setup_context: unused outputs get None, not zeros
+        ctx.qn = qn
+        if return_state:
+            ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst)
+            # A view: ctx.gates holds mst itself, and an output held by its own ctx would be a reference cycle.
+            return h, Cst, nst, mst.view(mst.shape)
+        ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h)
+        ctx.states = (Cst, nst)
+        return h
 
     @staticmethod
-    def backward(ctx, dh, dCst, dnst, dmst, dqn):
-        return _backward(ctx, dh, dCst, dnst, dmst, dqn, bwd=functools.partial(_bwd_any, gates=ctx.gates))
+    def backward(ctx, dh, dCst=None, dnst=None, dmst=None):
+        if ctx.return_state:
+            q, k, v, i, f, C0, n0, m0, h, Cst, nst = ctx.saved_tensors
+        else:
+            q, k, v, i, f, C0, n0, m0, h = ctx.saved_tensors
+            Cst, nst = ctx.states
+        exp_gate, normalize, chunk_size, eps = ctx.cfg
+        if dh is None:
+            dh = torch.zeros_like(h)
+        dq, dk, dv, di, df, dC0, dn0, dm0 = _bwd_any(dh, dCst, dnst, dmst, q, k, v, i, f, C0, n0, m0, h, Cst, nst,
+                                                     ctx.qn, exp_gate, normalize, chunk_size, eps, gates=ctx.gates)
+        if C0 is None:
+            dC0 = dn0 = dm0 = None
+        else:
+            dC0, dn0, dm0 = dC0.to(ctx.init_dtypes[0]), dn0.to(ctx.init_dtypes[1]), dm0.to(ctx.init_dtypes[2])
+        return dq, dk, dv, di, df, dC0, dn0, dm0, None, None, None, None, None
 
 
 def mlstm_triton(
@@ -432,8 +454,13 @@ def mlstm_triton(
     C0 = n0 = m0 = None
     if initial_state is not None:
         C0, n0, m0 = initial_state
-    op = mlstm_fwd_op if torch.compiler.is_compiling() else _EagerMLSTM.apply
-    h, Cst, nst, mst, _ = op(q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
+    args = (q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
+    if torch.compiler.is_compiling():
+        h, Cst, nst, mst, _ = mlstm_fwd_op(*args)
+    elif return_state:
+        h, Cst, nst, mst = _EagerMLSTM.apply(*args)
+    else:
+        return _EagerMLSTM.apply(*args)
     if not return_state:
         return h
     from ..reference import MLSTMState

@@ -45,6 +45,12 @@ def _row_sums(*shape: int, device: torch.device, zeroed: bool) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def _rows_of(x: torch.Tensor, *trailing: int) -> int:
+    """The number of (batch, head) rows of a contiguous tensor [..., *trailing]: the wrappers take any leading dims
+    ([B, NH] or [B*NH]), since the kernels only see memory in that order; reshaping costs a dispatch per tensor."""
+    return x.numel() // math.prod(trailing)
+
+
 class ChunkLayout(NamedTuple):
     """How S rows are split: NC chunks of L rows (the last may be short); per-row vectors are padded to SP = NC*L."""
 
@@ -212,7 +218,7 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
 
 
 def mlstm_fwd(
-    q: torch.Tensor,  # [BNH, S, DQK]
+    q: torch.Tensor,  # [BNH, S, DQK] (or [B, NH, S, DQK]: any leading dims, here and in every wrapper below)
     k: torch.Tensor,  # [BNH, S, DQK]
     v: torch.Tensor,  # [BNH, S, DHV]
     fv: torch.Tensor,  # [BNH, SP] chunk-local cumsum of logsigmoid(f)
@@ -228,9 +234,10 @@ def mlstm_fwd(
     eps: float,
     has_init: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns h [BNH, S, DHV] and qn [BNH, SP]; fills Cst/nst[:, 1:] (chunk states) when given."""
-    BNH, S, DQK = q.shape
+    """Returns h (shaped as v) and qn [*lead, SP]; fills Cst/nst[:, 1:] (chunk states) when given."""
+    S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
+    BNH = _rows_of(q, S, DQK)
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     if Cst is not None:
@@ -241,7 +248,7 @@ def mlstm_fwd(
             HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
         )
     h = _new(v)
-    qn = _row_sums(BNH, lay.SP, device=q.device, zeroed=lay.SP != S)
+    qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
     _launch_tiled(
         mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"]), BNH * lay.NC),
@@ -287,8 +294,9 @@ def mlstm_bwd(
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
     dk and dv from one kernel where one_pass_dkdv() says so. Tiles: see tiles()."""
-    BNH, S, DQK = q.shape
+    S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
+    BNH = _rows_of(q, S, DQK)
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     dummy = fv
@@ -381,11 +389,13 @@ def mlstm_gates_fwd(
     *,
     exp_gate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fv, av, mrow [BNH, SP] and mst [BNH, NC+1], as function._gate_vectors, in one launch."""
-    BNH = i.shape[0]
-    fv = torch.empty(BNH, lay.SP, device=i.device, dtype=torch.float32)
+    """fv, av, mrow [*lead, SP] and mst [*lead, NC+1] (lead: i's leading dims), as function._gate_vectors, in one
+    launch."""
+    lead = i.shape[:-1]
+    BNH = _rows_of(i, lay.S)
+    fv = torch.empty(*lead, lay.SP, device=i.device, dtype=torch.float32)
     av, mrow = torch.empty_like(fv), torch.empty_like(fv)
-    mst = torch.empty(BNH, lay.NC + 1, device=i.device, dtype=torch.float32)
+    mst = torch.empty(*lead, lay.NC + 1, device=i.device, dtype=torch.float32)
     BL = _pow2(lay.L)
     mlstm_gates_fwd_kernel[(BNH,)](
         i.contiguous(), f.contiguous(), m0.contiguous() if m0 is not None else fv, fv, av, mrow, mst,
@@ -406,9 +416,10 @@ def mlstm_bwd_rows(
     normalize: bool,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rs (1/denominator), dqn and the per-row max-state gradient dm [BNH, SP], in one launch."""
-    BNH, S, DHV = h.shape
-    rs = torch.empty(BNH, lay.SP, device=h.device, dtype=torch.float32)
+    """rs (1/denominator), dqn and the per-row max-state gradient dm [*lead, SP], in one launch."""
+    S, DHV = h.shape[-2:]
+    BNH = _rows_of(h, S, DHV)
+    rs = torch.empty(*h.shape[:-2], lay.SP, device=h.device, dtype=torch.float32)
     dqn, dm_row = torch.empty_like(rs), torch.empty_like(rs)
     BT, BV = 64, min(_pow2(DHV), 128)
     mlstm_bwd_rows_kernel[(_cdiv(lay.SP, BT), BNH)](
@@ -434,7 +445,7 @@ def mlstm_gates_bwd(
     exp_gate: bool,
     has_init: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """di, df [BNH, S] (in i's / f's dtype) and dm0 [BNH] (float32, meaningful with has_init), in one launch."""
+    """di, df (shaped as i, f, in their dtypes) and dm0 [BNH] (float32, meaningful with has_init), in one launch."""
     NKO_Q, BNH, _ = qdq.shape
     i, f = i.contiguous(), f.contiguous()
     di, df = torch.empty_like(i), torch.empty_like(f)
