@@ -170,15 +170,7 @@ def main():
             torch.cuda.synchronize()
             wall = do_bench(step, warmup=20, rep=200, grad_to_none=leaves, return_mode="median")
 
-            n = 30
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                for x in leaves:
-                    x.grad = None
-                step()
-            host = (time.perf_counter() - t0) / n * 1e3
-            torch.cuda.synchronize()
+            host = _median_issue_us(step, leaves) / 1e3
 
             replay = cuda_graph_ms(step, leaves)
 

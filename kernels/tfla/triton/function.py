@@ -19,6 +19,7 @@ chunk's last row. Then dlogsigmoid(f) is the reverse cumsum of dF inside each ch
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -130,6 +131,7 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
         fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
                                                  exp_gate, lay)
         mst = mst.view(B, NH, lay.NC + 1)
+    Cst = nst = None
     if _keeps_states(lay, has_init, return_state):
         Cst = torch.empty(B, NH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
         nst = torch.empty(B, NH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
@@ -139,11 +141,9 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
         if has_init:
             Cst[:, :, 0] = C0.float()
             nst[:, :, 0] = n0.float()
-        h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
-                          has_init=has_init)
-    else:
-        h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, None, None, lay, exp_gate=exp_gate, normalize=normalize,
-                          eps=eps, has_init=False)
+    h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
+                      has_init=has_init)
+    if Cst is None:
         Cst = q.new_empty(0, dtype=torch.float32)
         nst = q.new_empty(0, dtype=torch.float32)
     return (h, Cst, nst, mst, qn), ((fv, av, mrow, mst) if fused else None)
@@ -362,8 +362,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dh, dCst, dnst, dmst, dqn, bwd=mlstm_bwd_op):
-    q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn = ctx.saved_tensors
+def _backward(ctx, dh, dCst, dnst, dmst, dqn):
+    return _input_grads(ctx, ctx.saved_tensors, dh, dCst, dnst, dmst, mlstm_bwd_op)
+
+
+def _input_grads(ctx, saved, dh, dCst, dnst, dmst, bwd):
+    """The gradients of the op's 13 inputs, from the forward's tensors saved = (q, k, v, i, f, C0, n0, m0, h, Cst, nst,
+    qn) and ctx's settings (_setup_context, _EagerMLSTM.forward); bwd computes them (the op, or _bwd_any)."""
+    q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn = saved
     exp_gate, normalize, chunk_size, eps = ctx.cfg
     if dh is None:
         dh = torch.zeros_like(h)
@@ -413,21 +419,8 @@ class _EagerMLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dCst=None, dnst=None, dmst=None):
-        if ctx.return_state:
-            q, k, v, i, f, C0, n0, m0, h, Cst, nst = ctx.saved_tensors
-        else:
-            q, k, v, i, f, C0, n0, m0, h = ctx.saved_tensors
-            Cst, nst = ctx.states
-        exp_gate, normalize, chunk_size, eps = ctx.cfg
-        if dh is None:
-            dh = torch.zeros_like(h)
-        dq, dk, dv, di, df, dC0, dn0, dm0 = _bwd_any(dh, dCst, dnst, dmst, q, k, v, i, f, C0, n0, m0, h, Cst, nst,
-                                                     ctx.qn, exp_gate, normalize, chunk_size, eps, gates=ctx.gates)
-        if C0 is None:
-            dC0 = dn0 = dm0 = None
-        else:
-            dC0, dn0, dm0 = dC0.to(ctx.init_dtypes[0]), dn0.to(ctx.init_dtypes[1]), dm0.to(ctx.init_dtypes[2])
-        return dq, dk, dv, di, df, dC0, dn0, dm0, None, None, None, None, None
+        saved = ctx.saved_tensors if ctx.return_state else (*ctx.saved_tensors, *ctx.states)
+        return _input_grads(ctx, (*saved, ctx.qn), dh, dCst, dnst, dmst, functools.partial(_bwd_any, gates=ctx.gates))
 
 
 def mlstm_triton(
