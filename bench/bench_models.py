@@ -48,8 +48,8 @@ def time_it(fn, device: torch.device, warmup: int, steps: int) -> float:
 def measure(name: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=args.img_size, num_classes=1000).to(device)
-    if args.compile:
-        model = torch.compile(model)
+    if args.compile or args.compile_mode:
+        model = torch.compile(model, mode=args.compile_mode)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     target = torch.randint(0, 1000, (args.batch,), device=device)
     use_amp = device.type == "cuda"
@@ -101,6 +101,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode (implies --compile). reduce-overhead replays each step from CUDA "
+                             "graphs: no host launch cost, which bounds ViL's eager step (README, Measured speed)")
     parser.add_argument("--qkv-impl", choices=linear.BLOCK_DIAGONAL_IMPLS, default=linear.BLOCK_DIAGONAL_IMPL,
                         help="how ViL's block-diagonal q/k/v maps are computed (vil.layers.linear)")
     parser.add_argument("--out", default=None, help="write a markdown table (and a .json beside it) here")
@@ -121,7 +125,7 @@ def main() -> None:
     header = (
         f"device: {gpu}; torch {torch.__version__}; timm {timm.__version__}; batch {args.batch}; "
         f"{args.img_size}px; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
-        f"compile={args.compile}; qkv maps: {args.qkv_impl}; {torch.get_num_threads()} CPU threads\n"
+        f"compile={args.compile_mode or args.compile}; qkv maps: {args.qkv_impl}; {torch.get_num_threads()} CPU threads\n"
     )
     lines = [
         header,
