@@ -193,23 +193,34 @@ def main():
                 if peer in row:
                     p = row[peer]
                     line += f" | {peer} {p[0]:.3f}/{p[1]:.3f} (x{p[1] / o[1]:.2f})"
+            if "graph_fb_ms" in row:
+                g = row["graph_fb_ms"]
+                line += f" | GPU time ours {g['ours_exp']:.3f}, SDPA {g['sdpa_causal']:.3f}"
             print(line, flush=True)
             del q, k, v, i, f
             torch.cuda.empty_cache()
+            if args.out:  # after every shape: a run cut short by a time limit still leaves its table
+                write_outputs(args, results, meta, with_plot=False)
 
     function.FUSED_KERNELS = SHIPPED_FUSED
+    print(write_outputs(args, results, meta, with_plot=bool(args.out)))
+
+
+def write_outputs(args, results, meta, with_plot: bool) -> str:
+    """The markdown table of results so far; with --out, also written there with a .json (and a .png plot) beside."""
     table = render(results, meta)
     if args.graph:
         table += "\n" + render_graph(results)
     if args.unfused:
         table += "\n" + render_unfused(results)
-    print(table)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(table)
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
             json.dump(dict(meta=meta, results=results), fh, indent=1)
-        plot(results, args.out.rsplit(".", 1)[0] + ".png", meta)
+        if with_plot:
+            plot(results, args.out.rsplit(".", 1)[0] + ".png", meta)
+    return table
 
 
 def render_graph(results) -> str:
