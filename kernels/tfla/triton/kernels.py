@@ -16,9 +16,9 @@ Layout shared by every kernel (see function.py for how the vectors are made):
 - In the matrix kernels the decay is one exp2 per element: exp(D_tj - m_t) = 2^(r_t + b_j) with the row term
   r_t = (F_t - m_t) log2(e) and the key term b_j = (a_j - F_j) log2(e), formed once per tile from the vectors (the
   1/sqrt(DQK) joins one of them as log2(scale)). On CUDA (FAST_EXP2) the exp2 is a single flush-to-zero MUFU.EX2:
-  tl.exp would add a multiply and a four-instruction denormal fix-up per element, and those elementwise instructions,
-  not the matrix products, bound these kernels (bench/results/ncu_mlstm_h100.md). Rows past the sequence's end get
-  r_t = -inf in the key-side kernels, so their weights vanish without a per-element mask.
+  tl.exp would add a multiply and a four-instruction denormal fix-up per element. The kernels wait on the latency of
+  this elementwise chain, with the tensor cores 12-33 % busy (bench/results/ncu_mlstm_h100.md). Rows past the
+  sequence's end get r_t = -inf in the key-side kernels, so their weights vanish without a per-element mask.
 Matrix products take operands in the input dtype and accumulate in float32. No atomics: every output element is
 written by exactly one program, so results are identical run to run.
 """
