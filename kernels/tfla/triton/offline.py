@@ -2,8 +2,9 @@
 reports (registers, spills, SASS counts) and what the CPU test suite compiles, so that a kernel edit that only breaks
 the CUDA path (the interpreter never runs it: FAST_EXP2's inline PTX, tile shapes a GPU cannot hold) fails in CI.
 
-Written against Triton 3.8 (ASTSource and its attribute format). The launch is specialised as Triton specialises a real one: pointers 16-byte aligned, integer arguments equal to 1
-made constants and multiples of 16 marked so. Triton's bundled cuobjdump reads the cubin.
+Written against Triton 3.8 (ASTSource and its attribute format). The launch is specialised as Triton specialises a
+real one: pointers 16-byte aligned, integer arguments equal to 1 made constants and multiples of 16 marked so.
+Triton's bundled cuobjdump reads the cubin.
 """
 
 from __future__ import annotations
