@@ -449,7 +449,7 @@ def mlstm_gates_bwd(
     NKO_Q, BNH, _ = qdq.shape
     i, f = i.contiguous(), f.contiguous()
     di, df = torch.empty_like(i), torch.empty_like(f)
-    dm0 = torch.zeros(BNH, device=i.device, dtype=torch.float32)
+    dm0 = _row_sums(BNH, device=i.device, zeroed=False)  # written for every row when has_init; unread otherwise
     BL = _pow2(lay.L)
     mlstm_gates_bwd_kernel[(BNH,)](
         qdq, kdk, dm_row, fv, av, mst, A if A is not None else fv, dm_final if dm_final is not None else fv,
