@@ -111,12 +111,17 @@ def _keeps_states(lay: ChunkLayout, has_init: bool, return_state: bool) -> bool:
 
 
 def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
-    return _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)[0]
+    h, Cst, nst, mst, qn = _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps,
+                                           return_state)[0]
+    if Cst is None:  # the op's schema returns tensors: empty ones stand for states that were not kept
+        Cst, nst = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    return h, Cst, nst, mst, qn
 
 
 def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
-    """The op's outputs, and the gate vectors (fv, av, mrow, mst) where the fused backward can reuse them (else None):
-    the eager path keeps them instead of recomputing them in the backward (one launch less).
+    """The op's outputs (with None for the states C, n when they are not kept; _fwd_impl gives the op empty tensors
+    there), and the gate vectors (fv, av, mrow, mst) where the fused backward can reuse them (else None): the eager
+    path keeps them instead of recomputing them in the backward (one launch less).
     Tensors keep their [B, NH, ...] shape on the fused path: the launch wrappers take any leading dims, and every
     reshape is one more dispatch of host time (this op is host-bound at ViL-T's shapes, bench/results)."""
     B, NH, S, DQK = q.shape
@@ -143,9 +148,6 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
             nst[:, :, 0] = n0.float()
     h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
                       has_init=has_init)
-    if Cst is None:
-        Cst = q.new_empty(0, dtype=torch.float32)
-        nst = q.new_empty(0, dtype=torch.float32)
     return (h, Cst, nst, mst, qn), ((fv, av, mrow, mst) if fused else None)
 
 
@@ -168,7 +170,8 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
 def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
                        eps):
     """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state), all contiguous."""
-    return _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+    grads = _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+    return tuple(q.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
 
 
 def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps,
@@ -178,7 +181,7 @@ def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gat
     grads = _bwd_impl_fused(*args, gates=gates) if fused else _bwd_impl(*args)
     # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
     # contiguous tensors, whatever the inputs' strides.
-    return tuple(g.contiguous() for g in grads)
+    return tuple(None if g is None else g.contiguous() for g in grads)
 
 
 def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, device, needed: bool):
@@ -221,7 +224,7 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
         dqn = torch.zeros_like(qn)
         dm_row = -delta
 
-    keeps = Cst.numel() > 0
+    keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
     Cf = _flat(Cst) if keeps else None
@@ -276,7 +279,7 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
     df = dlf * torch.sigmoid(-f2.float())
     di = da if exp_gate else da * torch.sigmoid(-i2.float())
 
-    dC0, dn0, dm0_out = (q.new_empty(0, dtype=torch.float32) for _ in range(3))
+    dC0 = dn0 = dm0_out = None
     if has_init:
         dC0 = dCst[:, 0].reshape(B, NH, DQK, DHV)
         dn0 = dnst[:, 0].reshape(B, NH, DQK)
@@ -304,7 +307,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     rs, dqn, dm_row = launch.mlstm_bwd_rows(h.contiguous(), dh, qn, mrow, lay, exp_gate=exp_gate,
                                             normalize=normalize, eps=eps)
 
-    keeps = Cst.numel() > 0
+    keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
     Cf = _flat(Cst) if keeps else None
@@ -320,7 +323,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, A, dm_final, i, f, lay,
                                          exp_gate=exp_gate, has_init=has_init)
 
-    dC0, dn0, dm0_out = (q.new_empty(0, dtype=torch.float32) for _ in range(3))
+    dC0 = dn0 = dm0_out = None
     if has_init:
         dC0 = dCst[:, 0].reshape(B, NH, DQK, DHV)
         dn0 = dnst[:, 0].reshape(B, NH, DQK)
