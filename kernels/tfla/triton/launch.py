@@ -45,6 +45,15 @@ def _row_sums(*shape: int, device: torch.device, zeroed: bool) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+# The kernels' exp2 as one inline PTX instruction (kernels._exp2) on NVIDIA GPUs; ROCm builds of torch also call
+# their GPU "cuda" but take no PTX, and Triton's interpreter runs on the CPU: both get tl.exp2.
+_PTX_GPU = torch.version.hip is None
+
+
+def _fast_exp2(x: torch.Tensor) -> bool:
+    return x.is_cuda and _PTX_GPU
+
+
 def _rows_of(x: torch.Tensor, *trailing: int) -> int:
     """The number of (batch, head) rows of a contiguous tensor [..., *trailing]: the wrappers take any leading dims
     ([B, NH] or [B*NH]), since the kernels only see memory in that order; reshaping costs a dispatch per tensor."""
@@ -256,7 +265,7 @@ def mlstm_fwd(
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
-        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=q.is_cuda,
+        HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=_fast_exp2(q),
     )
     return h, qn
 
@@ -310,7 +319,7 @@ def mlstm_bwd(
     has_final = dCst is not None
     arch = gpu_arch(q.device)
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
-    common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=q.is_cuda)
+    common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q))
 
     cfg = tiles("dq", DQK, DHV, arch)
     nko = _cdiv(DQK, cfg["BKO"])
