@@ -31,7 +31,6 @@ import warnings
 
 import torch
 from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 
 from vil.data import DataError, build_loader, open_split, prepare_data
 from vil.training import (
@@ -50,6 +49,7 @@ from vil.training import (
     config_to_yaml,
     evaluate,
     load_config,
+    optimizer_step,
     plan_batches,
     plot_curves,
     restore_rng,
@@ -58,6 +58,7 @@ from vil.training import (
     shutdown,
     start_run,
     training_arg_parser,
+    wrap_for_training,
 )
 from vil.training.checkpoint import FORMAT
 
@@ -157,11 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     raw_model = model
-    if cfg["train"]["compile"]:
-        model = torch.compile(model)
-    eval_model = model
-    if dist.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model, model = wrap_for_training(raw_model, cfg["train"]["compile"], dist.enabled, device)
 
     logger = MetricsLogger(run_dir, enabled=is_main, resume_step=step if ckpt is not None else None)
     if is_main:
@@ -258,13 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
                 # Kept on the device: reading it every step would stall a GPU.
                 loss_sum = loss_sum + loss.detach().float()
                 loss_count += 1
-            grad_norm = None
-            if clip is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scaler, raw_model, clip)
             if ema is not None:
                 ema.update(raw_model, step=step)
             step += 1

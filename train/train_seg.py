@@ -26,7 +26,6 @@ import os
 import warnings
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from vil.training import (
     ConfigError,
@@ -37,12 +36,14 @@ from vil.training import (
     capture_rng,
     config_to_yaml,
     format_eta,
+    optimizer_step,
     restore_rng,
     run_cli,
     save_atomic,
     shutdown,
     start_run,
     training_arg_parser,
+    wrap_for_training,
 )
 from vil.training.segmentation import (
     SEG_FORMAT,
@@ -127,10 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"resumed from {resume_from}: iteration {iteration}")
 
     raw_model = model
-    if cfg["train"]["compile"]:
-        model = torch.compile(model)
-    if dist.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    _, model = wrap_for_training(raw_model, cfg["train"]["compile"], dist.enabled, device)
 
     logger = SegmentationMetricsLogger(run_dir, enabled=is_main, resume_step=iteration if ckpt is not None else None)
     if is_main:
@@ -190,13 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The losses in float32, whatever the autocast dtype of the logits.
         loss = raw_model.loss(logits.float(), aux_logits.float(), labels)
         scaler.scale(loss).backward()
-        grad_norm = None
-        if clip is not None:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, scaler, raw_model, clip)
         iteration += 1
         # Kept on the device: reading it every iteration would stall a GPU.
         loss_sum = loss_sum + loss.detach()

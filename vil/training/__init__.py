@@ -11,7 +11,9 @@ from .engine import (
     build_optimizer,
     build_scheduler,
     evaluate,
+    optimizer_step,
     plan_batches,
+    wrap_for_training,
 )
 from .entry import RunStart, find_resume_checkpoint, run_cli, seed_rank, start_run, training_arg_parser
 from .metrics import MetricsLogger, ProgressMeter, format_eta, plot_curves, read_metrics
@@ -38,6 +40,8 @@ __all__ = [
     "config_to_yaml",
     "evaluate",
     "find_resume_checkpoint",
+    "optimizer_step",
+    "wrap_for_training",
     "format_eta",
     "init_distributed",
     "load_checkpoint",

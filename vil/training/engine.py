@@ -14,6 +14,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_init_weights
 from .config import ConfigError
@@ -27,7 +28,9 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "evaluate",
+    "optimizer_step",
     "plan_batches",
+    "wrap_for_training",
 ]
 
 
@@ -140,6 +143,29 @@ def build_mixup(cfg: dict, micro_batch: int) -> tuple[Mixup | None, nn.Module]:
         )
         return mixup, SoftTargetCrossEntropy()
     return None, nn.CrossEntropyLoss(label_smoothing=aug["label_smoothing"])
+
+
+def wrap_for_training(model: nn.Module, compile_model: bool, ddp: bool, device: torch.device):
+    """(compiled, trained): the model torch.compile'd if asked (what evaluation runs), and that one wrapped in
+    DistributedDataParallel under torchrun (what the training step runs). Checkpoints keep saving the unwrapped one."""
+    compiled = torch.compile(model) if compile_model else model
+    if not ddp:
+        return compiled, compiled
+    return compiled, DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
+                   clip: float | None) -> torch.Tensor | None:
+    """One optimiser step after the backward: unscale and clip the gradients' global norm when `clip` is set
+    (returns that norm, else None), step through the loss scaler, clear the gradients."""
+    grad_norm = None
+    if clip is not None:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def autocast(device: torch.device, amp: str):
