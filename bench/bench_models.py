@@ -68,6 +68,28 @@ def measure(name: str, args, device: torch.device) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    def fwd_bwd_into_grads():
+        # Grads accumulate into the .grad buffers the warm-up made: a captured graph must not allocate them anew.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=False):
+            loss = model(x).float().mean()
+        loss.backward()
+
+    def graph_replay_s() -> float:
+        """GPU time of one fwd+bwd replayed from a CUDA graph: the step without any host launch cost."""
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fwd_bwd_into_grads()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fwd_bwd_into_grads()
+        seconds = time_it(graph.replay, device, args.warmup, args.steps)
+        del graph
+        model.zero_grad(set_to_none=True)
+        return seconds
+
     @torch.no_grad()
     def infer():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -82,6 +104,8 @@ def measure(name: str, args, device: torch.device) -> dict:
             row["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["fwd_bwd_s"] = time_it(fwd_bwd, device, args.warmup, args.steps)
         row["infer_s"] = time_it(infer, device, args.warmup, args.steps)
+        if args.cuda_graph and device.type == "cuda":
+            row["graph_fwd_bwd_s"] = graph_replay_s()
         row["train_img_s"] = args.batch / row["train_s"]
         row["infer_img_s"] = args.batch / row["infer_s"]
     except torch.OutOfMemoryError:
@@ -107,6 +131,8 @@ def main() -> None:
                              "graphs: no host launch cost, which bounds ViL's eager step (README, Measured speed)")
     parser.add_argument("--qkv-impl", choices=linear.BLOCK_DIAGONAL_IMPLS, default=linear.BLOCK_DIAGONAL_IMPL,
                         help="how ViL's block-diagonal q/k/v maps are computed (vil.layers.linear)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time fwd+bwd replayed from a CUDA graph (eager kernels, no host launch cost)")
     parser.add_argument("--out", default=None, help="write a markdown table (and a .json beside it) here")
     args = parser.parse_args()
     linear.BLOCK_DIAGONAL_IMPL = args.qkv_impl
@@ -127,11 +153,13 @@ def main() -> None:
         f"{args.img_size}px; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
         f"compile={args.compile_mode or args.compile}; qkv maps: {args.qkv_impl}; {torch.get_num_threads()} CPU threads\n"
     )
+    graphed = any("graph_fwd_bwd_s" in row for row in rows)
     lines = [
         header,
         "| model | params (M) | train img/s | fwd+bwd ms | infer img/s | train peak GiB | ViL/ViT train time | "
-        "ViL/ViT fwd+bwd time | ViL/ViT infer time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "ViL/ViT fwd+bwd time | ViL/ViT infer time |" + (" fwd+bwd ms, CUDA graph | ViL/ViT, CUDA graph |" if graphed
+                                                          else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graphed else ""),
     ]
     for vil_row, vit_row in zip(rows[0::2], rows[1::2]):
         for row in (vil_row, vit_row):
@@ -143,6 +171,10 @@ def main() -> None:
                 ratios = [
                     f"{row[key] / vit_row[key]:.2f}x" for key in ("train_s", "fwd_bwd_s", "infer_s")
                 ]
+            if graphed:
+                ratios.append(f"{row['graph_fwd_bwd_s'] * 1e3:.1f}" if "graph_fwd_bwd_s" in row else "-")
+                both = row is vil_row and "graph_fwd_bwd_s" in row and "graph_fwd_bwd_s" in vit_row
+                ratios.append(f"{row['graph_fwd_bwd_s'] / vit_row['graph_fwd_bwd_s']:.2f}x" if both else "")
             peak = f"{row['train_peak_gib']:.1f}" if "train_peak_gib" in row else "-"
             lines.append(
                 f"| {row['model']} | {row['params_m']:.2f} | {row['train_img_s']:.1f} | {row['fwd_bwd_s'] * 1e3:.1f} | "

@@ -195,37 +195,42 @@ def test_block_diagonal_linear_is_a_block_diagonal_matrix():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_block_diagonal_implementations_agree_with_gradients(monkeypatch, bias):
-    """The grouped-convolution form computes the einsum form's map and gradients, on a non-contiguous input
-    (the model feeds a chunk of proj_up's output)."""
+    """The grouped-convolution and dense forms compute the einsum form's map and gradients, on a non-contiguous
+    input (the model feeds a chunk of proj_up's output); dense in one group and in several."""
     layer = BlockDiagonalLinear(24, 4, bias=bias).double()
     if bias:
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(2, 3, 5, 48, dtype=torch.float64)[..., :24].requires_grad_()
     results = []
-    for impl in ("einsum", "grouped_conv"):
+    for impl, group_max in (("einsum", 0), ("grouped_conv", 0), ("dense", 512), ("dense", 8)):
         monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", impl)
+        monkeypatch.setattr(vil.layers.linear, "DENSE_GROUP_MAX", group_max)
         y = layer(x)
         grads = torch.autograd.grad((y * torch.arange(24.0, dtype=y.dtype)).sum(), [x, *layer.parameters()])
         results.append((y, grads))
-    (y_e, g_e), (y_c, g_c) = results
-    assert y_c.shape == y_e.shape == (2, 3, 5, 24)
-    torch.testing.assert_close(y_c, y_e)
-    for a, b in zip(g_c, g_e):
-        torch.testing.assert_close(a, b)
+    assert layer.dense_group() == 8  # the last form ran in 3 groups of 8
+    y_e, g_e = results[0]
+    for y_other, g_other in results[1:]:
+        assert y_other.shape == y_e.shape == (2, 3, 5, 24)
+        torch.testing.assert_close(y_other, y_e)
+        for a, b in zip(g_other, g_e):
+            torch.testing.assert_close(a, b)
 
 
 def test_block_diagonal_unknown_impl_is_refused(monkeypatch):
-    monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", "dense")
+    monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", "sparse")
     with pytest.raises(ValueError, match="BLOCK_DIAGONAL_IMPL must be one of"):
         BlockDiagonalLinear(8, 4)(torch.randn(2, 8))
 
 
-def test_vil_model_same_output_with_grouped_conv_qkv(monkeypatch):
+@pytest.mark.parametrize("impl", ["grouped_conv", "dense"])
+def test_vil_model_same_output_with_each_qkv_form(monkeypatch, impl):
     model = timm.create_model("vil_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
+        monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", "einsum")
         expected = model(x)
-        monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", "grouped_conv")
+        monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", impl)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -507,7 +512,7 @@ def test_optimizer_with_layer_decay_groups_pairs_of_sub_blocks():
     optimizer.step()
 
 
-@pytest.mark.parametrize("impl", ["einsum", "grouped_conv"])
+@pytest.mark.parametrize("impl", ["einsum", "grouped_conv", "dense"])
 def test_vil_compiles_without_graph_breaks(monkeypatch, impl):
     """The recipes train with torch.compile: the whole model (either q/k/v form) is one graph, same outputs."""
     monkeypatch.setattr(vil.layers.linear, "BLOCK_DIAGONAL_IMPL", impl)
