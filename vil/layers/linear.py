@@ -9,8 +9,10 @@ from torch import nn
 BLOCK_DIAGONAL_IMPLS = ("einsum", "grouped_conv", "dense")
 # How every BlockDiagonalLinear computes its map (see the class); module-wide, so a benchmark can switch all of them.
 BLOCK_DIAGONAL_IMPL = "dense"
-# "dense" multiplies by block-diagonal groups this wide (whole blocks): one plain matmul when dim fits in one group.
-DENSE_GROUP_MAX = 512
+# "dense" multiplies by block-diagonal groups this wide (whole blocks): one plain matmul when dim fits in one group,
+# as every published width does (ViL-L's 2048 included). One matmul beat groups of 512 at ViL-B's width 1536 on an
+# H200: 248.5 against 286.9 ms of GPU time per fwd+bwd (bench/results/models_base_group{512,1536}_h200.md).
+DENSE_GROUP_MAX = 2048
 
 
 @torch.jit.ignore
@@ -47,12 +49,12 @@ class BlockDiagonalLinear(nn.Module):
       (bench/bench_models.py --qkv-impl). An eager ViL-T step runs 5x the ATen ops of a ViT-T step, and this map is
       40 % of them. Not the default: on an H100 one ViL-T training run took 4x the einsum step time with it (README,
       "Measured speed"; a single run, cause not measured).
-    - "dense" (default): the blocks laid out as dense block-diagonal matrices of up to DENSE_GROUP_MAX columns,
-      multiplied as plain (batched) matmuls. It multiplies by zeros, but on tensor-core GEMMs with a useful inner
+    - "dense" (default): the blocks laid out as dense block-diagonal matrices of up to DENSE_GROUP_MAX columns
+      (one matrix at every published width), multiplied as plain (batched) matmuls. It multiplies by zeros, but on tensor-core GEMMs with a useful inner
       dimension; the einsum's bmm has an inner dimension of block_size (4), runs on slow legacy kernels and was a
       third of ViL-T's GPU time, with permute copies beside it (bench/profile_model.py). On an H200, one fwd+bwd
       replayed from a CUDA graph (GPU time alone) took ViL-T 122.0 -> 71.2 ms and ViL-B 366.3 -> 283.8 ms
-      (bench/results/models_{einsum,dense}_graph_h200.md). The gradient reaches the blocks alone.
+      (bench/results/models_{einsum,dense}_graph_h200.md; ViL-B in groups of 512, 248.5 ms as one matrix). The gradient reaches the blocks alone.
     """
 
     def __init__(
