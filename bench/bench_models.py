@@ -62,17 +62,16 @@ def measure(name: str, args, device: torch.device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def fwd_bwd():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+    def fwd_bwd_into_grads(cast_cache: bool = True):
+        # Leaves the grads in place: a captured graph accumulates into the .grad buffers its warm-up made, and must
+        # not keep autocast's cast cache (cast_cache=False).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=cast_cache):
             loss = model(x).float().mean()
         loss.backward()
-        model.zero_grad(set_to_none=True)
 
-    def fwd_bwd_into_grads():
-        # Grads accumulate into the .grad buffers the warm-up made: a captured graph must not allocate them anew.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=False):
-            loss = model(x).float().mean()
-        loss.backward()
+    def fwd_bwd():
+        fwd_bwd_into_grads()
+        model.zero_grad(set_to_none=True)
 
     def graph_replay_s() -> float:
         """GPU time of one fwd+bwd replayed from a CUDA graph: the step without any host launch cost."""
@@ -80,11 +79,11 @@ def measure(name: str, args, device: torch.device) -> dict:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                fwd_bwd_into_grads()
+                fwd_bwd_into_grads(cast_cache=False)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fwd_bwd_into_grads()
+            fwd_bwd_into_grads(cast_cache=False)
         seconds = time_it(graph.replay, device, args.warmup, args.steps)
         del graph
         model.zero_grad(set_to_none=True)
