@@ -56,6 +56,13 @@ WIDE_DKDV_TILES = [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2
 
 
 def candidates(kernel: str, dh: int, max_output_slice: int = 256) -> list[dict]:
+    pieces = piece_tiles(kernel, dh)
+    if pieces:  # the head-dim pieces fix the widths (launch.head_dim_pieces): only row tiles and launch options vary
+        if kernel == "dkdv":
+            tiles = KEY_TILES if _pow2(dh) <= 128 else WIDE_DKDV_TILES
+        else:
+            tiles = QUERY_TILES
+        return [dict(pieces, BT=bt, BS=bs, num_warps=w, num_stages=st) for bt, bs, w, st in tiles]
     if kernel == "dkdv":
         p = _pow2(dh)
         tiles = KEY_TILES if p <= 128 else WIDE_DKDV_TILES
@@ -70,6 +77,18 @@ def candidates(kernel: str, dh: int, max_output_slice: int = 256) -> list[dict]:
     # first two width pairs only the first four tile shapes, to keep the search affordable.
     return [{red: r, out: o, "BT": bt, "BS": bs, "num_warps": w, "num_stages": st}
             for n, (bt, bs, w, st) in enumerate(tiles) for j, (r, o) in enumerate(widths) if j < 2 or n < 4]
+
+
+def piece_tiles(kernel: str, dh: int) -> dict:
+    """The head-dim pieces this kernel takes at dh (empty where it takes none: a power of two, or pieces off)."""
+    return launch.head_dim_piece_tiles(kernel, dh, dh) if launch.HEAD_DIM_PIECES else {}
+
+
+def table_key(kernel: str, dh: int) -> str:
+    # Tiles measured with pieces are stored under the exact head dim (launch._resolve_tiles reads them there), so
+    # that they do not apply to the power of two that the dim pads to.
+    d = dh if piece_tiles(kernel, dh) else _pow2(dh)
+    return f"{kernel}:{d}:{d}"
 
 
 def fwd(x, S):
@@ -189,7 +208,7 @@ def main():
                     f"{separate_ms:.3f} ms -> {'dkdv' if one_pass[_pow2(dh)] else 'dk + dv'}")
         result["dims"][dh] = entry
         for kernel, cfg in current.items():
-            tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}"] = cfg
+            tuned[table_key(kernel, dh)] = cfg
     launch.ONE_PASS_DKDV = None
     log(f"tuned tiles for {arch}: " + json.dumps(tuned, indent=1) + f"; one-pass dkdv: {one_pass}")
     result["tuned"] = tuned

@@ -88,3 +88,38 @@ def test_tuner_mode_does_not_shrink(monkeypatch):
     with pytest.raises(OutOfResources):
         launch._launch_tiled(kernel, grid_of, dict(TILES), "x")
     assert kernel.launches == []
+
+
+@pytest.mark.parametrize("d, want", [(16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (48, (32, 16)), (64, (64, 0)),
+                                     (96, (64, 32)), (100, (128, 0)), (192, (128, 64)), (200, (256, 0)),
+                                     (384, (256, 128)), (512, (512, 0))])
+def test_head_dim_pieces_cover_the_dim_with_less_padding(d, want):
+    first, second = launch.head_dim_pieces(d)
+    assert (first, second) == want
+    assert first + second >= d and first + second <= launch._pow2(d)
+
+
+def test_pieces_replace_widths_and_one_program_covers_the_head_dim(monkeypatch):
+    monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
+    monkeypatch.setattr(launch, "TILE_OVERRIDES", {})
+    launch.reset_tile_caches("sm90", {"fwd_h:256:256": dict(BK=64, BV=128, BT=64, BS=32, num_warps=8),
+                                      "dq:192:192": dict(BT=128, BS=64, num_warps=8)})
+    try:
+        fwd = launch.tiles("fwd_h", 192, 192, "sm90")
+        # widths from the pieces, row tiles and warps from the padded dims' entry
+        assert (fwd["BK"], fwd["BK2"], fwd["BV"], fwd["BV2"]) == (128, 64, 128, 64)
+        assert (fwd["BS"], fwd["num_warps"]) == (32, 8)
+        dq = launch.tiles("dq", 192, 192, "sm90")  # an entry measured with the pieces, under the exact dims
+        assert (dq["BKO"], dq["BKO2"], dq["BT"], dq["num_warps"]) == (128, 64, 128, 8)
+        assert launch.tiles("fwd_h", 256, 256, "sm90")["BK2"] == 0  # a power of two: no pieces
+        assert launch.tiles("fwd_h", 384, 384, "sm90")["BV2"] == 0  # wider than PIECES_MAX_HEAD_DIM
+        launch.TILE_OVERRIDES["fwd_h"] = dict(BV=64)  # a width alone: one piece of that width (slices)
+        assert launch.tiles("fwd_h", 192, 192, "sm90")["BV2"] == 0
+        launch.TILE_OVERRIDES["fwd_h"] = dict(BV=64, BV2=64)  # pieces that leave columns unwritten
+        with pytest.raises(ValueError, match="must cover a head dim of 192"):
+            launch.tiles("fwd_h", 192, 192, "sm90")
+        launch.TILE_OVERRIDES.clear()
+        monkeypatch.setattr(launch, "HEAD_DIM_PIECES", False)
+        assert launch.tiles("fwd_h", 96, 96, "sm90")["BK2"] == 0
+    finally:
+        launch.reset_tile_caches()

@@ -134,11 +134,43 @@ else:
         gates."""
         check(1, 1, 9, 136, 16, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=6)
 
-    def test_fused_one_pass_dkdv_with_state_slices(fused, monkeypatch):
-        """dk and dv from one kernel with the state's gradient entering in 64-wide slices (DQK = 96 and DHV = 80 pad
-        to 128: two slices each, the second partly masked); chunked, states in and out."""
+    @pytest.mark.parametrize("pieces", [False, True], ids=["padded", "pieces"])
+    def test_fused_one_pass_dkdv_with_state_slices(fused, monkeypatch, pieces):
+        """dk and dv from one kernel with the state's gradient entering in 64-wide slices (DQK = 96, DHV = 80: two
+        slices each, the second partly masked), the head dims padded to 128 or in pieces (64 + 32, 64 + 16);
+        chunked, states in and out."""
         monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
-        check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
+        monkeypatch.setattr(launch, "HEAD_DIM_PIECES", pieces)
+        launch.reset_tile_caches()
+        try:
+            check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
+        finally:
+            launch.reset_tile_caches()
+
+    # Head dims that are not powers of two, in two pieces each (launch.head_dim_pieces): q/k and v/h split
+    # differently, one side not at all, states in and out, chunks, fp16. The unfused path in check() runs the
+    # separate dk and dv kernels, which take no pieces: a cross-check of the one-pass kernel's pieces.
+    PIECE_CASES = {
+        "48x40 exp": ((1, 2, 37, 48, 40, "exp", torch.float32), dict(seed=21)),
+        "40x80 sig states L16": ((1, 1, 45, 40, 80, "sig", torch.float32),
+                                 dict(init=True, ret=True, chunk_size=16, seed=22)),
+        "96x24 exp states L9": ((1, 1, 30, 96, 24, "exp", torch.float32),
+                                dict(init=True, ret=True, chunk_size=9, seed=23)),
+        "96x96 fp16": ((1, 1, 33, 96, 96, "exp", torch.float16), dict(seed=24)),
+    }
+
+    @pytest.mark.parametrize("case", list(PIECE_CASES), ids=list(PIECE_CASES))
+    def test_fused_head_dim_pieces(fused, monkeypatch, case):
+        monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
+        launch.reset_tile_caches()
+        (B, NH, S, DQK, DHV, gate, dtype), kw = PIECE_CASES[case]
+        try:
+            for kernel in ("fwd_h", "dq", "dkdv"):  # the case does exercise pieces in every kernel that takes them
+                cfg = launch.tiles(kernel, DQK, DHV, launch.gpu_arch(torch.device(DEVICE)))
+                assert any(cfg[k] for k in ("BK2", "BV2", "BKO2") if k in cfg), (kernel, cfg)
+            check(B, NH, S, DQK, DHV, gate, dtype, **kw)
+        finally:
+            launch.reset_tile_caches()
 
     def test_fused_cummax_ties(fused):
         """Equal maxima (constant input gates and no decay) route dm to the latest row, as torch.cummax does."""

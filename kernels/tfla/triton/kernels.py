@@ -69,14 +69,25 @@ def _load_vec(ptr, offs, ok, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _scores(a_res, a_base, a_rows, a_ok, b_base, b_rows, b_ok, D: tl.constexpr, BD: tl.constexpr,
-            CHECK_A: tl.constexpr, CHECK_B: tl.constexpr, PREC: tl.constexpr):
-    """a b^T over a head dim of D: [len(a_rows), len(b_rows)] in float32. With D <= BD, a_res holds a's whole tile
-    (loaded once by the caller); otherwise both operands are read in BD-wide slices."""
-    if D <= BD:
-        offs_d = tl.arange(0, BD)
-        b = _load_rows(b_base, b_rows, b_ok, offs_d, D, CHECK_B, D != BD)
+def _load_piece(base, rows, row_ok, C0: tl.constexpr, W: tl.constexpr, NCOLS: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Columns [C0, C0 + W) of a row-major [*, NCOLS] matrix (a head-dim piece, see _scores), zero past NCOLS."""
+    return _load_rows(base, rows, row_ok, C0 + tl.arange(0, W), NCOLS, CHECK_ROWS, C0 + W > NCOLS)
+
+
+@triton.jit
+def _scores(a_res, a_res2, a_base, a_rows, a_ok, b_base, b_rows, b_ok, D: tl.constexpr, BD: tl.constexpr,
+            BD2: tl.constexpr, CHECK_A: tl.constexpr, CHECK_B: tl.constexpr, PREC: tl.constexpr):
+    """a b^T over a head dim of D: [len(a_rows), len(b_rows)] in float32. With D <= BD + BD2, a_res (columns [0, BD))
+    and, when BD2 > 0, a_res2 (columns [BD, BD + BD2)) hold a's whole tile, loaded once by the caller (_resident).
+    Two pieces cover a head dim that is not a power of two without padding it to one: 96 = 64 + 32, 192 = 128 + 64
+    (a padded 128 or 256 wastes a quarter to a third of every product). Otherwise both operands are read in BD-wide
+    slices."""
+    if D <= BD + BD2:
+        b = _load_piece(b_base, b_rows, b_ok, 0, BD, D, CHECK_B)
         acc = tl.dot(a_res, tl.trans(b), input_precision=PREC)
+        if BD2 > 0:
+            b2 = _load_piece(b_base, b_rows, b_ok, BD, BD2, D, CHECK_B)
+            acc += tl.dot(a_res2, tl.trans(b2), input_precision=PREC)
     else:
         acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), dtype=tl.float32)
         for d0 in range(0, D, BD):
@@ -88,33 +99,65 @@ def _scores(a_res, a_base, a_rows, a_ok, b_base, b_rows, b_ok, D: tl.constexpr, 
 
 
 @triton.jit
-def _resident(base, rows, row_ok, D: tl.constexpr, BD: tl.constexpr, DTYPE: tl.constexpr):
-    """The whole [rows, D] tile when it fits one BD-wide slice (what _scores takes as a_res), else a dummy."""
-    if D <= BD:
-        x = _load_rows(base, rows, row_ok, tl.arange(0, BD), D, True, D != BD)
+def _resident(base, rows, row_ok, D: tl.constexpr, BD: tl.constexpr, BD2: tl.constexpr, DTYPE: tl.constexpr):
+    """The whole [rows, D] tile as _scores takes it: pieces [rows, BD] and [rows, BD2] (a dummy when BD2 = 0), or two
+    dummies when D does not fit them."""
+    if D <= BD + BD2:
+        x = _load_piece(base, rows, row_ok, 0, BD, D, True)
+        if BD2 > 0:
+            x2 = _load_piece(base, rows, row_ok, BD, BD2, D, True)
+        else:
+            x2 = tl.zeros((rows.shape[0], 16), dtype=DTYPE)
     else:
         x = tl.zeros((rows.shape[0], 16), dtype=DTYPE)
-    return x
+        x2 = tl.zeros((rows.shape[0], 16), dtype=DTYPE)
+    return x, x2
 
 
 @triton.jit
-def _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
-                DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
+def _piece_cols(C0: tl.constexpr, W: tl.constexpr):
+    """Column indices [C0, C0 + W) of a second head-dim piece; a small unused range when W = 0."""
+    if W > 0:
+        cols = C0 + tl.arange(0, W)
+    else:
+        cols = C0 + tl.arange(0, 16)
+    return cols
+
+
+@triton.jit
+def _acc_piece(ROWS: tl.constexpr, W: tl.constexpr):
+    """A float32 accumulator for a second head-dim piece of width W; a small unused one when W = 0."""
+    if W > 0:
+        acc = tl.zeros((ROWS, W), dtype=tl.float32)
+    else:
+        acc = tl.zeros((ROWS, 16), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
+                DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
+                BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
+                FAST_EXP2: tl.constexpr):
     # DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
-    sc = _scores(q_res, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, BK, True, DIAG, PREC)
+    sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, BK, BK2, True, DIAG, PREC)
     w = sc * _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     if DIAG:
         w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
     qn += tl.sum(w, 1)
-    v_s = _load_rows(v_base, s_loc, s_ok, offs_v, DHV, DIAG, DHV % BV != 0)
+    if BV2 > 0:  # one program writes all of h's columns, in two pieces
+        v_s = _load_piece(v_base, s_loc, s_ok, 0, BV, DHV, DIAG)
+        v_s2 = _load_piece(v_base, s_loc, s_ok, BV, BV2, DHV, DIAG)
+        acc2 += tl.dot(w.to(v_s2.dtype), v_s2, input_precision=PREC)
+    else:
+        v_s = _load_rows(v_base, s_loc, s_ok, offs_v, DHV, DIAG, DHV % BV != 0)
     acc += tl.dot(w.to(v_s.dtype), v_s, input_precision=PREC)
-    return acc, qn
+    return acc, acc2, qn
 
 
 @triton.jit
@@ -123,11 +166,12 @@ def mlstm_fwd_h_kernel(
     S, L, NC, SP, scale, eps,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
-    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    FAST_EXP2: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
+    PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised.
-    BT is a multiple of BS: key tiles before the query tile's first row need no mask, those from it on do."""
+    BT is a multiple of BS: key tiles before the query tile's first row need no mask, those from it on do.
+    BK2 / BV2 > 0: q and h in two head-dim pieces (_scores); with BV2 one program covers all of h's columns."""
     pid_t = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -146,35 +190,43 @@ def mlstm_fwd_h_kernel(
     vec = bh * SP + row0
     f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-    q_res = _resident(q_base, t_loc, t_ok, DQK, BK, Q.dtype.element_ty)
+    q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, BK, BK2, Q.dtype.element_ty)
     r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BT, BV), dtype=tl.float32)
+    acc2 = _acc_piece(BT, BV2)
     qn = tl.zeros((BT,), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
-        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc,
-                              offs_v, DQK, DHV, BS, BK, BV, False, PREC, FAST_EXP2)
+        acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, BS, BK, BK2, BV, BV2, False, PREC, FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
-        acc, qn = _fwd_h_tile(acc, qn, q_res, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc,
-                              offs_v, DQK, DHV, BS, BK, BV, True, PREC, FAST_EXP2)
+        acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, BS, BK, BK2, BV, BV2, True, PREC, FAST_EXP2)
+    offs_v2 = _piece_cols(BV, BV2)
+    v2_ok = offs_v2 < DHV
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
         m_c = tl.load(MST + st)
         g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
         acc_c = tl.zeros((BT, BV), dtype=tl.float32)
+        acc_c2 = _acc_piece(BT, BV2)
         qn_c = tl.zeros((BT,), dtype=tl.float32)
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
             d_ok = offs_d < DQK
             q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            c_dv = tl.load(CST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :],
-                           mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+            c_base = CST + st * DQK * DHV + offs_d[:, None] * DHV
+            c_dv = tl.load(c_base + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :], other=0.0)
             acc_c += tl.dot(q_t, c_dv.to(q_t.dtype), input_precision=PREC)
+            if BV2 > 0:
+                c_dv2 = tl.load(c_base + offs_v2[None, :], mask=d_ok[:, None] & v2_ok[None, :], other=0.0)
+                acc_c2 += tl.dot(q_t, c_dv2.to(q_t.dtype), input_precision=PREC)
             n_d = tl.load(NST + st * DQK + offs_d, mask=d_ok, other=0.0)
             qn_c += tl.sum(q_t.to(tl.float32) * n_d[None, :], 1)
         acc += g[:, None] * acc_c
+        acc2 += g[:, None] * acc_c2
         qn += g * qn_c
 
     if NORMALIZE:
@@ -184,9 +236,13 @@ def mlstm_fwd_h_kernel(
             lower = tl.full((BT,), 1.0, tl.float32)
         denom = tl.maximum(tl.abs(qn), lower) + eps
         acc = acc / denom[:, None]
+        acc2 = acc2 / denom[:, None]
     h_base = H + (bh * S + row0) * DHV
     tl.store(h_base + t_loc[:, None] * DHV + offs_v[None, :], acc.to(H.dtype.element_ty),
              mask=t_ok[:, None] & v_ok[None, :])
+    if BV2 > 0:
+        tl.store(h_base + t_loc[:, None] * DHV + offs_v2[None, :], acc2.to(H.dtype.element_ty),
+                 mask=t_ok[:, None] & v2_ok[None, :])
     tl.store(QN + vec + t_loc, qn, mask=t_ok & (pid_v == 0))
 
 
@@ -325,22 +381,28 @@ def mlstm_bwd_state_kernel(
 
 
 @triton.jit
-def _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t, Lc,
-                 offs_k, DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr,
-                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
+def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t,
+                 Lc, offs_k, DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr,
+                 BV2: tl.constexpr, BKO: tl.constexpr, BKO2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
+                 FAST_EXP2: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
-    dw = _scores(dh_res, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, BV, True, DIAG, PREC)
+    dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, BV, BV2, True, DIAG, PREC)
     p = _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
     if DIAG:
         ds = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], ds, 0.0)
-    k_s = _load_rows(k_base, s_loc, s_ok, offs_k, DQK, DIAG, DQK % BKO != 0)
+    if BKO2 > 0:  # one program writes all of dq's columns, in two pieces
+        k_s = _load_piece(k_base, s_loc, s_ok, 0, BKO, DQK, DIAG)
+        k_s2 = _load_piece(k_base, s_loc, s_ok, BKO, BKO2, DQK, DIAG)
+        acc2 += tl.dot(ds.to(k_s2.dtype), k_s2, input_precision=PREC)
+    else:
+        k_s = _load_rows(k_base, s_loc, s_ok, offs_k, DQK, DIAG, DQK % BKO != 0)
     acc += tl.dot(ds.to(k_s.dtype), k_s, input_precision=PREC)
-    return acc
+    return acc, acc2
 
 
 @triton.jit
@@ -348,11 +410,12 @@ def mlstm_bwd_dq_kernel(
     Q, K, V, DH, FV, AV, MROW, RS, DQN, CST, NST, MST, DQ, QDQ,
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
-    HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
-    PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
+    HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
+    BKO: tl.constexpr, BKO2: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn.
-    BT is a multiple of BS, as in the forward."""
+    BT is a multiple of BS, as in the forward. BV2 / BKO2 > 0: dh and dq in two head-dim pieces (_scores); with BKO2
+    one program covers all of dq's columns."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -365,6 +428,8 @@ def mlstm_bwd_dq_kernel(
     t_ok = t_loc < Lc
     offs_k = pid_k * BKO + tl.arange(0, BKO)
     k_ok = offs_k < DQK
+    offs_k2 = _piece_cols(BKO, BKO2)
+    k2_ok = offs_k2 < DQK
     q_base = Q + (bh * S + row0) * DQK
     k_base = K + (bh * S + row0) * DQK
     v_base = V + (bh * S + row0) * DHV
@@ -374,38 +439,54 @@ def mlstm_bwd_dq_kernel(
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
     rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
     dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-    dh_res = _resident(dh_base, t_loc, t_ok, DHV, BV, DH.dtype.element_ty)
+    dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, BV, BV2, DH.dtype.element_ty)
     r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BT, BKO), dtype=tl.float32)
+    acc2 = _acc_piece(BT, BKO2)
     for j0 in range(0, t_lo, BS):
-        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t,
-                           Lc, offs_k, DQK, DHV, BS, BV, BKO, False, PREC, FAST_EXP2)
+        acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
+                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, BS, BV, BV2, BKO, BKO2, False, PREC,
+                                 FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
-        acc = _bwd_dq_tile(acc, dh_res, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t,
-                           Lc, offs_k, DQK, DHV, BS, BV, BKO, True, PREC, FAST_EXP2)
+        acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
+                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, BS, BV, BV2, BKO, BKO2, True, PREC,
+                                 FAST_EXP2)
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
         m_c = tl.load(MST + st)
         g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
         acc_c = tl.zeros((BT, BKO), dtype=tl.float32)
+        acc_c2 = _acc_piece(BT, BKO2)
         for v0 in range(0, DHV, BV):
             offs_v = v0 + tl.arange(0, BV)
             v_ok = offs_v < DHV
             dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
                            other=0.0)
-            c_tr = tl.load(CST + st * DQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
-                           mask=k_ok[None, :] & v_ok[:, None], other=0.0)
+            c_base = CST + st * DQK * DHV + offs_v[:, None]
+            c_tr = tl.load(c_base + offs_k[None, :] * DHV, mask=k_ok[None, :] & v_ok[:, None], other=0.0)
             acc_c += tl.dot(dh_t, c_tr.to(dh_t.dtype), input_precision=PREC)
+            if BKO2 > 0:
+                c_tr2 = tl.load(c_base + offs_k2[None, :] * DHV, mask=k2_ok[None, :] & v_ok[:, None], other=0.0)
+                acc_c2 += tl.dot(dh_t, c_tr2.to(dh_t.dtype), input_precision=PREC)
         n_k = tl.load(NST + st * DQK + offs_k, mask=k_ok, other=0.0)
         acc += g[:, None] * (acc_c * rs_t[:, None] + dqn_t[:, None] * n_k[None, :])
+        if BKO2 > 0:
+            n_k2 = tl.load(NST + st * DQK + offs_k2, mask=k2_ok, other=0.0)
+            acc2 += g[:, None] * (acc_c2 * rs_t[:, None] + dqn_t[:, None] * n_k2[None, :])
 
     out_ok = t_ok[:, None] & k_ok[None, :]
-    tl.store(DQ + (bh * S + row0) * DQK + t_loc[:, None] * DQK + offs_k[None, :], acc.to(DQ.dtype.element_ty),
-             mask=out_ok)
+    dq_base = DQ + (bh * S + row0) * DQK
+    tl.store(dq_base + t_loc[:, None] * DQK + offs_k[None, :], acc.to(DQ.dtype.element_ty), mask=out_ok)
     q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(QDQ + pid_k * (tl.num_programs(2) // NC) * SP + vec + t_loc, tl.sum(q_t * acc, 1), mask=t_ok)
+    qdq = tl.sum(q_t * acc, 1)
+    if BKO2 > 0:
+        out2_ok = t_ok[:, None] & k2_ok[None, :]
+        tl.store(dq_base + t_loc[:, None] * DQK + offs_k2[None, :], acc2.to(DQ.dtype.element_ty), mask=out2_ok)
+        q_t2 = tl.load(q_base + t_loc[:, None] * DQK + offs_k2[None, :], mask=out2_ok, other=0.0).to(tl.float32)
+        qdq += tl.sum(q_t2 * acc2, 1)
+    tl.store(QDQ + pid_k * (tl.num_programs(2) // NC) * SP + vec + t_loc, qdq, mask=t_ok)
 
 
 @triton.jit
@@ -431,7 +512,7 @@ def _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-    dw_tr = _scores(v_res, v_base, s_loc, s_ok, dh_base, t_loc, t_ok, DHV, BV, True, True, PREC)  # v dh^T
+    dw_tr = _scores(v_res, v_res, v_base, s_loc, s_ok, dh_base, t_loc, t_ok, DHV, BV, 0, True, True, PREC)  # v dh^T
     ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
     q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, True, DQK % BKO != 0)
     acc += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
@@ -467,7 +548,7 @@ def mlstm_bwd_dk_kernel(
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    v_res = _resident(v_base, s_loc, s_ok, DHV, BV, V.dtype.element_ty)
+    v_res, _ = _resident(v_base, s_loc, s_ok, DHV, BV, 0, V.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BS, BKO), dtype=tl.float32)
@@ -509,7 +590,7 @@ def _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-    sc_tr = _scores(k_res, k_base, s_loc, s_ok, q_base, t_loc, t_ok, DQK, BK, True, True, PREC)  # k q^T
+    sc_tr = _scores(k_res, k_res, k_base, s_loc, s_ok, q_base, t_loc, t_ok, DQK, BK, 0, True, True, PREC)  # k q^T
     w_tr = sc_tr * (p_tr * rs_t[None, :])
     dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, True, DHV % BVO != 0)
     acc += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
@@ -543,7 +624,7 @@ def mlstm_bwd_dv_kernel(
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    k_res = _resident(k_base, s_loc, s_ok, DQK, BK, K.dtype.element_ty)
+    k_res, _ = _resident(k_base, s_loc, s_ok, DQK, BK, 0, K.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BS, BVO), dtype=tl.float32)
@@ -748,21 +829,32 @@ def mlstm_gates_bwd_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, b_s, Lc,
-                   offs_k, offs_v, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
+def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec,
+                   s_loc, b_s, Lc, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
+                   FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-    q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, True, DQK != BK)
-    dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, True, DHV != BV)
+    q_t = _load_piece(q_base, t_loc, t_ok, 0, BK, DQK, True)
+    dh_t = _load_piece(dh_base, t_loc, t_ok, 0, BV, DHV, True)
     sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
     dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
+    if BK2 > 0:
+        q_t2 = _load_piece(q_base, t_loc, t_ok, BK, BK2, DQK, True)
+        sc_tr += tl.dot(k_s2, tl.trans(q_t2), input_precision=PREC)
+    if BV2 > 0:
+        dh_t2 = _load_piece(dh_base, t_loc, t_ok, BV, BV2, DHV, True)
+        dw_tr += tl.dot(v_s2, tl.trans(dh_t2), input_precision=PREC)
     w_tr = sc_tr * (p_tr * rs_t[None, :])
     ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
     acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
     acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
-    return acc_k, acc_v
+    if BV2 > 0:
+        acc_v2 += tl.dot(w_tr.to(dh_t2.dtype), dh_t2, input_precision=PREC)
+    if BK2 > 0:
+        acc_k2 += tl.dot(ds_tr.to(q_t2.dtype), q_t2, input_precision=PREC)
+    return acc_k, acc_k2, acc_v, acc_v2
 
 
 @triton.jit
@@ -770,13 +862,15 @@ def mlstm_bwd_dkdv_kernel(
     Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, DV, KDK,
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
-    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
+    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
+    BV: tl.constexpr, BV2: tl.constexpr, SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
-    """dk and dv of one key tile in one pass (head dims <= BK, BV: one slice each), both accumulators live:
+    """dk and dv of one key tile in one pass (head dims <= BK + BK2, BV + BV2: one program covers them), both
+    accumulators live:
     dv[j] = sum_{t>=j} (q_t.k_j) P_tj rs_t dh_t + e_j k_j^T dC_{c+1},
     dk[j] = sum_{t>=j} (rs_t dh_t.v_j + dqn_t) P_tj q_t + e_j (dC_{c+1} v_j + dn_{c+1}),  P_tj = exp(D_tj-m_t)/sqrt(d).
     q and dh tiles are loaded row-major; the key-side products k q^T and v dh^T come out transposed directly.
+    BK2 / BV2 > 0: the head dims in two pieces, as _scores explains.
     BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
     pid_s = tl.program_id(0)
     pid_bc = tl.program_id(1)
@@ -791,6 +885,10 @@ def mlstm_bwd_dkdv_kernel(
     k_ok = offs_k < DQK
     offs_v = tl.arange(0, BV)
     v_ok = offs_v < DHV
+    offs_k2 = _piece_cols(BK, BK2)
+    k2_ok = offs_k2 < DQK
+    offs_v2 = _piece_cols(BV, BV2)
+    v2_ok = offs_v2 < DHV
     q_base = Q + (bh * S + row0) * DQK
     k_base = K + (bh * S + row0) * DQK
     v_base = V + (bh * S + row0) * DHV
@@ -798,20 +896,22 @@ def mlstm_bwd_dkdv_kernel(
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    sk_ok = s_ok[:, None] & k_ok[None, :]
-    sv_ok = s_ok[:, None] & v_ok[None, :]
-    k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=sk_ok, other=0.0)
-    v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=sv_ok, other=0.0)
+    k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, BK, BK2, K.dtype.element_ty)
+    v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, BV, BV2, V.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc_k = tl.zeros((BS, BK), dtype=tl.float32)
     acc_v = tl.zeros((BS, BV), dtype=tl.float32)
+    acc_k2 = _acc_piece(BS, BK2)
+    acc_v2 = _acc_piece(BS, BV2)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
-        acc_k, acc_v = _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-                                      b_s, Lc, offs_k, offs_v, DQK, DHV, BT, BK, BV, True, PREC, FAST_EXP2)
+        acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
+            acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
+            b_s, Lc, DQK, DHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
-        acc_k, acc_v = _bwd_dkdv_tile(acc_k, acc_v, k_s, v_s, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-                                      b_s, Lc, offs_k, offs_v, DQK, DHV, BT, BK, BV, False, PREC, FAST_EXP2)
+        acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
+            acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
+            b_s, Lc, DQK, DHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         # The state's gradient enters in SL-wide slices: the whole [BK, BV] tile of dC would need more shared memory
@@ -826,9 +926,14 @@ def mlstm_bwd_dkdv_kernel(
             d_ok = offs_d < DQK
             k_d = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                           other=0.0)
-            dc_d = tl.load(dc_base + offs_d[:, None] * DHV + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
+            dc_rows = dc_base + offs_d[:, None] * DHV
+            dc_d = tl.load(dc_rows + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
                            other=0.0).to(k_s.dtype)  # [SL, BV]
             acc_v += e[:, None] * tl.dot(k_d, dc_d, input_precision=PREC)
+            if BV2 > 0:
+                dc_d2 = tl.load(dc_rows + offs_v2[None, :], mask=d_ok[:, None] & v2_ok[None, :],
+                                other=0.0).to(k_s.dtype)  # [SL, BV2]
+                acc_v2 += e[:, None] * tl.dot(k_d, dc_d2, input_precision=PREC)
         for d0 in range(0, DHV, SL):  # acc_k += e * v dC^T, summed over DHV slices
             offs_d = d0 + tl.arange(0, SL)
             d_ok = offs_d < DHV
@@ -837,11 +942,28 @@ def mlstm_bwd_dkdv_kernel(
             dc_d = tl.load(dc_base + offs_k[:, None] * DHV + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                            other=0.0).to(k_s.dtype)  # [BK, SL]
             acc_k += e[:, None] * tl.dot(v_d, tl.trans(dc_d), input_precision=PREC)
+            if BK2 > 0:
+                dc_d2 = tl.load(dc_base + offs_k2[:, None] * DHV + offs_d[None, :],
+                                mask=k2_ok[:, None] & d_ok[None, :], other=0.0).to(k_s.dtype)  # [BK2, SL]
+                acc_k2 += e[:, None] * tl.dot(v_d, tl.trans(dc_d2), input_precision=PREC)
         dn_k = tl.load(DNST + st * DQK + offs_k, mask=k_ok, other=0.0)
         acc_k += e[:, None] * dn_k[None, :]
+        if BK2 > 0:
+            dn_k2 = tl.load(DNST + st * DQK + offs_k2, mask=k2_ok, other=0.0)
+            acc_k2 += e[:, None] * dn_k2[None, :]
 
-    tl.store(DK + (bh * S + row0) * DQK + s_loc[:, None] * DQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
-             mask=sk_ok)
-    tl.store(DV + (bh * S + row0) * DHV + s_loc[:, None] * DHV + offs_v[None, :], acc_v.to(DV.dtype.element_ty),
-             mask=sv_ok)
-    tl.store(KDK + vec + s_loc, tl.sum(k_s.to(tl.float32) * acc_k, 1), mask=s_ok)
+    dk_base = DK + (bh * S + row0) * DQK
+    dv_base = DV + (bh * S + row0) * DHV
+    tl.store(dk_base + s_loc[:, None] * DQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
+             mask=s_ok[:, None] & k_ok[None, :])
+    tl.store(dv_base + s_loc[:, None] * DHV + offs_v[None, :], acc_v.to(DV.dtype.element_ty),
+             mask=s_ok[:, None] & v_ok[None, :])
+    kdk = tl.sum(k_s.to(tl.float32) * acc_k, 1)
+    if BK2 > 0:
+        tl.store(dk_base + s_loc[:, None] * DQK + offs_k2[None, :], acc_k2.to(DK.dtype.element_ty),
+                 mask=s_ok[:, None] & k2_ok[None, :])
+        kdk += tl.sum(k_s2.to(tl.float32) * acc_k2, 1)
+    if BV2 > 0:
+        tl.store(dv_base + s_loc[:, None] * DHV + offs_v2[None, :], acc_v2.to(DV.dtype.element_ty),
+                 mask=s_ok[:, None] & v2_ok[None, :])
+    tl.store(KDK + vec + s_loc, kdk, mask=s_ok)

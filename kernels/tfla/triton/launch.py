@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -106,9 +107,12 @@ def _warps(*tile: int) -> int:
 # ones (dk, dv, dkdv) BS % BT == 0: that is what lets every tile off the diagonal skip the causal mask.
 def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
     if kernel == "fwd_h":
-        cfg = dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BV=min(_pow2(DHV), 128))
+        cfg = dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BK2=0, BV=min(_pow2(DHV), 128), BV2=0)
         return dict(cfg, num_warps=_warps(cfg["BT"], cfg["BV"]))
-    if kernel in ("dq", "dk"):  # both reduce over DHV and write DQK slices
+    if kernel == "dq":  # reduces over DHV and writes DQK slices
+        cfg = dict(BT=64, BS=64, BV=_dim_block(DHV, 128), BV2=0, BKO=min(_pow2(DQK), 128), BKO2=0)
+        return dict(cfg, num_warps=_warps(64, cfg["BKO"]))
+    if kernel == "dk":  # as dq
         cfg = dict(BT=64, BS=64, BV=_dim_block(DHV, 128), BKO=min(_pow2(DQK), 128))
         return dict(cfg, num_warps=_warps(64, cfg["BKO"]))
     if kernel == "dv":
@@ -116,9 +120,49 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
         return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BVO"]))
     if kernel == "dkdv":
         wide = max(DQK, DHV) > 128  # both accumulators and both key tiles live: halve the tile to fit
-        cfg = dict(BT=32 if wide else 64, BS=32 if wide else 64, BK=_pow2(DQK), BV=_pow2(DHV))
+        cfg = dict(BT=32 if wide else 64, BS=32 if wide else 64, BK=_pow2(DQK), BK2=0, BV=_pow2(DHV), BV2=0)
         return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BK"] + cfg["BV"]), num_stages=2 if wide else 3)
     raise KeyError(kernel)
+
+
+# Head dims that are not powers of two, in two power-of-two pieces (kernels._scores): 96 = 64 + 32, 192 = 128 + 64,
+# 48 = 32 + 16, instead of one tile padded to 128 or 256. Where a kernel takes pieces, one program covers the whole
+# head dim (the query-side kernels no longer split h or dq into slices, each of which recomputed the scores).
+# Pieces replace the tiles' head-dim widths after the tuned table (its entries are keyed by the padded dims and keep
+# their row tiles and launch options), then an entry keyed by the exact dims ("fwd_h:96:96") where the tuner measured
+# the pieces; TFLA_HEAD_DIM_PIECES=0 or HEAD_DIM_PIECES = False turns them off (benchmarks
+# compare both). Up to a padded width of 256: the whole head dim then stays in registers.
+HEAD_DIM_PIECES: bool = os.environ.get("TFLA_HEAD_DIM_PIECES", "1") != "0"
+PIECES_MAX_HEAD_DIM = 256
+# kernel -> the (first, second) tile keys of its pieces, and whether each is along DQK (else DHV).
+_PIECE_KEYS = {
+    "fwd_h": (("BK", "BK2", True), ("BV", "BV2", False)),
+    "dq": (("BV", "BV2", False), ("BKO", "BKO2", True)),
+    "dkdv": (("BK", "BK2", True), ("BV", "BV2", False)),
+}
+
+
+def head_dim_pieces(d: int) -> tuple[int, int]:
+    """(first, second) widths covering a head dim of d: the largest power of two <= d and the rest padded to a power
+    of two (>= 16), or (padded d, 0) where that would be no narrower than padding d."""
+    whole = _pow2(d)
+    first = max(16, 1 << (d.bit_length() - 1))
+    if first >= d:
+        return whole, 0
+    second = _pow2(d - first)
+    return (first, second) if first + second < whole else (whole, 0)
+
+
+def head_dim_piece_tiles(kernel: str, DQK: int, DHV: int) -> dict:
+    if kernel not in _PIECE_KEYS or max(_pow2(DQK), _pow2(DHV)) > PIECES_MAX_HEAD_DIM:
+        return {}
+    split = {key: head_dim_pieces(DQK if along_qk else DHV) for key, _, along_qk in _PIECE_KEYS[kernel]}
+    if not any(second for _, second in split.values()):
+        return {}
+    cfg = {}
+    for key, key2, _ in _PIECE_KEYS[kernel]:
+        cfg[key], cfg[key2] = split[key]
+    return cfg
 
 
 # Measured choices that replace the defaults: tuned_tiles.json beside this file, written by bench/tune_mlstm.py
@@ -170,8 +214,21 @@ def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu") -> dict:
 
 def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
     cfg = _default_tiles(kernel, DQK, DHV)
-    cfg.update(tuned_tiles(arch).get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}", {}))
-    cfg.update(TILE_OVERRIDES.get(kernel, {}))
+    table = tuned_tiles(arch)
+    cfg.update(table.get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}", {}))
+    pieces = head_dim_piece_tiles(kernel, DQK, DHV) if HEAD_DIM_PIECES else {}
+    if pieces:  # then the entry tuned with these pieces, keyed by the exact head dims (bench/tune_mlstm.py)
+        cfg.update(pieces)
+        cfg.update(table.get(f"{kernel}:{DQK}:{DHV}", {}))
+    overrides = TILE_OVERRIDES.get(kernel, {})
+    cfg.update(overrides)
+    for key, key2, along_qk in _PIECE_KEYS.get(kernel, ()):
+        if key in overrides and key2 not in overrides:
+            cfg[key2] = 0  # an override of a width alone means one piece (or slices) of that width
+        dim = DQK if along_qk else DHV
+        if cfg[key2] and not (cfg[key2] <= cfg[key] and cfg[key] < dim <= cfg[key] + cfg[key2]):
+            raise ValueError(f"{kernel} tiles {cfg}: pieces {key} + {key2} must cover a head dim of {dim} "
+                             f"with {key} < {dim} and {key2} <= {key}")
     outer, inner = ("BT", "BS") if kernel in _QUERY_SIDE else ("BS", "BT")
     if cfg[outer] % cfg[inner]:
         raise ValueError(f"{kernel} tiles {cfg}: {outer} must be a multiple of {inner}")
@@ -260,7 +317,7 @@ def mlstm_fwd(
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
     _launch_tiled(
-        mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"]), BNH * lay.NC),
+        mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"] + t["BV2"]), BNH * lay.NC),
         tiles("fwd_h", DQK, DHV, gpu_arch(q.device)),
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
@@ -322,7 +379,7 @@ def mlstm_bwd(
     common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q))
 
     cfg = tiles("dq", DQK, DHV, arch)
-    nko = _cdiv(DQK, cfg["BKO"])
+    nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
     _launch_tiled(
