@@ -304,17 +304,22 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     if gates is None:
         gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)
     fv, av, mrow, mst = gates
-    rs, dqn, dm_row = launch.mlstm_bwd_rows(h.contiguous(), dh, qn, mrow, lay, exp_gate=exp_gate,
-                                            normalize=normalize, eps=eps)
-
     keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
+    if state_pass:  # the state pass reads rs and dqn before the dq kernel runs
+        rs, dqn, dm_row = launch.mlstm_bwd_rows(h.contiguous(), dh, qn, mrow, lay, exp_gate=exp_gate,
+                                                normalize=normalize, eps=eps)
+        row_terms = None
+    else:  # the dq kernel computes them for its rows: one launch less
+        rs, dqn, dm_row = launch._row_sums(3, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
+        row_terms = launch.RowTermInputs(h.contiguous(), qn, dm_row, normalize, exp_gate, eps)
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
     dq, dk, dv, qdq, kdk = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
+        row_terms_from=row_terms,
     )
     A = None
     if dCst is not None and keeps:

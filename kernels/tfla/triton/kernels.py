@@ -407,15 +407,19 @@ def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV
 
 @triton.jit
 def mlstm_bwd_dq_kernel(
-    Q, K, V, DH, FV, AV, MROW, RS, DQN, CST, NST, MST, DQ, QDQ,
-    S, L, NC, SP, scale,
+    Q, K, V, DH, FV, AV, MROW, RS, DQN, CST, NST, MST, DQ, QDQ, H, QN, DMROW,
+    S, L, NC, SP, scale, eps,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     BKO: tl.constexpr, BKO2: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
+    ROW_TERMS: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
 ):
     """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn.
     BT is a multiple of BS, as in the forward. BV2 / BKO2 > 0: dh and dq in two head-dim pieces (_scores); with BKO2
-    one program covers all of dq's columns."""
+    one program covers all of dq's columns.
+    ROW_TERMS (one chunk, no states: nothing before this kernel needs them): rs and dqn are computed here from h, dh,
+    qn and the max state (_row_terms) and written, with dm, for the kernels after it, instead of by a
+    mlstm_bwd_rows_kernel launch; dh's tile is already resident, so h is the only extra read."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -437,9 +441,25 @@ def mlstm_bwd_dq_kernel(
     vec = bh * SP + row0
     f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-    rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-    dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
     dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, BV, BV2, DH.dtype.element_ty)
+    if ROW_TERMS:
+        if DHV <= BV + BV2:
+            h_base = H + (bh * S + row0) * DHV
+            delta = tl.sum(_load_piece(h_base, t_loc, t_ok, 0, BV, DHV, True).to(tl.float32)
+                           * dh_res.to(tl.float32), 1)
+            if BV2 > 0:
+                delta += tl.sum(_load_piece(h_base, t_loc, t_ok, BV, BV2, DHV, True).to(tl.float32)
+                                * dh_res2.to(tl.float32), 1)
+        else:
+            delta = _row_dot(H, DH, bh, row0 + t_loc, t_ok, S, DHV, BV)
+        rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + t_loc, t_ok, eps, NORMALIZE, EXP_GATE)
+        first = pid_k == 0
+        tl.store(RS + vec + t_loc, rs_t, mask=t_ok & first)
+        tl.store(DQN + vec + t_loc, dqn_t, mask=t_ok & first)
+        tl.store(DMROW + vec + t_loc, dm_t, mask=t_ok & first)
+    else:
+        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
     r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BT, BKO), dtype=tl.float32)
@@ -730,25 +750,15 @@ def mlstm_gates_fwd_kernel(
 
 
 @triton.jit
-def mlstm_bwd_rows_kernel(
-    H, DH, QN, MROW, RS, DQN, DMROW,
-    S, SP, DHV, eps,
-    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-):
-    """Per row: delta = dh.h, then 1/denominator, dqn and the max-state gradient dm (function.py's formulas)."""
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    rows = pid_t * BT + tl.arange(0, BT)
-    r_ok = rows < S
-    p_ok = rows < SP
-    delta = _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV)
-    vec = bh * SP + rows
+def _row_terms(delta, QN, MROW, vec, ok, eps, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr):
+    """From delta = dh.h of a tile of rows: 1/denominator, dqn and the max-state gradient dm (function.py's
+    formulas)."""
     if NORMALIZE:
-        qn = tl.load(QN + vec, mask=p_ok, other=0.0)
+        qn = tl.load(QN + vec, mask=ok, other=0.0)
         if EXP_GATE:
-            lower = tl.exp(-tl.load(MROW + vec, mask=p_ok, other=0.0))
+            lower = tl.exp(-tl.load(MROW + vec, mask=ok, other=0.0))
         else:
-            lower = tl.full((BT,), 1.0, tl.float32)
+            lower = tl.full(delta.shape, 1.0, tl.float32)
         rs = 1.0 / (tl.maximum(tl.abs(qn), lower) + eps)
         active = tl.abs(qn) > lower
         d_denom = -delta * rs
@@ -756,9 +766,28 @@ def mlstm_bwd_rows_kernel(
         dqn = tl.where(active, d_denom * sign, 0.0)
         dm = -delta - dqn * qn - tl.where(active, 0.0, d_denom * lower)
     else:
-        rs = tl.full((BT,), 1.0, tl.float32)
-        dqn = tl.zeros((BT,), dtype=tl.float32)
+        rs = tl.full(delta.shape, 1.0, tl.float32)
+        dqn = tl.zeros(delta.shape, dtype=tl.float32)
         dm = -delta
+    return rs, dqn, dm
+
+
+@triton.jit
+def mlstm_bwd_rows_kernel(
+    H, DH, QN, MROW, RS, DQN, DMROW,
+    S, SP, DHV, eps,
+    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+):
+    """Per row: delta = dh.h, then 1/denominator, dqn and the max-state gradient dm (_row_terms). Chunked calls and
+    calls with states only: otherwise the dq kernel computes these for its own rows (ROW_TERMS)."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_t * BT + tl.arange(0, BT)
+    r_ok = rows < S
+    p_ok = rows < SP
+    delta = _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV)
+    vec = bh * SP + rows
+    rs, dqn, dm = _row_terms(delta, QN, MROW, vec, p_ok, eps, NORMALIZE, EXP_GATE)
     tl.store(RS + vec, rs, mask=p_ok)
     tl.store(DQN + vec, dqn, mask=p_ok)
     tl.store(DMROW + vec, dm, mask=p_ok)

@@ -335,6 +335,18 @@ def mlstm_bwd_delta(h: torch.Tensor, dh: torch.Tensor, lay: ChunkLayout) -> torc
     return delta
 
 
+class RowTermInputs(NamedTuple):
+    """What the dq kernel needs to compute the backward's per-row terms itself (mlstm_bwd's row_terms_from): h and
+    qn from the forward, and the buffer [BNH, SP] it writes the per-row max-state gradient dm to."""
+
+    h: torch.Tensor
+    qn: torch.Tensor
+    dm_row: torch.Tensor
+    normalize: bool
+    exp_gate: bool
+    eps: float
+
+
 def mlstm_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,10 +368,13 @@ def mlstm_bwd(
     state_pass: bool,
     sum_slices: bool = True,
     fused_dkdv: bool = False,
+    row_terms_from: Optional[RowTermInputs] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
-    dk and dv from one kernel where one_pass_dkdv() says so. Tiles: see tiles()."""
+    dk and dv from one kernel where one_pass_dkdv() says so. Tiles: see tiles().
+    row_terms_from (one chunk, no state pass): rs and dqn are outputs, filled by the dq kernel from these inputs
+    together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -382,11 +397,17 @@ def mlstm_bwd(
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
+    rows = row_terms_from
+    if rows is not None and (state_pass or lay.NC != 1):
+        raise ValueError("row_terms_from needs one chunk without a state pass (which reads rs and dqn first)")
     _launch_tiled(
         mlstm_bwd_dq_kernel, lambda t: (_cdiv(lay.L, t["BT"]), nko, BNH * lay.NC), cfg,
         q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
-        S, lay.L, lay.NC, lay.SP, scale, HAS_INIT=Cst is not None, **common,
+        rows.h if rows else dummy, rows.qn if rows else dummy, rows.dm_row if rows else dummy,
+        S, lay.L, lay.NC, lay.SP, scale, rows.eps if rows else 0.0, HAS_INIT=Cst is not None,
+        ROW_TERMS=rows is not None, NORMALIZE=bool(rows and rows.normalize), EXP_GATE=bool(rows and rows.exp_gate),
+        **common,
     )
     if fused_dkdv and one_pass_dkdv(DQK, DHV, arch):
         dk, dv = _new(k), _new(v)

@@ -40,7 +40,8 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states."""
     fn = KERNELS[name]
     consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2)
-    flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True), "dq": dict(HAS_INIT=False)}
+    flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True),
+             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
