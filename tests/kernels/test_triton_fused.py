@@ -172,6 +172,36 @@ else:
         finally:
             launch.reset_tile_caches()
 
+    # q, k, v as token-major views ([B, NH, S, D] views of [B, S, NH, D], what vil's MatrixLSTM passes): the kernels
+    # read and write that layout in place (launch.heads_per_row). Results must equal the contiguous run's exactly
+    # (same kernels, same tiles), h and dq, dk, dv must come back token-major (no copy in between), and the chunked
+    # cases take the state kernels and the row kernel through the same addressing.
+    LAYOUT_CASES = {
+        "96x96 exp": ((2, 3, 33, 96, 96, "exp", torch.float32), dict(seed=31)),
+        "40x24 sig states L16": ((1, 2, 45, 40, 24, "sig", torch.float32),
+                                 dict(init=True, ret=True, chunk_size=16, seed=32)),
+        "16x24 fp16 L7": ((2, 2, 20, 16, 24, "exp", torch.float16), dict(chunk_size=7, seed=33)),
+    }
+
+    @pytest.mark.parametrize("case", list(LAYOUT_CASES), ids=list(LAYOUT_CASES))
+    def test_fused_token_major_inputs_are_read_in_place(fused, case):
+        (B, NH, S, DQK, DHV, gate, dtype), kw = LAYOUT_CASES[case]
+        seed = kw.pop("seed")
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, kw.pop("init", False))
+        token_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
+        assert all(launch.heads_per_row(t) == NH for t in token_major[:3])
+        ret = kw.pop("ret", False)
+        outs, grads = _run(mlstm_triton, xs, gate, True, ret, seed, **kw)
+        outs_t, grads_t = _run(mlstm_triton, token_major, gate, True, ret, seed, **kw)
+        assert launch.heads_per_row(outs_t[0]) == NH, outs_t[0].stride()  # h written token-major
+        for name, g in zip("qkv", grads_t):
+            assert launch.heads_per_row(g) == NH, (name, g.stride())  # gradients in the inputs' layout
+        for name, a, b in zip(["h", "C", "n", "m"] + ["d" + n for n in NAMES], outs_t + grads_t, outs + grads):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(a, b), (name, _rel(a, b))
+        check(B, NH, S, DQK, DHV, gate, dtype, init=len(xs) > 5, ret=ret, seed=seed, **kw)
+
     def test_fused_cummax_ties(fused):
         """Equal maxima (constant input gates and no decay) route dm to the latest row, as torch.cummax does."""
         xs = _inputs(1, 1, 17, 16, 16, torch.float32, 9, False)

@@ -41,8 +41,11 @@ class MultiHeadLayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """[B, NH, S, DH] -> [B, S, NH * DH]."""
-        h = F.layer_norm(h, (self.head_dim,), eps=self.eps)
-        h = h.transpose(1, 2).flatten(2)  # [B, S, E]
+        # Normalised as [B, S, NH, DH]: the Triton mLSTM writes h token-major (a [B, NH, S, DH] view of that), so the
+        # transpose is free, layer_norm reads it in place and the flatten to [B, S, E] is a view, and so are their
+        # gradients. A contiguous h (the PyTorch backends) is copied once, as the transpose after the norm did.
+        h = F.layer_norm(h.transpose(1, 2), (self.head_dim,), eps=self.eps)
+        h = h.flatten(2)  # [B, S, E]
         h = h * self.weight
         if self.bias is not None:
             h = h + self.bias

@@ -80,6 +80,35 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])
 
 
+# Layout of q, k, v, h and their gradients in the kernels (launch.heads_per_row): contiguous [B, NH, S, D], or
+# token-major, a [B, NH, S, D] view of a contiguous [B, S, NH, D]. A model's projections give the token-major
+# views (vil's MatrixLSTM splits heads off [B, S, NH * D] with a transpose); the kernels read and write them in place,
+# where a .contiguous() would copy q, k, v, h and dh and the gradients (13 copies per ViL block and step,
+# bench/results/profile_model_vil_tiny_dense_by_shape_h200.log). The fused path takes the layout of q; the unfused
+# cross-check path stays contiguous.
+def _is_token_major(x: torch.Tensor) -> bool:
+    B, NH, S, D = x.shape
+    return NH > 1 and S > 1 and x.stride() == (S * NH * D, D, NH * D, 1)
+
+
+def _token_major(q: torch.Tensor, lay: ChunkLayout) -> bool:
+    return _fused_gates(lay) and _is_token_major(q)
+
+
+def _in_layout(x: torch.Tensor, token_major: bool) -> torch.Tensor:
+    if not token_major:
+        return x.contiguous()
+    return x if _is_token_major(x) else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _new_in_layout(like: torch.Tensor, shape, token_major: bool) -> torch.Tensor:
+    """An empty tensor of `shape` [B, NH, S, D] in the given layout (what the fake kernels promise)."""
+    if not token_major:
+        return like.new_empty(shape)
+    B, NH, S, D = shape
+    return like.new_empty(B, S, NH, D).transpose(1, 2)
+
+
 # The two ops are defined with torch.library's low-level API rather than @torch.library.custom_op: custom_op wraps
 # every call in a Python layer (output aliasing checks and more). With the kernels stubbed out, one fwd + bwd op call
 # pair cost 35 us of op layer on this project's CPU with custom_op and 22 us with this registration (torch 2.14); a
@@ -128,7 +157,8 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     DHV = v.shape[-1]
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    token_major = _token_major(q, lay)
+    q, k, v = (_in_layout(t, token_major) for t in (q, k, v))
     fused = _fused_gates(lay)
     if fused:
         fv, av, mrow, mst = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
@@ -164,7 +194,8 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
         Cst = q.new_empty(0, **f32)
         nst = q.new_empty(0, **f32)
     mst = q.new_empty(B, NH, lay.NC + 1, **f32)
-    return v.new_empty(B, NH, S, DHV), Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32)
+    h = _new_in_layout(v, (B, NH, S, DHV), _token_major(q, lay))
+    return h, Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32)
 
 
 def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
@@ -180,8 +211,9 @@ def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gat
     args = (dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
     grads = _bwd_impl_fused(*args, gates=gates) if fused else _bwd_impl(*args)
     # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
-    # contiguous tensors, whatever the inputs' strides.
-    return tuple(None if g is None else g.contiguous() for g in grads)
+    # dq, dk, dv in the layout of the kernels (_token_major) and the rest contiguous, whatever the inputs' strides.
+    token_major = _token_major(q, chunk_layout(q.shape[2], chunk_size))
+    return tuple(None if g is None else _in_layout(g, token_major and n < 3) for n, g in enumerate(grads))
 
 
 def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, device, needed: bool):
@@ -299,20 +331,21 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     lay = chunk_layout(S, chunk_size)
     has_init = C0 is not None
     has_final_grad = dC is not None or dn is not None or dm is not None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    dh = dh.to(v.dtype).contiguous()
+    token_major = _token_major(q, lay)
+    q, k, v = (_in_layout(t, token_major) for t in (q, k, v))
+    dh = _in_layout(dh.to(v.dtype), token_major)
     if gates is None:
         gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)
     fv, av, mrow, mst = gates
     keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
     if state_pass:  # the state pass reads rs and dqn before the dq kernel runs
-        rs, dqn, dm_row = launch.mlstm_bwd_rows(h.contiguous(), dh, qn, mrow, lay, exp_gate=exp_gate,
+        rs, dqn, dm_row = launch.mlstm_bwd_rows(_in_layout(h, token_major), dh, qn, mrow, lay, exp_gate=exp_gate,
                                                 normalize=normalize, eps=eps)
         row_terms = None
     else:  # the dq kernel computes them for its rows: one launch less
         rs, dqn, dm_row = launch._row_sums(3, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
-        row_terms = launch.RowTermInputs(h.contiguous(), qn, dm_row, normalize, exp_gate, eps)
+        row_terms = launch.RowTermInputs(_in_layout(h, token_major), qn, dm_row, normalize, exp_gate, eps)
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
@@ -348,7 +381,9 @@ def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, norm
     def fresh(t):
         return t.new_empty(t.shape)
 
-    return fresh(q), fresh(k), fresh(v), fresh(i), fresh(f), dC0, dn0, dm0
+    token_major = _token_major(q, chunk_layout(q.shape[2], chunk_size))
+    dq, dk, dv = (_new_in_layout(t, t.shape, token_major) for t in (q, k, v))
+    return dq, dk, dv, fresh(i), fresh(f), dC0, dn0, dm0
 
 
 # One implementation for every device: the Triton kernels run on CUDA, and on CPU under TRITON_INTERPRET=1 (tests).

@@ -44,10 +44,11 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, row_ok, cols, NCOLS: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+def _load_rows(base, rows, row_ok, cols, NCOLS: tl.constexpr, ROWSTRIDE: tl.constexpr, CHECK_ROWS: tl.constexpr,
+               CHECK_COLS: tl.constexpr):
     """Tile [rows, cols] of a row-major [*, NCOLS] matrix, zero outside; masks only where a bound can be crossed
     (unmasked loads vectorise, and off-diagonal tiles never cross the sequence's end)."""
-    ptrs = base + rows[:, None] * NCOLS + cols[None, :]
+    ptrs = base + rows[:, None] * ROWSTRIDE + cols[None, :]
     if CHECK_ROWS and CHECK_COLS:
         x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < NCOLS), other=0.0)
     elif CHECK_ROWS:
@@ -69,13 +70,23 @@ def _load_vec(ptr, offs, ok, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _load_piece(base, rows, row_ok, C0: tl.constexpr, W: tl.constexpr, NCOLS: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Columns [C0, C0 + W) of a row-major [*, NCOLS] matrix (a head-dim piece, see _scores), zero past NCOLS."""
-    return _load_rows(base, rows, row_ok, C0 + tl.arange(0, W), NCOLS, CHECK_ROWS, C0 + W > NCOLS)
+def _rows_base(PTR, bh, row0, S, D: tl.constexpr, NHT: tl.constexpr):
+    """Row row0 of (batch, head) bh = b * NH + head of a [B, NH, S, D] tensor stored as [B, S, NHT, D]: NHT = 1 is
+    the contiguous [B*NH, S, D] layout (rows D apart), NHT = NH the token-major one, a [B, NH, S, D] view of
+    [B, S, NH * D] (rows NH * D apart: what a model's projections produce, read without a transposing copy)."""
+    return PTR + ((bh // NHT) * S + row0) * (NHT * D) + (bh % NHT) * D
 
 
 @triton.jit
-def _scores(a_res, a_res2, a_base, a_rows, a_ok, b_base, b_rows, b_ok, D: tl.constexpr, BD: tl.constexpr,
+def _load_piece(base, rows, row_ok, C0: tl.constexpr, W: tl.constexpr, NCOLS: tl.constexpr, ROWSTRIDE: tl.constexpr,
+                CHECK_ROWS: tl.constexpr):
+    """Columns [C0, C0 + W) of a row-major [*, NCOLS] matrix (a head-dim piece, see _scores), zero past NCOLS."""
+    return _load_rows(base, rows, row_ok, C0 + tl.arange(0, W), NCOLS, ROWSTRIDE, CHECK_ROWS, C0 + W > NCOLS)
+
+
+@triton.jit
+def _scores(a_res, a_res2, a_base, a_rows, a_ok, b_base, b_rows, b_ok, D: tl.constexpr, ROWSTRIDE: tl.constexpr,
+            BD: tl.constexpr,
             BD2: tl.constexpr, CHECK_A: tl.constexpr, CHECK_B: tl.constexpr, PREC: tl.constexpr):
     """a b^T over a head dim of D: [len(a_rows), len(b_rows)] in float32. With D <= BD + BD2, a_res (columns [0, BD))
     and, when BD2 > 0, a_res2 (columns [BD, BD + BD2)) hold a's whole tile, loaded once by the caller (_resident).
@@ -83,29 +94,30 @@ def _scores(a_res, a_res2, a_base, a_rows, a_ok, b_base, b_rows, b_ok, D: tl.con
     (a padded 128 or 256 wastes a quarter to a third of every product). Otherwise both operands are read in BD-wide
     slices."""
     if D <= BD + BD2:
-        b = _load_piece(b_base, b_rows, b_ok, 0, BD, D, CHECK_B)
+        b = _load_piece(b_base, b_rows, b_ok, 0, BD, D, ROWSTRIDE, CHECK_B)
         acc = tl.dot(a_res, tl.trans(b), input_precision=PREC)
         if BD2 > 0:
-            b2 = _load_piece(b_base, b_rows, b_ok, BD, BD2, D, CHECK_B)
+            b2 = _load_piece(b_base, b_rows, b_ok, BD, BD2, D, ROWSTRIDE, CHECK_B)
             acc += tl.dot(a_res2, tl.trans(b2), input_precision=PREC)
     else:
         acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), dtype=tl.float32)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
-            a = _load_rows(a_base, a_rows, a_ok, offs_d, D, CHECK_A, D % BD != 0)
-            b = _load_rows(b_base, b_rows, b_ok, offs_d, D, CHECK_B, D % BD != 0)
+            a = _load_rows(a_base, a_rows, a_ok, offs_d, D, ROWSTRIDE, CHECK_A, D % BD != 0)
+            b = _load_rows(b_base, b_rows, b_ok, offs_d, D, ROWSTRIDE, CHECK_B, D % BD != 0)
             acc += tl.dot(a, tl.trans(b), input_precision=PREC)
     return acc
 
 
 @triton.jit
-def _resident(base, rows, row_ok, D: tl.constexpr, BD: tl.constexpr, BD2: tl.constexpr, DTYPE: tl.constexpr):
+def _resident(base, rows, row_ok, D: tl.constexpr, ROWSTRIDE: tl.constexpr, BD: tl.constexpr, BD2: tl.constexpr,
+              DTYPE: tl.constexpr):
     """The whole [rows, D] tile as _scores takes it: pieces [rows, BD] and [rows, BD2] (a dummy when BD2 = 0), or two
     dummies when D does not fit them."""
     if D <= BD + BD2:
-        x = _load_piece(base, rows, row_ok, 0, BD, D, True)
+        x = _load_piece(base, rows, row_ok, 0, BD, D, ROWSTRIDE, True)
         if BD2 > 0:
-            x2 = _load_piece(base, rows, row_ok, BD, BD2, D, True)
+            x2 = _load_piece(base, rows, row_ok, BD, BD2, D, ROWSTRIDE, True)
         else:
             x2 = tl.zeros((rows.shape[0], 16), dtype=DTYPE)
     else:
@@ -136,7 +148,8 @@ def _acc_piece(ROWS: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
-                DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
+                DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+                BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
                 BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
                 FAST_EXP2: tl.constexpr):
     # DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
@@ -145,17 +158,17 @@ def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
-    sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, BK, BK2, True, DIAG, PREC)
+    sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, RQK, BK, BK2, True, DIAG, PREC)
     w = sc * _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     if DIAG:
         w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
     qn += tl.sum(w, 1)
     if BV2 > 0:  # one program writes all of h's columns, in two pieces
-        v_s = _load_piece(v_base, s_loc, s_ok, 0, BV, DHV, DIAG)
-        v_s2 = _load_piece(v_base, s_loc, s_ok, BV, BV2, DHV, DIAG)
+        v_s = _load_piece(v_base, s_loc, s_ok, 0, BV, DHV, RHV, DIAG)
+        v_s2 = _load_piece(v_base, s_loc, s_ok, BV, BV2, DHV, RHV, DIAG)
         acc2 += tl.dot(w.to(v_s2.dtype), v_s2, input_precision=PREC)
     else:
-        v_s = _load_rows(v_base, s_loc, s_ok, offs_v, DHV, DIAG, DHV % BV != 0)
+        v_s = _load_rows(v_base, s_loc, s_ok, offs_v, DHV, RHV, DIAG, DHV % BV != 0)
     acc += tl.dot(w.to(v_s.dtype), v_s, input_precision=PREC)
     return acc, acc2, qn
 
@@ -168,10 +181,13 @@ def mlstm_fwd_h_kernel(
     HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised.
     BT is a multiple of BS: key tiles before the query tile's first row need no mask, those from it on do.
     BK2 / BV2 > 0: q and h in two head-dim pieces (_scores); with BV2 one program covers all of h's columns."""
+    RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
+    RHV = NHT * DHV
     pid_t = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -184,13 +200,13 @@ def mlstm_fwd_h_kernel(
     t_ok = t_loc < Lc
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < DHV
-    q_base = Q + (bh * S + row0) * DQK
-    k_base = K + (bh * S + row0) * DQK
-    v_base = V + (bh * S + row0) * DHV
+    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
     vec = bh * SP + row0
     f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-    q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, BK, BK2, Q.dtype.element_ty)
+    q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, BK2, Q.dtype.element_ty)
     r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BT, BV), dtype=tl.float32)
@@ -198,10 +214,12 @@ def mlstm_fwd_h_kernel(
     qn = tl.zeros((BT,), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
         acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
-                                    t_ok, r_t, Lc, offs_v, DQK, DHV, BS, BK, BK2, BV, BV2, False, PREC, FAST_EXP2)
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, False, PREC,
+                                    FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
-                                    t_ok, r_t, Lc, offs_v, DQK, DHV, BS, BK, BK2, BV, BV2, True, PREC, FAST_EXP2)
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, True, PREC,
+                                    FAST_EXP2)
     offs_v2 = _piece_cols(BV, BV2)
     v2_ok = offs_v2 < DHV
 
@@ -215,7 +233,7 @@ def mlstm_fwd_h_kernel(
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
             d_ok = offs_d < DQK
-            q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_d[None, :],
+            q_t = tl.load(q_base + t_loc[:, None] * RQK + offs_d[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
             c_base = CST + st * DQK * DHV + offs_d[:, None] * DHV
             c_dv = tl.load(c_base + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :], other=0.0)
@@ -237,11 +255,11 @@ def mlstm_fwd_h_kernel(
         denom = tl.maximum(tl.abs(qn), lower) + eps
         acc = acc / denom[:, None]
         acc2 = acc2 / denom[:, None]
-    h_base = H + (bh * S + row0) * DHV
-    tl.store(h_base + t_loc[:, None] * DHV + offs_v[None, :], acc.to(H.dtype.element_ty),
+    h_base = _rows_base(H, bh, row0, S, DHV, NHT)
+    tl.store(h_base + t_loc[:, None] * RHV + offs_v[None, :], acc.to(H.dtype.element_ty),
              mask=t_ok[:, None] & v_ok[None, :])
     if BV2 > 0:
-        tl.store(h_base + t_loc[:, None] * DHV + offs_v2[None, :], acc2.to(H.dtype.element_ty),
+        tl.store(h_base + t_loc[:, None] * RHV + offs_v2[None, :], acc2.to(H.dtype.element_ty),
                  mask=t_ok[:, None] & v2_ok[None, :])
     tl.store(QN + vec + t_loc, qn, mask=t_ok & (pid_v == 0))
 
@@ -251,8 +269,11 @@ def mlstm_fwd_state_kernel(
     K, V, FV, AV, MROW, MST, CST, NST,
     S, L, NC, SP, DQK, DHV,
     HAS_INIT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T."""
+    RQK = NHT * DQK  # row strides of q / k and v / dh (see _rows_base)
+    RHV = NHT * DHV
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -281,17 +302,17 @@ def mlstm_fwd_state_kernel(
         carry = tl.exp(f_last + m_c - m_last)
         acc = acc * carry
         acc_n = acc_n * carry
-        k_base = K + (bh * S + row0) * DQK
-        v_base = V + (bh * S + row0) * DHV
+        k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+        v_base = _rows_base(V, bh, row0, S, DHV, NHT)
         for j0 in range(0, Lc, BS):
             s_loc = j0 + tl.arange(0, BS)
             s_ok = s_loc < Lc
             f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
             a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
             e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
-            k_tr = tl.load(k_base + s_loc[None, :] * DQK + offs_d[:, None],
+            k_tr = tl.load(k_base + s_loc[None, :] * RQK + offs_d[:, None],
                 mask=s_ok[None, :] & d_ok[:, None], other=0.0)
-            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :],
+            v_s = tl.load(v_base + s_loc[:, None] * RHV + offs_v[None, :],
                 mask=s_ok[:, None] & v_ok[None, :], other=0.0)
             kw = k_tr.to(tl.float32) * e[None, :]
             acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
@@ -302,13 +323,13 @@ def mlstm_fwd_state_kernel(
 
 
 @triton.jit
-def _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV: tl.constexpr):
+def _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV: tl.constexpr, NHT: tl.constexpr):
     """sum_v h[row, v] * dh[row, v] in float32 for a tile of rows of one (batch, head)."""
     acc = tl.zeros((rows.shape[0],), dtype=tl.float32)
     for v0 in range(0, DHV, BV):
         offs_v = v0 + tl.arange(0, BV)
         msk = r_ok[:, None] & (offs_v[None, :] < DHV)
-        off = (bh * S + rows[:, None]) * DHV + offs_v[None, :]
+        off = ((bh // NHT) * S + rows[:, None]) * (NHT * DHV) + (bh % NHT) * DHV + offs_v[None, :]
         h = tl.load(H + off, mask=msk, other=0.0).to(tl.float32)
         dh = tl.load(DH + off, mask=msk, other=0.0).to(tl.float32)
         acc += tl.sum(h * dh, 1)
@@ -316,13 +337,13 @@ def _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV: tl.constexpr):
 
 
 @triton.jit
-def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.constexpr):
+def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.constexpr, NHT: tl.constexpr):
     """delta_t = sum_v dh[t, v] * h[t, v] (float32), the row term of the normaliser's gradient."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = pid_t * BT + tl.arange(0, BT)
     r_ok = rows < S
-    tl.store(DELTA + bh * SP + rows, _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV), mask=r_ok)
+    tl.store(DELTA + bh * SP + rows, _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV, NHT), mask=r_ok)
 
 
 @triton.jit
@@ -330,8 +351,11 @@ def mlstm_bwd_state_kernel(
     Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST,
     S, L, NC, SP, DQK, DHV, scale,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise)."""
+    RQK = NHT * DQK  # row strides of q / k and v / dh (see _rows_base)
+    RHV = NHT * DHV
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -359,8 +383,8 @@ def mlstm_bwd_state_kernel(
         carry = tl.exp(f_last + m_c - m_last)
         acc = acc * carry
         acc_n = acc_n * carry
-        q_base = Q + (bh * S + row0) * DQK
-        dh_base = DH + (bh * S + row0) * DHV
+        q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+        dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
         for t0 in range(0, Lc, BT):
             t_loc = t0 + tl.arange(0, BT)
             t_ok = t_loc < Lc
@@ -369,9 +393,9 @@ def mlstm_bwd_state_kernel(
             rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
             dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
             g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
-            q_tr = tl.load(q_base + t_loc[None, :] * DQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
+            q_tr = tl.load(q_base + t_loc[None, :] * RQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
                            other=0.0).to(tl.float32)
-            dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+            dh_t = tl.load(dh_base + t_loc[:, None] * RHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
                            other=0.0)
             acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
             acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
@@ -382,7 +406,8 @@ def mlstm_bwd_state_kernel(
 
 @triton.jit
 def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t,
-                 Lc, offs_k, DQK: tl.constexpr, DHV: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr,
+                 Lc, offs_k, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+                 BS: tl.constexpr, BV: tl.constexpr,
                  BV2: tl.constexpr, BKO: tl.constexpr, BKO2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
                  FAST_EXP2: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
@@ -390,17 +415,17 @@ def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
-    dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, BV, BV2, True, DIAG, PREC)
+    dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, RHV, BV, BV2, True, DIAG, PREC)
     p = _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
     if DIAG:
         ds = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], ds, 0.0)
     if BKO2 > 0:  # one program writes all of dq's columns, in two pieces
-        k_s = _load_piece(k_base, s_loc, s_ok, 0, BKO, DQK, DIAG)
-        k_s2 = _load_piece(k_base, s_loc, s_ok, BKO, BKO2, DQK, DIAG)
+        k_s = _load_piece(k_base, s_loc, s_ok, 0, BKO, DQK, RQK, DIAG)
+        k_s2 = _load_piece(k_base, s_loc, s_ok, BKO, BKO2, DQK, RQK, DIAG)
         acc2 += tl.dot(ds.to(k_s2.dtype), k_s2, input_precision=PREC)
     else:
-        k_s = _load_rows(k_base, s_loc, s_ok, offs_k, DQK, DIAG, DQK % BKO != 0)
+        k_s = _load_rows(k_base, s_loc, s_ok, offs_k, DQK, RQK, DIAG, DQK % BKO != 0)
     acc += tl.dot(ds.to(k_s.dtype), k_s, input_precision=PREC)
     return acc, acc2
 
@@ -413,6 +438,7 @@ def mlstm_bwd_dq_kernel(
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     BKO: tl.constexpr, BKO2: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
     ROW_TERMS: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn.
     BT is a multiple of BS, as in the forward. BV2 / BKO2 > 0: dh and dq in two head-dim pieces (_scores); with BKO2
@@ -420,6 +446,8 @@ def mlstm_bwd_dq_kernel(
     ROW_TERMS (one chunk, no states: nothing before this kernel needs them): rs and dqn are computed here from h, dh,
     qn and the max state (_row_terms) and written, with dm, for the kernels after it, instead of by a
     mlstm_bwd_rows_kernel launch; dh's tile is already resident, so h is the only extra read."""
+    RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
+    RHV = NHT * DHV
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -434,24 +462,24 @@ def mlstm_bwd_dq_kernel(
     k_ok = offs_k < DQK
     offs_k2 = _piece_cols(BKO, BKO2)
     k2_ok = offs_k2 < DQK
-    q_base = Q + (bh * S + row0) * DQK
-    k_base = K + (bh * S + row0) * DQK
-    v_base = V + (bh * S + row0) * DHV
-    dh_base = DH + (bh * S + row0) * DHV
+    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
+    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
     vec = bh * SP + row0
     f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
     m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-    dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, BV, BV2, DH.dtype.element_ty)
+    dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, RHV, BV, BV2, DH.dtype.element_ty)
     if ROW_TERMS:
         if DHV <= BV + BV2:
-            h_base = H + (bh * S + row0) * DHV
-            delta = tl.sum(_load_piece(h_base, t_loc, t_ok, 0, BV, DHV, True).to(tl.float32)
+            h_base = _rows_base(H, bh, row0, S, DHV, NHT)
+            delta = tl.sum(_load_piece(h_base, t_loc, t_ok, 0, BV, DHV, RHV, True).to(tl.float32)
                            * dh_res.to(tl.float32), 1)
             if BV2 > 0:
-                delta += tl.sum(_load_piece(h_base, t_loc, t_ok, BV, BV2, DHV, True).to(tl.float32)
+                delta += tl.sum(_load_piece(h_base, t_loc, t_ok, BV, BV2, DHV, RHV, True).to(tl.float32)
                                 * dh_res2.to(tl.float32), 1)
         else:
-            delta = _row_dot(H, DH, bh, row0 + t_loc, t_ok, S, DHV, BV)
+            delta = _row_dot(H, DH, bh, row0 + t_loc, t_ok, S, DHV, BV, NHT)
         rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + t_loc, t_ok, eps, NORMALIZE, EXP_GATE)
         first = pid_k == 0
         tl.store(RS + vec + t_loc, rs_t, mask=t_ok & first)
@@ -466,11 +494,11 @@ def mlstm_bwd_dq_kernel(
     acc2 = _acc_piece(BT, BKO2)
     for j0 in range(0, t_lo, BS):
         acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
-                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, BS, BV, BV2, BKO, BKO2, False, PREC,
+                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2, False, PREC,
                                  FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
-                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, BS, BV, BV2, BKO, BKO2, True, PREC,
+                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2, True, PREC,
                                  FAST_EXP2)
 
     if HAS_INIT:
@@ -482,7 +510,7 @@ def mlstm_bwd_dq_kernel(
         for v0 in range(0, DHV, BV):
             offs_v = v0 + tl.arange(0, BV)
             v_ok = offs_v < DHV
-            dh_t = tl.load(dh_base + t_loc[:, None] * DHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+            dh_t = tl.load(dh_base + t_loc[:, None] * RHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
                            other=0.0)
             c_base = CST + st * DQK * DHV + offs_v[:, None]
             c_tr = tl.load(c_base + offs_k[None, :] * DHV, mask=k_ok[None, :] & v_ok[:, None], other=0.0)
@@ -497,14 +525,14 @@ def mlstm_bwd_dq_kernel(
             acc2 += g[:, None] * (acc_c2 * rs_t[:, None] + dqn_t[:, None] * n_k2[None, :])
 
     out_ok = t_ok[:, None] & k_ok[None, :]
-    dq_base = DQ + (bh * S + row0) * DQK
-    tl.store(dq_base + t_loc[:, None] * DQK + offs_k[None, :], acc.to(DQ.dtype.element_ty), mask=out_ok)
-    q_t = tl.load(q_base + t_loc[:, None] * DQK + offs_k[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    dq_base = _rows_base(DQ, bh, row0, S, DQK, NHT)
+    tl.store(dq_base + t_loc[:, None] * RQK + offs_k[None, :], acc.to(DQ.dtype.element_ty), mask=out_ok)
+    q_t = tl.load(q_base + t_loc[:, None] * RQK + offs_k[None, :], mask=out_ok, other=0.0).to(tl.float32)
     qdq = tl.sum(q_t * acc, 1)
     if BKO2 > 0:
         out2_ok = t_ok[:, None] & k2_ok[None, :]
-        tl.store(dq_base + t_loc[:, None] * DQK + offs_k2[None, :], acc2.to(DQ.dtype.element_ty), mask=out2_ok)
-        q_t2 = tl.load(q_base + t_loc[:, None] * DQK + offs_k2[None, :], mask=out2_ok, other=0.0).to(tl.float32)
+        tl.store(dq_base + t_loc[:, None] * RQK + offs_k2[None, :], acc2.to(DQ.dtype.element_ty), mask=out2_ok)
+        q_t2 = tl.load(q_base + t_loc[:, None] * RQK + offs_k2[None, :], mask=out2_ok, other=0.0).to(tl.float32)
         qdq += tl.sum(q_t2 * acc2, 1)
     tl.store(QDQ + pid_k * (tl.num_programs(2) // NC) * SP + vec + t_loc, qdq, mask=t_ok)
 
@@ -527,14 +555,16 @@ def _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG: tl.co
 
 @triton.jit
 def _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, Lc,
-                 offs_k, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                 offs_k, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+                 BT: tl.constexpr, BV: tl.constexpr,
                  BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-    dw_tr = _scores(v_res, v_res, v_base, s_loc, s_ok, dh_base, t_loc, t_ok, DHV, BV, 0, True, True, PREC)  # v dh^T
+    dw_tr = _scores(v_res, v_res, v_base, s_loc, s_ok, dh_base, t_loc, t_ok, DHV, RHV, BV, 0, True, True,
+                    PREC)  # v dh^T
     ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
-    q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, True, DQK % BKO != 0)
+    q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, RQK, True, DQK % BKO != 0)
     acc += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
     return acc
 
@@ -546,9 +576,12 @@ def mlstm_bwd_dk_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1}).
     BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
+    RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
+    RHV = NHT * DHV
     pid_s = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -561,23 +594,23 @@ def mlstm_bwd_dk_kernel(
     s_ok = s_loc < Lc
     offs_k = pid_k * BKO + tl.arange(0, BKO)
     k_ok = offs_k < DQK
-    q_base = Q + (bh * S + row0) * DQK
-    k_base = K + (bh * S + row0) * DQK
-    v_base = V + (bh * S + row0) * DHV
-    dh_base = DH + (bh * S + row0) * DHV
+    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
+    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    v_res, _ = _resident(v_base, s_loc, s_ok, DHV, BV, 0, V.dtype.element_ty)
+    v_res, _ = _resident(v_base, s_loc, s_ok, DHV, RHV, BV, 0, V.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BS, BKO), dtype=tl.float32)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                           Lc, offs_k, DQK, DHV, BT, BV, BKO, True, PREC, FAST_EXP2)
+                           Lc, offs_k, DQK, DHV, RQK, RHV, BT, BV, BKO, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
         acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                           Lc, offs_k, DQK, DHV, BT, BV, BKO, False, PREC, FAST_EXP2)
+                           Lc, offs_k, DQK, DHV, RQK, RHV, BT, BV, BKO, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -588,7 +621,7 @@ def mlstm_bwd_dk_kernel(
         for v0 in range(0, DHV, BV):
             offs_v = v0 + tl.arange(0, BV)
             v_ok = offs_v < DHV
-            v_s = tl.load(v_base + s_loc[:, None] * DHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :],
+            v_s = tl.load(v_base + s_loc[:, None] * RHV + offs_v[None, :], mask=s_ok[:, None] & v_ok[None, :],
                           other=0.0)
             dc_tr = tl.load(DCST + st * DQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
                             mask=k_ok[None, :] & v_ok[:, None], other=0.0)
@@ -597,22 +630,24 @@ def mlstm_bwd_dk_kernel(
         acc += e[:, None] * (acc_f + dn_k[None, :])
 
     out_ok = s_ok[:, None] & k_ok[None, :]
-    tl.store(DK + (bh * S + row0) * DQK + s_loc[:, None] * DQK + offs_k[None, :], acc.to(DK.dtype.element_ty),
+    dk_base = _rows_base(DK, bh, row0, S, DQK, NHT)
+    tl.store(dk_base + s_loc[:, None] * RQK + offs_k[None, :], acc.to(DK.dtype.element_ty),
              mask=out_ok)
-    k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_k[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    k_s = tl.load(k_base + s_loc[:, None] * RQK + offs_k[None, :], mask=out_ok, other=0.0).to(tl.float32)
     tl.store(KDK + pid_k * (tl.num_programs(2) // NC) * SP + vec + s_loc, tl.sum(k_s * acc, 1), mask=s_ok)
 
 
 @triton.jit
 def _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, Lc,
-                 offs_v, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 offs_v, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr,
                  BVO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-    sc_tr = _scores(k_res, k_res, k_base, s_loc, s_ok, q_base, t_loc, t_ok, DQK, BK, 0, True, True, PREC)  # k q^T
+    sc_tr = _scores(k_res, k_res, k_base, s_loc, s_ok, q_base, t_loc, t_ok, DQK, RQK, BK, 0, True, True, PREC)  # k q^T
     w_tr = sc_tr * (p_tr * rs_t[None, :])
-    dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, True, DHV % BVO != 0)
+    dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, RHV, True, DHV % BVO != 0)
     acc += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
     return acc
 
@@ -624,8 +659,11 @@ def mlstm_bwd_dv_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BVO: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(D_tj-m_t)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}. BS multiple of BT."""
+    RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
+    RHV = NHT * DHV
     pid_s = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bc = tl.program_id(2)
@@ -638,22 +676,22 @@ def mlstm_bwd_dv_kernel(
     s_ok = s_loc < Lc
     offs_v = pid_v * BVO + tl.arange(0, BVO)
     v_ok = offs_v < DHV
-    q_base = Q + (bh * S + row0) * DQK
-    k_base = K + (bh * S + row0) * DQK
-    dh_base = DH + (bh * S + row0) * DHV
+    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    k_res, _ = _resident(k_base, s_loc, s_ok, DQK, BK, 0, K.dtype.element_ty)
+    k_res, _ = _resident(k_base, s_loc, s_ok, DQK, RQK, BK, 0, K.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BS, BVO), dtype=tl.float32)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                           Lc, offs_v, DQK, DHV, BT, BK, BVO, True, PREC, FAST_EXP2)
+                           Lc, offs_v, DQK, DHV, RQK, RHV, BT, BK, BVO, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
         acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                           Lc, offs_v, DQK, DHV, BT, BK, BVO, False, PREC, FAST_EXP2)
+                           Lc, offs_v, DQK, DHV, RQK, RHV, BT, BK, BVO, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -664,14 +702,15 @@ def mlstm_bwd_dv_kernel(
         for d0 in range(0, DQK, BK):
             offs_d = d0 + tl.arange(0, BK)
             d_ok = offs_d < DQK
-            k_s = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :],
+            k_s = tl.load(k_base + s_loc[:, None] * RQK + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
             dc = tl.load(DCST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :],
                          mask=d_ok[:, None] & v_ok[None, :], other=0.0)
             acc_f += tl.dot(k_s, dc.to(k_s.dtype), input_precision=PREC)
         acc += e[:, None] * acc_f
 
-    tl.store(DV + (bh * S + row0) * DHV + s_loc[:, None] * DHV + offs_v[None, :], acc.to(DV.dtype.element_ty),
+    dv_base = _rows_base(DV, bh, row0, S, DHV, NHT)
+    tl.store(dv_base + s_loc[:, None] * RHV + offs_v[None, :], acc.to(DV.dtype.element_ty),
              mask=s_ok[:, None] & v_ok[None, :])
 
 
@@ -776,7 +815,7 @@ def _row_terms(delta, QN, MROW, vec, ok, eps, NORMALIZE: tl.constexpr, EXP_GATE:
 def mlstm_bwd_rows_kernel(
     H, DH, QN, MROW, RS, DQN, DMROW,
     S, SP, DHV, eps,
-    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, NHT: tl.constexpr,
 ):
     """Per row: delta = dh.h, then 1/denominator, dqn and the max-state gradient dm (_row_terms). Chunked calls and
     calls with states only: otherwise the dq kernel computes these for its own rows (ROW_TERMS)."""
@@ -785,7 +824,7 @@ def mlstm_bwd_rows_kernel(
     rows = pid_t * BT + tl.arange(0, BT)
     r_ok = rows < S
     p_ok = rows < SP
-    delta = _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV)
+    delta = _row_dot(H, DH, bh, rows, r_ok, S, DHV, BV, NHT)
     vec = bh * SP + rows
     rs, dqn, dm = _row_terms(delta, QN, MROW, vec, p_ok, eps, NORMALIZE, EXP_GATE)
     tl.store(RS + vec, rs, mask=p_ok)
@@ -859,21 +898,22 @@ def mlstm_gates_bwd_kernel(
 
 @triton.jit
 def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec,
-                   s_loc, b_s, Lc, DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   s_loc, b_s, Lc, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr,
                    BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
                    FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-    q_t = _load_piece(q_base, t_loc, t_ok, 0, BK, DQK, True)
-    dh_t = _load_piece(dh_base, t_loc, t_ok, 0, BV, DHV, True)
+    q_t = _load_piece(q_base, t_loc, t_ok, 0, BK, DQK, RQK, True)
+    dh_t = _load_piece(dh_base, t_loc, t_ok, 0, BV, DHV, RHV, True)
     sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
     dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
     if BK2 > 0:
-        q_t2 = _load_piece(q_base, t_loc, t_ok, BK, BK2, DQK, True)
+        q_t2 = _load_piece(q_base, t_loc, t_ok, BK, BK2, DQK, RQK, True)
         sc_tr += tl.dot(k_s2, tl.trans(q_t2), input_precision=PREC)
     if BV2 > 0:
-        dh_t2 = _load_piece(dh_base, t_loc, t_ok, BV, BV2, DHV, True)
+        dh_t2 = _load_piece(dh_base, t_loc, t_ok, BV, BV2, DHV, RHV, True)
         dw_tr += tl.dot(v_s2, tl.trans(dh_t2), input_precision=PREC)
     w_tr = sc_tr * (p_tr * rs_t[None, :])
     ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
@@ -893,6 +933,7 @@ def mlstm_bwd_dkdv_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
     BV: tl.constexpr, BV2: tl.constexpr, SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK + BK2, BV + BV2: one program covers them), both
     accumulators live:
@@ -901,6 +942,8 @@ def mlstm_bwd_dkdv_kernel(
     q and dh tiles are loaded row-major; the key-side products k q^T and v dh^T come out transposed directly.
     BK2 / BV2 > 0: the head dims in two pieces, as _scores explains.
     BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
+    RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
+    RHV = NHT * DHV
     pid_s = tl.program_id(0)
     pid_bc = tl.program_id(1)
     bh = (pid_bc // NC).to(tl.int64)
@@ -918,15 +961,15 @@ def mlstm_bwd_dkdv_kernel(
     k2_ok = offs_k2 < DQK
     offs_v2 = _piece_cols(BV, BV2)
     v2_ok = offs_v2 < DHV
-    q_base = Q + (bh * S + row0) * DQK
-    k_base = K + (bh * S + row0) * DQK
-    v_base = V + (bh * S + row0) * DHV
-    dh_base = DH + (bh * S + row0) * DHV
+    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
+    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, BK, BK2, K.dtype.element_ty)
-    v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, BV, BV2, V.dtype.element_ty)
+    k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, RQK, BK, BK2, K.dtype.element_ty)
+    v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, RHV, BV, BV2, V.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     acc_k = tl.zeros((BS, BK), dtype=tl.float32)
@@ -936,11 +979,11 @@ def mlstm_bwd_dkdv_kernel(
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
             acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-            b_s, Lc, DQK, DHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2)
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
         acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
             acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-            b_s, Lc, DQK, DHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2)
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         # The state's gradient enters in SL-wide slices: the whole [BK, BV] tile of dC would need more shared memory
@@ -953,7 +996,7 @@ def mlstm_bwd_dkdv_kernel(
         for d0 in range(0, DQK, SL):  # acc_v += e * k dC, summed over DQK slices
             offs_d = d0 + tl.arange(0, SL)
             d_ok = offs_d < DQK
-            k_d = tl.load(k_base + s_loc[:, None] * DQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+            k_d = tl.load(k_base + s_loc[:, None] * RQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                           other=0.0)
             dc_rows = dc_base + offs_d[:, None] * DHV
             dc_d = tl.load(dc_rows + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
@@ -966,7 +1009,7 @@ def mlstm_bwd_dkdv_kernel(
         for d0 in range(0, DHV, SL):  # acc_k += e * v dC^T, summed over DHV slices
             offs_d = d0 + tl.arange(0, SL)
             d_ok = offs_d < DHV
-            v_d = tl.load(v_base + s_loc[:, None] * DHV + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+            v_d = tl.load(v_base + s_loc[:, None] * RHV + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                           other=0.0)
             dc_d = tl.load(dc_base + offs_k[:, None] * DHV + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                            other=0.0).to(k_s.dtype)  # [BK, SL]
@@ -981,18 +1024,18 @@ def mlstm_bwd_dkdv_kernel(
             dn_k2 = tl.load(DNST + st * DQK + offs_k2, mask=k2_ok, other=0.0)
             acc_k2 += e[:, None] * dn_k2[None, :]
 
-    dk_base = DK + (bh * S + row0) * DQK
-    dv_base = DV + (bh * S + row0) * DHV
-    tl.store(dk_base + s_loc[:, None] * DQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
+    dk_base = _rows_base(DK, bh, row0, S, DQK, NHT)
+    dv_base = _rows_base(DV, bh, row0, S, DHV, NHT)
+    tl.store(dk_base + s_loc[:, None] * RQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
              mask=s_ok[:, None] & k_ok[None, :])
-    tl.store(dv_base + s_loc[:, None] * DHV + offs_v[None, :], acc_v.to(DV.dtype.element_ty),
+    tl.store(dv_base + s_loc[:, None] * RHV + offs_v[None, :], acc_v.to(DV.dtype.element_ty),
              mask=s_ok[:, None] & v_ok[None, :])
     kdk = tl.sum(k_s.to(tl.float32) * acc_k, 1)
     if BK2 > 0:
-        tl.store(dk_base + s_loc[:, None] * DQK + offs_k2[None, :], acc_k2.to(DK.dtype.element_ty),
+        tl.store(dk_base + s_loc[:, None] * RQK + offs_k2[None, :], acc_k2.to(DK.dtype.element_ty),
                  mask=s_ok[:, None] & k2_ok[None, :])
         kdk += tl.sum(k_s2.to(tl.float32) * acc_k2, 1)
     if BV2 > 0:
-        tl.store(dv_base + s_loc[:, None] * DHV + offs_v2[None, :], acc_v2.to(DV.dtype.element_ty),
+        tl.store(dv_base + s_loc[:, None] * RHV + offs_v2[None, :], acc_v2.to(DV.dtype.element_ty),
                  mask=s_ok[:, None] & v2_ok[None, :])
     tl.store(KDK + vec + s_loc, kdk, mask=s_ok)

@@ -61,6 +61,27 @@ def _rows_of(x: torch.Tensor, *trailing: int) -> int:
     return x.numel() // math.prod(trailing)
 
 
+def heads_per_row(*xs: torch.Tensor) -> int:
+    """The kernels' NHT (kernels._rows_base) for tensors [..., S, D] that share a layout: 1 when contiguous, NH for
+    token-major [B, NH, S, D] views of contiguous [B, S, NH, D] tensors (a model's projections, read in place)."""
+    nht = set()
+    for x in xs:
+        if x.is_contiguous():
+            nht.add(1)
+            continue
+        if x.dim() == 4:
+            B, NH, S, D = x.shape
+            if x.stride() == (S * NH * D, D, NH * D, 1):
+                nht.add(NH)
+                continue
+        raise ValueError(f"tensor of shape {tuple(x.shape)} with strides {x.stride()}: the kernels take contiguous "
+                         "[..., S, D] tensors or [B, NH, S, D] views of contiguous [B, S, NH, D] ones")
+    if len(nht) != 1:
+        raise ValueError(f"tensors in different layouts (heads per row {sorted(nht)}): make them all contiguous or "
+                         "all token-major")
+    return nht.pop()
+
+
 class ChunkLayout(NamedTuple):
     """How S rows are split: NC chunks of L rows (the last may be short); per-row vectors are padded to SP = NC*L."""
 
@@ -314,6 +335,7 @@ def mlstm_fwd(
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
+    nht = heads_per_row(q, k, v)
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     if Cst is not None:
@@ -321,7 +343,7 @@ def mlstm_fwd(
         grid = (_cdiv(DQK, BK), _cdiv(DHV, BV), BNH)
         mlstm_fwd_state_kernel[grid](
             k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
-            HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
+            HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, NHT=nht, num_warps=4,
         )
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
@@ -333,6 +355,7 @@ def mlstm_fwd(
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
         HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=_fast_exp2(q),
+        NHT=nht,
     )
     return h, qn
 
@@ -341,7 +364,7 @@ def mlstm_bwd_delta(h: torch.Tensor, dh: torch.Tensor, lay: ChunkLayout) -> torc
     BNH, S, DHV = h.shape
     delta = torch.zeros(BNH, lay.SP, device=h.device, dtype=torch.float32)
     BT, BV = 64, min(_pow2(DHV), 128)
-    mlstm_bwd_delta_kernel[(_cdiv(S, BT), BNH)](h, dh, delta, S, lay.SP, DHV, BT=BT, BV=BV, num_warps=4)
+    mlstm_bwd_delta_kernel[(_cdiv(S, BT), BNH)](h, dh, delta, S, lay.SP, DHV, BT=BT, BV=BV, NHT=1, num_warps=4)
     return delta
 
 
@@ -388,6 +411,7 @@ def mlstm_bwd(
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
+    nht = heads_per_row(q, k, v, dh, *([row_terms_from.h] if row_terms_from is not None else []))
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     dummy = fv
@@ -396,12 +420,12 @@ def mlstm_bwd(
         grid = (_cdiv(DQK, BK), _cdiv(DHV, BV), BNH)
         mlstm_bwd_state_kernel[grid](
             q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-            HAS_FINAL=has_final_grad, BT=64, BK=BK, BV=BV, PREC=prec, num_warps=4,
+            HAS_FINAL=has_final_grad, BT=64, BK=BK, BV=BV, PREC=prec, NHT=nht, num_warps=4,
         )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
-    common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q))
+    common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
 
     cfg = tiles("dq", DQK, DHV, arch, with_states=Cst is not None)
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
@@ -516,12 +540,13 @@ def mlstm_bwd_rows(
     """rs (1/denominator), dqn and the per-row max-state gradient dm [*lead, SP], in one launch."""
     S, DHV = h.shape[-2:]
     BNH = _rows_of(h, S, DHV)
+    nht = heads_per_row(h, dh)
     rs = torch.empty(*h.shape[:-2], lay.SP, device=h.device, dtype=torch.float32)
     dqn, dm_row = torch.empty_like(rs), torch.empty_like(rs)
     BT, BV = 64, min(_pow2(DHV), 128)
     mlstm_bwd_rows_kernel[(_cdiv(lay.SP, BT), BNH)](
         h, dh, qn, mrow, rs, dqn, dm_row, S, lay.SP, DHV, eps,
-        NORMALIZE=normalize, EXP_GATE=exp_gate, BT=BT, BV=BV, num_warps=4,
+        NORMALIZE=normalize, EXP_GATE=exp_gate, BT=BT, BV=BV, NHT=nht, num_warps=4,
     )
     return rs, dqn, dm_row
 
