@@ -202,6 +202,27 @@ else:
                 assert torch.equal(a, b), (name, _rel(a, b))
         check(B, NH, S, DQK, DHV, gate, dtype, init=len(xs) > 5, ret=ret, seed=seed, **kw)
 
+    @pytest.mark.parametrize("reverse", [False, True])
+    def test_vil_layer_on_the_triton_kernels_matches_the_reference(fused, reverse):
+        """A ViL layer hands the op token-major views (MatrixLSTM) and normalises h in that order: same outputs and
+        parameter gradients as on the PyTorch reference backend."""
+        from vil.layers import ViLLayer
+
+        torch.manual_seed(5)
+        ref = ViLLayer(24, reverse=reverse, num_heads=2, mlstm_backend="parallel").to(DEVICE)
+        tri = ViLLayer(24, reverse=reverse, num_heads=2, mlstm_backend="triton").to(DEVICE)
+        tri.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 5, 7, 24, device=DEVICE)
+        outs, grads = [], []
+        for layer in (ref, tri):
+            y = layer(x)
+            (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+            outs.append(y.detach())
+            grads.append({n: p.grad for n, p in layer.named_parameters()})
+        assert _rel(outs[1], outs[0]) < 1e-4
+        for name, g in grads[0].items():
+            assert _rel(grads[1][name], g) < 1e-3, name
+
     def test_fused_cummax_ties(fused):
         """Equal maxima (constant input gates and no decay) route dm to the latest row, as torch.cummax does."""
         xs = _inputs(1, 1, 17, 16, 16, torch.float32, 9, False)
