@@ -35,3 +35,13 @@ def test_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH, names):
         counts = sass_report(compiled)["counts"]
         assert counts["HGMMA"] + counts["HMMA"] > 0, f"{name}: matrix products not on the tensor cores"
         assert counts["MUFU"] > 0, name
+
+
+def test_token_major_variants_compile_for_sm90():
+    """NHT = 4: q, k, v, h and the gradients as token-major views (kernels._rows_base), what the ViL layers pass."""
+    from tfla.triton.offline import compile_kernel
+
+    for name in ("fwd_h", "dq", "dkdv"):
+        tiles = dict(launch.tiles(name, 96, 96, "sm90"), NHT=4)
+        compiled = compile_kernel(name, 96, 96, 196, tiles, arch=90)
+        assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, name
