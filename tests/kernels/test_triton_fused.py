@@ -184,7 +184,8 @@ else:
     }
 
     @pytest.mark.parametrize("case", list(LAYOUT_CASES), ids=list(LAYOUT_CASES))
-    def test_fused_token_major_inputs_are_read_in_place(fused, case):
+    def test_fused_token_major_inputs_are_read_in_place(fused, monkeypatch, case):
+        monkeypatch.setattr(function, "TOKEN_MAJOR_IN_PLACE", True)
         (B, NH, S, DQK, DHV, gate, dtype), kw = LAYOUT_CASES[case]
         seed = kw.pop("seed")
         xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, kw.pop("init", False))
@@ -202,10 +203,12 @@ else:
                 assert torch.equal(a, b), (name, _rel(a, b))
         check(B, NH, S, DQK, DHV, gate, dtype, init=len(xs) > 5, ret=ret, seed=seed, **kw)
 
+    @pytest.mark.parametrize("in_place", [False, True], ids=["copied", "in-place"])
     @pytest.mark.parametrize("reverse", [False, True])
-    def test_vil_layer_on_the_triton_kernels_matches_the_reference(fused, reverse):
+    def test_vil_layer_on_the_triton_kernels_matches_the_reference(fused, monkeypatch, reverse, in_place):
         """A ViL layer hands the op token-major views (MatrixLSTM) and normalises h in that order: same outputs and
-        parameter gradients as on the PyTorch reference backend."""
+        parameter gradients as on the PyTorch reference backend, with the views read in place or copied."""
+        monkeypatch.setattr(function, "TOKEN_MAJOR_IN_PLACE", in_place)
         from vil.layers import ViLLayer
 
         torch.manual_seed(5)

@@ -151,12 +151,15 @@ else:
         with pytest.raises(ValueError, match="head dims"):
             mlstm(*_inputs(1, 1, 5, 8, 8, torch.float32, 0, False), backend="triton")
 
+    @pytest.mark.parametrize("in_place", [False, True], ids=["copied", "in-place"])
     @pytest.mark.parametrize("init", [False, True])
-    def test_fake_kernels_match_real_strides(init):
+    def test_fake_kernels_match_real_strides(init, in_place, monkeypatch):
         # The ViL layer hands the op transposed views ([B, S, NH, DH] memory); torch.compile trusts the fake kernels'
         # strides and asserts them on the real outputs, so fake and real must agree for such inputs and for states.
+        from tfla.triton import function
         from tfla.triton.function import mlstm_bwd_op, mlstm_fwd_op
 
+        monkeypatch.setattr(function, "TOKEN_MAJOR_IN_PLACE", in_place)
         B, NH, S, DH = 1, 2, 21, 16
         g = torch.Generator().manual_seed(4)
         q, k, v = (torch.randn(B, S, NH, DH, generator=g).transpose(1, 2) for _ in range(3))

@@ -50,11 +50,12 @@ class BlockDiagonalLinear(nn.Module):
       40 % of them. Not the default: on an H100 one ViL-T training run took 4x the einsum step time with it (README,
       "Measured speed"; a single run, cause not measured).
     - "dense" (default): the blocks laid out as dense block-diagonal matrices of up to DENSE_GROUP_MAX columns
-      (one matrix at every published width), multiplied as plain (batched) matmuls. It multiplies by zeros, but on tensor-core GEMMs with a useful inner
-      dimension; the einsum's bmm has an inner dimension of block_size (4), runs on slow legacy kernels and was a
-      third of ViL-T's GPU time, with permute copies beside it (bench/profile_model.py). On an H200, one fwd+bwd
-      replayed from a CUDA graph (GPU time alone) took ViL-T 122.0 -> 71.2 ms and ViL-B 366.3 -> 283.8 ms
-      (bench/results/models_{einsum,dense}_graph_h200.md; ViL-B in groups of 512, 248.5 ms as one matrix). The gradient reaches the blocks alone.
+      (one matrix at every published width), multiplied as plain (batched) matmuls. It multiplies by zeros, but on
+      tensor-core GEMMs with a useful inner dimension; the einsum's bmm has an inner dimension of block_size (4),
+      runs on slow legacy kernels and was a third of ViL-T's GPU time, with permute copies beside it
+      (bench/profile_model.py). On an H200, one fwd+bwd replayed from a CUDA graph (GPU time alone) took ViL-T
+      122.0 -> 71.2 ms and ViL-B 366.3 -> 283.8 ms (bench/results/models_{einsum,dense}_graph_h200.md; ViL-B in
+      groups of 512, 248.5 ms as one matrix). The gradient reaches the blocks alone.
     """
 
     def __init__(

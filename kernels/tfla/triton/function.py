@@ -86,13 +86,19 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 # where a .contiguous() would copy q, k, v, h and dh and the gradients (13 copies per ViL block and step,
 # bench/results/profile_model_vil_tiny_dense_by_shape_h200.log). The fused path takes the layout of q; the unfused
 # cross-check path stays contiguous.
+# Off by default until it has run on a GPU: checked in Triton's interpreter (tests/kernels) and compiled for sm_90
+# offline, but the device time of session 7 ran out before .devrun-style GPU checks (equality with the contiguous run,
+# float64 reference, ViL-T speed). TFLA_TOKEN_MAJOR=1 or TOKEN_MAJOR_IN_PLACE = True turns it on.
+TOKEN_MAJOR_IN_PLACE: bool = os.environ.get("TFLA_TOKEN_MAJOR", "0") == "1"
+
+
 def _is_token_major(x: torch.Tensor) -> bool:
     B, NH, S, D = x.shape
     return NH > 1 and S > 1 and x.stride() == (S * NH * D, D, NH * D, 1)
 
 
 def _token_major(q: torch.Tensor, lay: ChunkLayout) -> bool:
-    return _fused_gates(lay) and _is_token_major(q)
+    return TOKEN_MAJOR_IN_PLACE and _fused_gates(lay) and _is_token_major(q)
 
 
 def _in_layout(x: torch.Tensor, token_major: bool) -> torch.Tensor:
