@@ -15,7 +15,7 @@ import argparse
 
 from triton.testing import do_bench
 
-from mlstm_bench_utils import mlstm_inputs
+from mlstm_bench_utils import cuda_graph_ms, mlstm_inputs
 from tfla.triton import function, mlstm_triton
 
 
@@ -26,10 +26,13 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512, 1024])
     ap.add_argument("--gates", nargs="+", default=["exp", "sig"])
     ap.add_argument("--tokens", type=int, default=50_000)
+    ap.add_argument("--graph", action="store_true",
+                    help="also the fused path's GPU time alone (fwd+bwd replayed from a CUDA graph: no host cost)")
     args = ap.parse_args()
     shipped = function.FUSED_KERNELS
-    print("| DH | S | B | gate | chunk | fwd+bwd ms unfused | fwd+bwd ms fused |")
-    print("|---|---|---|---|---|---|---|")
+    extra = " fwd+bwd GPU ms fused |" if args.graph else ""
+    print("| DH | S | B | gate | chunk | fwd+bwd ms unfused | fwd+bwd ms fused |" + extra)
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.graph else ""))
     for DH in args.dh:
         for S in args.seq:
             B, NH = max(1, round(args.tokens / S)), 4
@@ -47,8 +50,11 @@ def main() -> None:
                         step()
                         ms = do_bench(step, warmup=10, rep=100, grad_to_none=(q, k, v, i, f), return_mode="median")
                         row.append(f"{ms:.3f}")
+                    if args.graph:
+                        function.FUSED_KERNELS = True
+                        row.append(f"{cuda_graph_ms(step, (q, k, v, i, f)):.3f}")
                     function.FUSED_KERNELS = shipped
-                    print(f"| {DH} | {S} | {B} | {gate} | {L} | {row[0]} | {row[1]} |", flush=True)
+                    print(f"| {DH} | {S} | {B} | {gate} | {L} | " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
