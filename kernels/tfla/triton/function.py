@@ -87,8 +87,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 # bench/results/profile_model_vil_tiny_dense_by_shape_h200.log). The fused path takes the layout of q; the unfused
 # cross-check path stays contiguous.
 # Off by default until it has run on a GPU: checked in Triton's interpreter (tests/kernels) and compiled for sm_90
-# offline, but the device time of session 7 ran out before .devrun-style GPU checks (equality with the contiguous run,
-# float64 reference, ViL-T speed). TFLA_TOKEN_MAJOR=1 or TOKEN_MAJOR_IN_PLACE = True turns it on.
+# offline, but session 7's device time ran out before bench/check_token_major_gpu.py (equality with the contiguous
+# run, float64 reference) and a ViL-T timing could run. TFLA_TOKEN_MAJOR=1 or TOKEN_MAJOR_IN_PLACE = True turns it on.
 TOKEN_MAJOR_IN_PLACE: bool = os.environ.get("TFLA_TOKEN_MAJOR", "0") == "1"
 
 
