@@ -134,18 +134,21 @@ else:
         gates."""
         check(1, 1, 9, 136, 16, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=6)
 
+    @pytest.fixture
+    def fresh_tiles():
+        """Tiles resolved again (launch.tiles memoises them) for a test that switches launch's settings."""
+        launch.reset_tile_caches()
+        yield
+        launch.reset_tile_caches()
+
     @pytest.mark.parametrize("pieces", [False, True], ids=["padded", "pieces"])
-    def test_fused_one_pass_dkdv_with_state_slices(fused, monkeypatch, pieces):
+    def test_fused_one_pass_dkdv_with_state_slices(fused, monkeypatch, fresh_tiles, pieces):
         """dk and dv from one kernel with the state's gradient entering in 64-wide slices (DQK = 96, DHV = 80: two
         slices each, the second partly masked), the head dims padded to 128 or in pieces (64 + 32, 64 + 16);
         chunked, states in and out."""
         monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
         monkeypatch.setattr(launch, "HEAD_DIM_PIECES", pieces)
-        launch.reset_tile_caches()
-        try:
-            check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
-        finally:
-            launch.reset_tile_caches()
+        check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
 
     # Head dims that are not powers of two, in two pieces each (launch.head_dim_pieces): q/k and v/h split
     # differently, one side not at all, states in and out, chunks, fp16. The unfused path in check() runs the
@@ -160,17 +163,13 @@ else:
     }
 
     @pytest.mark.parametrize("case", list(PIECE_CASES), ids=list(PIECE_CASES))
-    def test_fused_head_dim_pieces(fused, monkeypatch, case):
+    def test_fused_head_dim_pieces(fused, monkeypatch, fresh_tiles, case):
         monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
-        launch.reset_tile_caches()
         (B, NH, S, DQK, DHV, gate, dtype), kw = PIECE_CASES[case]
-        try:
-            for kernel in ("fwd_h", "dq", "dkdv"):  # the case does exercise pieces in every kernel that takes them
-                cfg = launch.tiles(kernel, DQK, DHV, launch.gpu_arch(torch.device(DEVICE)))
-                assert any(cfg[k] for k in ("BK2", "BV2", "BKO2") if k in cfg), (kernel, cfg)
-            check(B, NH, S, DQK, DHV, gate, dtype, **kw)
-        finally:
-            launch.reset_tile_caches()
+        for kernel in ("fwd_h", "dq", "dkdv"):  # the case does exercise pieces in every kernel that takes them
+            cfg = launch.tiles(kernel, DQK, DHV, launch.gpu_arch(torch.device(DEVICE)))
+            assert any(cfg[k] for k in ("BK2", "BV2", "BKO2") if k in cfg), (kernel, cfg)
+        check(B, NH, S, DQK, DHV, gate, dtype, **kw)
 
     # q, k, v as token-major views ([B, NH, S, D] views of [B, S, NH, D], what vil's MatrixLSTM passes): the kernels
     # read and write that layout in place (launch.heads_per_row). Results must equal the contiguous run's exactly

@@ -147,6 +147,21 @@ def _acc_piece(ROWS: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _product_into_pieces(acc, acc2, w, base, rows, row_ok, offs, D: tl.constexpr, ROWSTRIDE: tl.constexpr,
+                         B1: tl.constexpr, B2: tl.constexpr, CHECK_ROWS: tl.constexpr, PREC: tl.constexpr):
+    """acc += w x[rows, offs] for the B1-wide output slice at offs; with B2 > 0, one program covers all D columns
+    instead: acc += w x[rows, :B1], acc2 += w x[rows, B1:B1 + B2] (the query-side kernels' second output piece)."""
+    if B2 > 0:
+        x = _load_piece(base, rows, row_ok, 0, B1, D, ROWSTRIDE, CHECK_ROWS)
+        x2 = _load_piece(base, rows, row_ok, B1, B2, D, ROWSTRIDE, CHECK_ROWS)
+        acc2 += tl.dot(w.to(x2.dtype), x2, input_precision=PREC)
+    else:
+        x = _load_rows(base, rows, row_ok, offs, D, ROWSTRIDE, CHECK_ROWS, D % B1 != 0)
+    acc += tl.dot(w.to(x.dtype), x, input_precision=PREC)
+    return acc, acc2
+
+
+@triton.jit
 def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
                 DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                 BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
@@ -163,13 +178,7 @@ def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV
     if DIAG:
         w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
     qn += tl.sum(w, 1)
-    if BV2 > 0:  # one program writes all of h's columns, in two pieces
-        v_s = _load_piece(v_base, s_loc, s_ok, 0, BV, DHV, RHV, DIAG)
-        v_s2 = _load_piece(v_base, s_loc, s_ok, BV, BV2, DHV, RHV, DIAG)
-        acc2 += tl.dot(w.to(v_s2.dtype), v_s2, input_precision=PREC)
-    else:
-        v_s = _load_rows(v_base, s_loc, s_ok, offs_v, DHV, RHV, DIAG, DHV % BV != 0)
-    acc += tl.dot(w.to(v_s.dtype), v_s, input_precision=PREC)
+    acc, acc2 = _product_into_pieces(acc, acc2, w, v_base, s_loc, s_ok, offs_v, DHV, RHV, BV, BV2, DIAG, PREC)
     return acc, acc2, qn
 
 
@@ -420,13 +429,7 @@ def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV
     ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
     if DIAG:
         ds = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], ds, 0.0)
-    if BKO2 > 0:  # one program writes all of dq's columns, in two pieces
-        k_s = _load_piece(k_base, s_loc, s_ok, 0, BKO, DQK, RQK, DIAG)
-        k_s2 = _load_piece(k_base, s_loc, s_ok, BKO, BKO2, DQK, RQK, DIAG)
-        acc2 += tl.dot(ds.to(k_s2.dtype), k_s2, input_precision=PREC)
-    else:
-        k_s = _load_rows(k_base, s_loc, s_ok, offs_k, DQK, RQK, DIAG, DQK % BKO != 0)
-    acc += tl.dot(ds.to(k_s.dtype), k_s, input_precision=PREC)
+    acc, acc2 = _product_into_pieces(acc, acc2, ds, k_base, s_loc, s_ok, offs_k, DQK, RQK, BKO, BKO2, DIAG, PREC)
     return acc, acc2
 
 
