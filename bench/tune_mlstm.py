@@ -8,7 +8,9 @@ For each head dim it tries a list of tile shapes, warps and pipeline stages per 
 the others at their current choice (coordinate descent). It times the op's forward (for fwd_h) or backward (the
 rest) as GPU time of a CUDA-graph replay, so the host's launch cost does not blur the ranking, and it checks every
 candidate's outputs against the current choice's (a tiling bug shows as a mismatch and drops the candidate).
-dkdv (dk and dv in one kernel) is tried beside dk + dv where it fits. --write merges the winners for this GPU
+dkdv (dk and dv in one kernel) is tried beside dk + dv where it fits. Head dims that the kernels take in two pieces
+(launch.head_dim_pieces: 96, 192, ...) keep the pieces' widths; only row tiles, warps and stages are tried, and the
+winners are stored under the exact dims ("fwd_h:96:96"). --write merges the winners for this GPU
 architecture into kernels/tfla/triton/tuned_tiles.json, which the launch wrappers read (launch.py: tiles()).
 """
 

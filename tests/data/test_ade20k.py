@@ -143,11 +143,11 @@ def test_flip_and_crop_keep_alignment_exactly():
         assert torch.equal(out_img[0], (out_lbl * 20).float())
         # The crop is a window of the original or of its mirror image.
         found = [
-            (t, l, f)
+            (top, left, f)
             for f in (False, True)
-            for t in range(H - 31)
-            for l in range(W - 31)
-            if torch.equal((label.flip(-1) if f else label)[t : t + 32, l : l + 32], out_lbl)
+            for top in range(H - 31)
+            for left in range(W - 31)
+            if torch.equal((label.flip(-1) if f else label)[top : top + 32, left : left + 32], out_lbl)
         ]
         assert found
         flipped += all(f for _, _, f in found)

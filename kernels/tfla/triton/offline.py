@@ -39,14 +39,14 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
                    fast_exp2: bool = True):
     """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states."""
     fn = KERNELS[name]
-    consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=tiles.get("NHT", 1))
+    consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=1)  # NHT: tiles may set it
     flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True),
              "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
         options["maxnreg"] = tiles["maxnreg"]
-    consts.update({k: v for k, v in tiles.items() if k not in options and k != "NHT"})
+    consts.update({k: v for k, v in tiles.items() if k not in options})
     if name == "dkdv":
         consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
     ints = dict(S=S, L=S, NC=1, SP=S)
