@@ -213,12 +213,12 @@ def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, q
 
 def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps,
              gates=None):
-    fused = _fused_gates(chunk_layout(q.shape[2], chunk_size))
+    lay = chunk_layout(q.shape[2], chunk_size)
     args = (dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
-    grads = _bwd_impl_fused(*args, gates=gates) if fused else _bwd_impl(*args)
+    grads = _bwd_impl_fused(*args, gates=gates) if _fused_gates(lay) else _bwd_impl(*args)
     # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
     # dq, dk, dv in the layout of the kernels (_token_major) and the rest contiguous, whatever the inputs' strides.
-    token_major = _token_major(q, chunk_layout(q.shape[2], chunk_size))
+    token_major = _token_major(q, lay)
     return tuple(None if g is None else _in_layout(g, token_major and n < 3) for n, g in enumerate(grads))
 
 
