@@ -162,6 +162,17 @@ def _product_into_pieces(acc, acc2, w, base, rows, row_ok, offs, D: tl.constexpr
 
 
 @triton.jit
+def _state_piece_dot(a, state, PREC: tl.constexpr):
+    """a [R, K] (the input dtype) times a float32 chunk-state slice [K, W] for a second head-dim piece (W = BV2,
+    BKO2, BK2 of _scores), computed as (state^T a^T)^T. Why transposed: the plain tl.dot(a, state.to(a.dtype)) with
+    W = 32 (DH 96 = 64 + 32) faulted on an H200 with Triton 3.6, an out-of-range shared-memory address in the dkdv
+    kernel (compute-sanitizer) and NaN rows in fwd_h, though the interpreter computes it right; with the converted
+    state as the left operand (or the product in tf32, or padded to 64 wide) every state variant matches float64
+    (bench/results/pieces_states_fault_h200.log)."""
+    return tl.trans(tl.dot(tl.trans(state.to(a.dtype)), tl.trans(a), input_precision=PREC))
+
+
+@triton.jit
 def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
                 DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                 BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
@@ -249,7 +260,7 @@ def mlstm_fwd_h_kernel(
             acc_c += tl.dot(q_t, c_dv.to(q_t.dtype), input_precision=PREC)
             if BV2 > 0:
                 c_dv2 = tl.load(c_base + offs_v2[None, :], mask=d_ok[:, None] & v2_ok[None, :], other=0.0)
-                acc_c2 += tl.dot(q_t, c_dv2.to(q_t.dtype), input_precision=PREC)
+                acc_c2 += _state_piece_dot(q_t, c_dv2, PREC)
             n_d = tl.load(NST + st * DQK + offs_d, mask=d_ok, other=0.0)
             qn_c += tl.sum(q_t.to(tl.float32) * n_d[None, :], 1)
         acc += g[:, None] * acc_c
@@ -520,7 +531,7 @@ def mlstm_bwd_dq_kernel(
             acc_c += tl.dot(dh_t, c_tr.to(dh_t.dtype), input_precision=PREC)
             if BKO2 > 0:
                 c_tr2 = tl.load(c_base + offs_k2[None, :] * DHV, mask=k2_ok[None, :] & v_ok[:, None], other=0.0)
-                acc_c2 += tl.dot(dh_t, c_tr2.to(dh_t.dtype), input_precision=PREC)
+                acc_c2 += _state_piece_dot(dh_t, c_tr2, PREC)
         n_k = tl.load(NST + st * DQK + offs_k, mask=k_ok, other=0.0)
         acc += g[:, None] * (acc_c * rs_t[:, None] + dqn_t[:, None] * n_k[None, :])
         if BKO2 > 0:
@@ -1007,8 +1018,8 @@ def mlstm_bwd_dkdv_kernel(
             acc_v += e[:, None] * tl.dot(k_d, dc_d, input_precision=PREC)
             if BV2 > 0:
                 dc_d2 = tl.load(dc_rows + offs_v2[None, :], mask=d_ok[:, None] & v2_ok[None, :],
-                                other=0.0).to(k_s.dtype)  # [SL, BV2]
-                acc_v2 += e[:, None] * tl.dot(k_d, dc_d2, input_precision=PREC)
+                                other=0.0)  # [SL, BV2]
+                acc_v2 += e[:, None] * _state_piece_dot(k_d, dc_d2, PREC)
         for d0 in range(0, DHV, SL):  # acc_k += e * v dC^T, summed over DHV slices
             offs_d = d0 + tl.arange(0, SL)
             d_ok = offs_d < DHV
@@ -1019,8 +1030,8 @@ def mlstm_bwd_dkdv_kernel(
             acc_k += e[:, None] * tl.dot(v_d, tl.trans(dc_d), input_precision=PREC)
             if BK2 > 0:
                 dc_d2 = tl.load(dc_base + offs_k2[:, None] * DHV + offs_d[None, :],
-                                mask=k2_ok[:, None] & d_ok[None, :], other=0.0).to(k_s.dtype)  # [BK2, SL]
-                acc_k2 += e[:, None] * tl.dot(v_d, tl.trans(dc_d2), input_precision=PREC)
+                                mask=k2_ok[:, None] & d_ok[None, :], other=0.0)  # [BK2, SL]
+                acc_k2 += e[:, None] * _state_piece_dot(v_d, tl.trans(dc_d2), PREC)
         dn_k = tl.load(DNST + st * DQK + offs_k, mask=k_ok, other=0.0)
         acc_k += e[:, None] * dn_k[None, :]
         if BK2 > 0:

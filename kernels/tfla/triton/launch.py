@@ -154,13 +154,6 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
 # the pieces; TFLA_HEAD_DIM_PIECES=0 or HEAD_DIM_PIECES = False turns them off (benchmarks
 # compare both). Up to a padded width of 256: the whole head dim then stays in registers.
 HEAD_DIM_PIECES: bool = os.environ.get("TFLA_HEAD_DIM_PIECES", "1") != "0"
-# Kernel variants that take a chunk state (chunked calls, initial states) get pieces only where this is True, or in
-# Triton's CPU interpreter (where the tests check them): on an H200 with Triton 3.6 the dkdv kernel's leaving-state
-# term with 32-wide pieces (DH 96) stopped at an out-of-range shared-memory address (compute-sanitizer, at the
-# products with dC; DH 192's 64-wide pieces ran), and fwd_h's entering-state term gave NaN rows in the same setting.
-# The indexing is the same as in the single-chunk variants, which pass the GPU checks; the fault looks like the
-# compiler's (bench/results/pieces_states_fault_h200.log). Off until that is understood.
-PIECES_WITH_STATES = False
 PIECES_MAX_HEAD_DIM = 256
 # kernel -> the (first, second) tile keys of its pieces, and whether each is along DQK (else DHV).
 _PIECE_KEYS = {
@@ -231,15 +224,12 @@ def tuned_tiles(arch: str) -> dict:
     return _tuned_cache[arch]
 
 
-def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu", *, with_states: bool = False) -> dict:
+def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu") -> dict:
     """Meta-parameters of one kernel launch (a fresh dict): defaults, then the tuned table of `arch`, then
-    TILE_OVERRIDES. Memoised: this runs on every launch. with_states: the launch takes a chunk state (fwd_h and dq:
-    an entering state, dkdv: a leaving state's gradient); those variants take no head-dim pieces on a GPU, see
-    PIECES_WITH_STATES."""
-    key = (kernel, DQK, DHV, arch, with_states, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
+    TILE_OVERRIDES. Memoised: this runs on every launch."""
+    key = (kernel, DQK, DHV, arch, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
     if key not in _tiles_cache:
-        pieces = HEAD_DIM_PIECES and (PIECES_WITH_STATES or not with_states or arch == "cpu")
-        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, pieces)
+        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, HEAD_DIM_PIECES)
     return dict(_tiles_cache[key])
 
 
@@ -350,7 +340,7 @@ def mlstm_fwd(
     dummy = fv
     _launch_tiled(
         mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"] + t["BV2"]), BNH * lay.NC),
-        tiles("fwd_h", DQK, DHV, gpu_arch(q.device), with_states=Cst is not None),
+        tiles("fwd_h", DQK, DHV, gpu_arch(q.device)),
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
@@ -427,7 +417,7 @@ def mlstm_bwd(
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
     common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
 
-    cfg = tiles("dq", DQK, DHV, arch, with_states=Cst is not None)
+    cfg = tiles("dq", DQK, DHV, arch)
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
@@ -446,7 +436,7 @@ def mlstm_bwd(
     if fused_dkdv and one_pass_dkdv(DQK, DHV, arch):
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-        cfg = tiles("dkdv", DQK, DHV, arch, with_states=has_final)
+        cfg = tiles("dkdv", DQK, DHV, arch)
         _launch_tiled(
             mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
             q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
