@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=50_000)
     ap.add_argument("--graph", action="store_true",
                     help="also the fused path's GPU time alone (fwd+bwd replayed from a CUDA graph: no host cost)")
+    ap.add_argument("--fused-only", action="store_true", help="skip the unfused path's column (half the time)")
     args = ap.parse_args()
     shipped = function.FUSED_KERNELS
     extra = " fwd+bwd GPU ms fused |" if args.graph else ""
@@ -43,6 +44,9 @@ def main() -> None:
                         continue
                     row = []
                     for fused in (False, True):
+                        if args.fused_only and not fused:
+                            row.append("-")
+                            continue
                         def step():
                             function.FUSED_KERNELS = fused
                             mlstm_triton(q, k, v, i, f, gate=gate, chunk_size=L).backward(dh)

@@ -76,6 +76,42 @@ def test_tiles_that_do_not_fit_shrink_once_and_are_remembered():
     assert kernel.launches[-1][2]["BS"] == 64
 
 
+def test_stages_drop_one_at_a_time():
+    # A variant a little over the limit at three stages keeps two (pipelined loads), not one.
+    kernel = FakeKernel(lambda meta: meta["num_stages"] <= 2)
+    with pytest.warns(UserWarning, match="do not fit"):
+        launch._launch_tiled(kernel, grid_of, dict(TILES), "x")
+    (_, _, meta), = kernel.launches
+    assert (meta["num_stages"], meta["BT"], meta["BS"]) == (2, 64, 64)
+
+
+def test_shrinking_leaves_no_reference_cycle():
+    """The caller's objects (in the model: the autograd graph of the step) must not outlive the call through the
+    OutOfResources traceback: a kept graph broke a later CUDA-graph capture on the H200."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    kernel = FakeKernel(lambda meta: meta["num_stages"] == 1)
+
+    def caller():
+        payload = Payload()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            launch._launch_tiled(kernel, grid_of, dict(TILES), payload)
+        return weakref.ref(payload)
+
+    gc.disable()
+    try:
+        ref = caller()
+        kernel.launches.clear()  # the fake kernel's own record of the argument
+        assert ref() is None, "the launch's arguments are still alive after the call"
+    finally:
+        gc.enable()
+
+
 def test_tiles_that_never_fit_raise():
     kernel = FakeKernel(lambda meta: False)
     with pytest.raises(OutOfResources):

@@ -269,10 +269,12 @@ def _name(kernel) -> str:
 
 
 def _smaller(cfg: dict) -> Optional[dict]:
-    """The next tiles to try after an out-of-resources launch: one pipeline stage, then halved row tiles. Head-dim
-    slices stay as they are, since output buffers are shaped by them."""
+    """The next tiles to try after an out-of-resources launch: one pipeline stage fewer (down to one), then halved
+    row tiles. Head-dim slices stay as they are, since output buffers are shaped by them. One stage at a time: a
+    state variant that is a little over the limit at three stages usually fits at two and keeps its loads pipelined
+    (DH 192's pieces with an entering state on an H200: 262144 bytes of shared memory at three stages, 232448 fit)."""
     if cfg.get("num_stages", 3) > 1:
-        return dict(cfg, num_stages=1)
+        return dict(cfg, num_stages=cfg.get("num_stages", 3) - 1)
     if min(cfg["BT"], cfg["BS"]) > 16:
         return dict(cfg, BT=cfg["BT"] // 2, BS=cfg["BS"] // 2)
     return None
@@ -296,7 +298,11 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
             if smaller is None:
                 raise
             attempt = smaller
-            failure = err
+            # The message, not the exception: its traceback holds this frame (a reference cycle), and with it the
+            # caller's autograd graph until the garbage collector runs. A graph kept alive that way keeps the
+            # leaves' AccumulateGrad nodes with the stream they were made on, which broke a later CUDA-graph capture
+            # ("operation would make the legacy stream depend on a capturing blocking stream").
+            failure = str(err)
     if attempt is not cfg:
         key = key or (_name(kernel), tuple(cfg.items()), tuple(consts.items()))
         _SHRUNK_TILES[key] = attempt
