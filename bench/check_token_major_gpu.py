@@ -1,6 +1,6 @@
 """GPU check of the token-major layout (tfla.triton.function.TOKEN_MAJOR_IN_PLACE): q, k, v as [B, NH, S, D] views
 of contiguous [B, S, NH, D] tensors must give exactly the contiguous run's h and gradients, keep that layout for h,
-dq, dk, dv, and match the float64 reference. Shapes: ViL-T's and ViL-S's (one chunk, head-dim pieces), a long single
+dq, dk, dv, and match the float64 reference (equal within 1e-2 where dq is added up atomically, launch.ATOMIC_DQ; both are run). Shapes: ViL-T's and ViL-S's (one chunk, head-dim pieces), a long single
 chunk, and a chunked call at DH 384 (state kernels, separate dk / dv kernels).
 
 Usage (CUDA machine, repo root):
@@ -41,7 +41,10 @@ def check(B: int, NH: int, S: int, DH: int, chunk_size) -> bool:
     plain = _fwd_bwd(q, k, v, i, f, dh, chunk_size)
     tm = _fwd_bwd(*(token_major(t) for t in (q, k, v)), i, f, token_major(dh), chunk_size)
     layout_kept = all(launch.heads_per_row(t) == NH for t in tm[:4])  # h, dq, dk, dv
-    same = all(torch.equal(a, b) for a, b in zip(plain, tm))
+    if launch.ATOMIC_DQ:  # dq added up atomically: the order of the float32 sums varies from run to run
+        same = all(((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-2 for a, b in zip(plain, tm))
+    else:
+        same = all(torch.equal(a, b) for a, b in zip(plain, tm))
     n = min(B, 4)  # the float64 reference on the first rows of the batch
     ref = [t[:n].double().detach().requires_grad_() for t in (q, k, v, i, f)]
     h_ref = mlstm_parallel(*ref, gate="exp")
@@ -58,8 +61,12 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     function.TOKEN_MAJOR_IN_PLACE = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, exp gate")
-    fails = sum(not check(*case) for case in CASES)
-    print(f"{fails} failure(s) in {len(CASES)} cases")
+    fails = 0
+    for atomic in (False, True):  # exact equality with the contiguous run where dq comes from the dq kernel
+        launch.ATOMIC_DQ = atomic
+        print(f"launch.ATOMIC_DQ = {atomic}")
+        fails += sum(not check(*case) for case in CASES)
+    print(f"{fails} failure(s) in {2 * len(CASES)} cases")
     raise SystemExit(1 if fails else 0)
 
 
