@@ -214,6 +214,7 @@ def main() -> int:
         failures += not det
 
     # torch.compile (custom op: no graph break) and autocast (fp32 inputs, bf16 compute).
+    gen = torch.Generator(device="cuda").manual_seed(6)  # own inputs, whatever the checks above drew
     xs = [x.float().requires_grad_() for x in make_inputs(2, 4, 197, 96, 96, torch.float32, False, gen)]
 
     def step(q, k, v, i, f):
@@ -231,7 +232,10 @@ def main() -> int:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         h_ac = mlstm(*xs, backend="triton")
     g_ac = torch.autograd.grad(h_ac.float().square().mean(), xs)
-    ref = mlstm_parallel(*(x.detach().double() for x in xs))
+    # Against the float64 reference on the inputs as autocast hands them to the kernels (q, k, v rounded to bf16):
+    # the rounding of fp32 inputs is autocast's, not the kernels', and it alone gave 2-4e-2 at these shapes.
+    ref = mlstm_parallel(*(x.detach().to(torch.bfloat16).double() if n < 3 else x.detach().double()
+                           for n, x in enumerate(xs)))
     ac_ok = h_ac.dtype == torch.bfloat16 and errors(h_ac, ref)[0] < 3e-2 and all(
         g.dtype == torch.float32 and torch.isfinite(g).all() for g in g_ac)
     print(f"{'ok  ' if ac_ok else 'FAIL'} autocast(bf16) with fp32 inputs: h {h_ac.dtype}, "

@@ -154,6 +154,13 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
 # the pieces; TFLA_HEAD_DIM_PIECES=0 or HEAD_DIM_PIECES = False turns them off (benchmarks
 # compare both). Up to a padded width of 256: the whole head dim then stays in registers.
 HEAD_DIM_PIECES: bool = os.environ.get("TFLA_HEAD_DIM_PIECES", "1") != "0"
+# Kernel variants that take a chunk state (chunked calls, initial states) get pieces on a GPU only where this is
+# True; Triton's CPU interpreter (where the tests check them) always gives them pieces. They are correct on the GPU
+# (kernels._state_piece_dot), but slower there with the tiles tuned on the stateless variants: S = 4096, chunks of
+# 256, fwd+bwd GPU time 1.026 ms with pieces against 0.962 padded at DH 96, 2.961 against 2.353 at DH 192, where the
+# entering-state term pushed fwd_h and dq over the shared memory at three stages (bench/results/
+# sweep_s4096_pieces_ab_h200.log). Tiles tuned for the state variants would be the next step.
+PIECES_WITH_STATES = False
 PIECES_MAX_HEAD_DIM = 256
 # kernel -> the (first, second) tile keys of its pieces, and whether each is along DQK (else DHV).
 _PIECE_KEYS = {
@@ -224,12 +231,14 @@ def tuned_tiles(arch: str) -> dict:
     return _tuned_cache[arch]
 
 
-def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu") -> dict:
+def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu", *, with_states: bool = False) -> dict:
     """Meta-parameters of one kernel launch (a fresh dict): defaults, then the tuned table of `arch`, then
-    TILE_OVERRIDES. Memoised: this runs on every launch."""
-    key = (kernel, DQK, DHV, arch, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
+    TILE_OVERRIDES. Memoised: this runs on every launch. with_states: the launch takes a chunk state (fwd_h and dq:
+    an entering state, dkdv: a leaving state's gradient); see PIECES_WITH_STATES."""
+    key = (kernel, DQK, DHV, arch, with_states, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
     if key not in _tiles_cache:
-        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, HEAD_DIM_PIECES)
+        pieces = HEAD_DIM_PIECES and (PIECES_WITH_STATES or not with_states or arch == "cpu")
+        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, pieces)
     return dict(_tiles_cache[key])
 
 
@@ -346,7 +355,7 @@ def mlstm_fwd(
     dummy = fv
     _launch_tiled(
         mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"] + t["BV2"]), BNH * lay.NC),
-        tiles("fwd_h", DQK, DHV, gpu_arch(q.device)),
+        tiles("fwd_h", DQK, DHV, gpu_arch(q.device), with_states=Cst is not None),
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
@@ -443,7 +452,7 @@ def mlstm_bwd(
         dq = dq_acc.to(q.dtype)
         return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
 
-    cfg = tiles("dq", DQK, DHV, arch)
+    cfg = tiles("dq", DQK, DHV, arch, with_states=Cst is not None)
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
@@ -462,7 +471,7 @@ def mlstm_bwd(
     if fused_dkdv and one_pass_dkdv(DQK, DHV, arch):
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-        cfg = tiles("dkdv", DQK, DHV, arch)
+        cfg = tiles("dkdv", DQK, DHV, arch, with_states=has_final)
         _launch_tiled(
             mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
             q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk, dummy, dummy,
@@ -505,9 +514,13 @@ DEFAULT_ONE_PASS_DKDV_MAX_HEAD_DIM = 128
 
 # dq from the one-pass dkdv kernel, added up atomically in float32 (DQ_ATOMIC), instead of a dq kernel that
 # recomputes both score matrices: one kernel and two matrix products fewer per backward. Only for one chunk without
-# states, up to ATOMIC_DQ_MAX_HEAD_DIM (padded). The atomic sums make dq differ in the last bits from run to run, so
-# torch.use_deterministic_algorithms(True) turns it off, as does TFLA_ATOMIC_DQ=0 or ATOMIC_DQ = False.
-ATOMIC_DQ: bool = os.environ.get("TFLA_ATOMIC_DQ", "1") != "0"
+# states, up to ATOMIC_DQ_MAX_HEAD_DIM (padded). Off by default: on an H200 it lost to the dq kernel at every shape
+# and tile tried (DH 96 / S 196: 0.470-0.790 ms fwd+bwd GPU time against 0.474; S 1024: 0.878 against 0.678;
+# bench/results/atomic_dq_ab_h200.md): the float32 reductions and the extra registers (spills at 4 warps) cost more
+# than the recomputed scores. TFLA_ATOMIC_DQ=1 or ATOMIC_DQ = True turns it on (tests run both); it is correct on
+# the GPU (bench/check_token_major_gpu.py runs it), but dq then differs in the last bits from run to run, so
+# torch.use_deterministic_algorithms(True) keeps the dq kernel.
+ATOMIC_DQ: bool = os.environ.get("TFLA_ATOMIC_DQ", "0") == "1"
 ATOMIC_DQ_MAX_HEAD_DIM = 128
 
 
