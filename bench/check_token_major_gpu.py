@@ -1,13 +1,15 @@
-"""GPU check of the token-major layout (tfla.triton.function.TOKEN_MAJOR_IN_PLACE): q, k, v as [B, NH, S, D] views
-of contiguous [B, S, NH, D] tensors must give exactly the contiguous run's h and gradients, keep that layout for h,
-dq, dk, dv, and match the float64 reference (equal within 1e-2 where dq is added up atomically, launch.ATOMIC_DQ; both are run). Shapes: ViL-T's and ViL-S's (one chunk, head-dim pieces), a long single
+"""GPU check of the token-major layout (tfla.triton.function.TOKEN_MAJOR_IN_PLACE, on by default): q, k, v as
+[B, NH, S, D] views of contiguous [B, S, NH, D] tensors must give the contiguous run's h and gradients, keep that
+layout for h, dq, dk, dv, and match the float64 reference. Each case runs twice: with dq from the dq kernel (results
+must be bitwise equal to the contiguous run) and with dq added up atomically (launch.ATOMIC_DQ: equal within 1e-2,
+since the float32 sums' order varies). Shapes: ViL-T's and ViL-S's (one chunk, head-dim pieces), a long single
 chunk, and a chunked call at DH 384 (state kernels, separate dk / dv kernels).
 
 Usage (CUDA machine, repo root):
     PYTHONPATH=kernels python bench/check_token_major_gpu.py
 
-Run this before turning TOKEN_MAJOR_IN_PLACE on by default; then time ViL-T with
-`TFLA_TOKEN_MAJOR=1 python bench/bench_models.py --device cuda --pairs tiny --cuda-graph` against a run without it.
+The model-level effect: `TFLA_TOKEN_MAJOR=0 python bench/bench_models.py --device cuda --pairs tiny --cuda-graph`
+against a run without the variable (bench/results/models_tiny_token_major_h200.md).
 Exit status 1 when a case fails.
 """
 
