@@ -12,6 +12,14 @@ dkdv (dk and dv in one kernel) is tried beside dk + dv where it fits. Head dims 
 (launch.head_dim_pieces: 96, 192, ...) keep the pieces' widths; only row tiles, warps and stages are tried, and the
 winners are stored under the exact dims ("fwd_h:96:96"). --write merges the winners for this GPU
 architecture into kernels/tfla/triton/tuned_tiles.json, which the launch wrappers read (launch.py: tiles()).
+
+--states tunes the variants that carry a chunk state (chunked calls: use --seq 4096) with head-dim pieces, which a
+GPU otherwise runs with padded tiles (launch.PIECES_WITH_STATES). It starts from the shipped table, times the
+padded state variants first, tunes fwd_h, dq and dkdv with pieces, and keeps the pieces where they beat the padded
+tiles: fwd_h if the forward got faster, dq and dkdv together if the backward did. Winners go under
+"fwd_h:96:96:states" and so on, which launch.tiles() then applies to the state variants:
+    PYTHONPATH=kernels python bench/tune_mlstm.py --states --dh 96 192 --seq 4096 --write \
+        --out bench/results/tuning/tune_states_h200.json
 """
 
 from __future__ import annotations
@@ -168,7 +176,11 @@ def main():
                     help="widest output slice to try (256: one program covers a head dim of up to 256)")
     ap.add_argument("--out", default=None, help="JSON report of every candidate")
     ap.add_argument("--write", action="store_true", help="store the result in kernels/tfla/triton/tuned_tiles.json")
+    ap.add_argument("--states", action="store_true",
+                    help="tune the chunk-state variants with head-dim pieces against their padded tiles (see above)")
     args = ap.parse_args()
+    if args.states:
+        return tune_states(args)
 
     lines = []
 
@@ -228,6 +240,81 @@ def main():
         dims |= {p for p, won in one_pass.items() if won}
         dims -= {p for p, won in one_pass.items() if not won}
         entries["dkdv_one_pass"] = sorted(dims)
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        launch.reset_tile_caches()
+        log(f"wrote {path}")
+
+
+def tune_states(args) -> None:
+    """--states: see the module docstring."""
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    S = args.seq
+    B = max(1, round(args.tokens / S))
+    if function.default_chunk_size(S) >= S:
+        raise SystemExit(f"--states needs chunks: S={S} runs as one chunk; use --seq 4096")
+    arch = launch.gpu_arch(torch.device("cuda"))
+    launch.reset_tile_caches()  # the shipped table: the stateless entries stay, the padded baseline is what ships
+    log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
+        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; state variants, pieces vs padded")
+    tuned, result = {}, {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
+    for dh in args.dh:
+        kernels = [k for k in ("fwd_h", "dq", "dkdv") if k in args.kernels and piece_tiles(k, dh)]
+        if not kernels:
+            log(f"  DH={dh}: no head-dim pieces, nothing to tune")
+            continue
+        x = mlstm_inputs(B, args.heads, S, dh)
+        saved = fwd(x, S)
+
+        def times():
+            return gpu_ms(lambda: fwd(x, S)), gpu_ms(lambda: bwd(x, saved, S))
+
+        launch.PIECES_WITH_STATES = False
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+        launch.TILE_OVERRIDES.clear()
+        launch.reset_tile_caches()  # tiles() memoises without PIECES_WITH_STATES in its key
+        padded = times()
+        launch.PIECES_WITH_STATES = True
+        launch.reset_tile_caches()
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = False  # a candidate that does not fit fails (and is dropped)
+        current: dict = {}
+        entry = {"padded_fwd_ms": padded[0], "padded_bwd_ms": padded[1]}
+        for kernel in kernels:
+            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log)
+            if best is not None:
+                current[kernel] = best
+            elif base_ms == base_ms and base_ms < float("inf"):  # the stateless tiles with pieces were best
+                current[kernel] = launch.tiles(kernel, dh, dh, arch, with_states=True)
+            entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
+        launch.TILE_OVERRIDES.clear()
+        launch.TILE_OVERRIDES.update(current)
+        pieces = times()
+        launch.TILE_OVERRIDES.clear()
+        launch.PIECES_WITH_STATES = False
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+        launch.reset_tile_caches()
+        keep = {"fwd_h": pieces[0] < padded[0]}
+        keep["dq"] = keep["dkdv"] = pieces[1] < padded[1]
+        log(f"  DH={dh}: padded fwd {padded[0]:.3f} / bwd {padded[1]:.3f} ms; pieces tuned fwd {pieces[0]:.3f} / "
+            f"bwd {pieces[1]:.3f} ms -> pieces for {[k for k in current if keep[k]] or 'none'}")
+        entry.update(pieces_fwd_ms=pieces[0], pieces_bwd_ms=pieces[1])
+        for kernel, cfg in current.items():
+            if keep[kernel]:
+                tuned[f"{kernel}:{dh}:{dh}:states"] = cfg
+        result["dims"][dh] = entry
+    log(f"tuned state-variant tiles for {arch}: " + json.dumps(tuned, indent=1))
+    result.update(tuned=tuned, log=lines)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+    if args.write and tuned:
+        path = launch.TUNED_TILES_FILE
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table.setdefault(arch, {}).update(tuned)
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         launch.reset_tile_caches()
         log(f"wrote {path}")

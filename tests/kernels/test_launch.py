@@ -180,3 +180,21 @@ def test_state_variants_take_no_pieces_on_a_gpu_unless_enabled(monkeypatch):
         assert launch.tiles("dkdv", 96, 96, "sm90", with_states=True)["BV2"] == 32
     finally:
         launch.reset_tile_caches()
+
+
+def test_a_tuned_state_entry_gives_the_state_variant_pieces_and_its_tiles(monkeypatch):
+    """`bench/tune_mlstm.py --states` writes "dkdv:96:96:states" only where pieces beat the padded tiles there: such an
+    entry turns the pieces on for that kernel's state variant on a GPU and brings its own tiles."""
+    monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
+    monkeypatch.setattr(launch, "PIECES_WITH_STATES", False)
+    monkeypatch.setattr(launch, "TILE_OVERRIDES", {})
+    table = {"dkdv:96:96": dict(BT=32, BS=64), "dkdv:96:96:states": dict(BT=16, BS=32, num_stages=2)}
+    launch.reset_tile_caches("sm90", table)
+    try:
+        states = launch.tiles("dkdv", 96, 96, "sm90", with_states=True)
+        assert (states["BK2"], states["BV2"], states["BT"], states["BS"], states["num_stages"]) == (32, 32, 16, 32, 2)
+        plain = launch.tiles("dkdv", 96, 96, "sm90")
+        assert (plain["BT"], plain["BS"]) == (32, 64)  # the stateless variant keeps its own entry
+        assert not launch.tiles("fwd_h", 96, 96, "sm90", with_states=True)["BK2"]  # no entry: padded
+    finally:
+        launch.reset_tile_caches()

@@ -159,7 +159,9 @@ HEAD_DIM_PIECES: bool = os.environ.get("TFLA_HEAD_DIM_PIECES", "1") != "0"
 # (kernels._state_piece_dot), but slower there with the tiles tuned on the stateless variants: S = 4096, chunks of
 # 256, fwd+bwd GPU time 1.026 ms with pieces against 0.962 padded at DH 96, 2.961 against 2.353 at DH 192, where the
 # entering-state term pushed fwd_h and dq over the shared memory at three stages (bench/results/
-# sweep_s4096_pieces_ab_h200.log). Tiles tuned for the state variants would be the next step.
+# sweep_s4096_pieces_ab_h200.log). A kernel whose tuned table has an entry for its state variant with pieces
+# ("dkdv:96:96:states", written by `bench/tune_mlstm.py --states` only where it beat the padded tiles) takes the
+# pieces with those tiles regardless.
 PIECES_WITH_STATES = False
 PIECES_MAX_HEAD_DIM = 256
 # kernel -> the (first, second) tile keys of its pieces, and whether each is along DQK (else DHV).
@@ -237,12 +239,13 @@ def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu", *, with_states: bo
     an entering state, dkdv: a leaving state's gradient); see PIECES_WITH_STATES."""
     key = (kernel, DQK, DHV, arch, with_states, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
     if key not in _tiles_cache:
-        pieces = HEAD_DIM_PIECES and (PIECES_WITH_STATES or not with_states or arch == "cpu")
-        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, pieces)
+        tuned_for_states = f"{kernel}:{DQK}:{DHV}:states" in tuned_tiles(arch)
+        pieces = HEAD_DIM_PIECES and (not with_states or PIECES_WITH_STATES or arch == "cpu" or tuned_for_states)
+        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, pieces, with_states)
     return dict(_tiles_cache[key])
 
 
-def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool) -> dict:
+def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, with_states: bool = False) -> dict:
     cfg = _default_tiles(kernel, DQK, DHV)
     table = tuned_tiles(arch)
     cfg.update(table.get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}", {}))
@@ -250,6 +253,8 @@ def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool) 
     if pieces:  # then the entry tuned with these pieces, keyed by the exact head dims (bench/tune_mlstm.py)
         cfg.update(pieces)
         cfg.update(table.get(f"{kernel}:{DQK}:{DHV}", {}))
+        if with_states:  # and the one tuned for the variant with a chunk state, where there is one
+            cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:states", {}))
     overrides = TILE_OVERRIDES.get(kernel, {})
     cfg.update(overrides)
     for key, key2, along_qk in _PIECE_KEYS.get(kernel, ()):
