@@ -125,6 +125,34 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
+class Log:
+    """Prints each line and keeps it for the JSON report."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.lines.append(msg)
+
+
+def merge_into_table(arch: str, tuned: dict, one_pass: dict | None = None):
+    """Merge winners into kernels/tfla/triton/tuned_tiles.json (entries not tuned in this run keep theirs) and the
+    one-pass dkdv choices, where measured; returns the file's path."""
+    path = launch.TUNED_TILES_FILE
+    table = json.loads(path.read_text()) if path.exists() else {}
+    entries = table.setdefault(arch, {})
+    entries.update(tuned)
+    if one_pass is not None:
+        dims = set(entries.get("dkdv_one_pass", []))
+        dims |= {p for p, won in one_pass.items() if won}
+        dims -= {p for p, won in one_pass.items() if not won}
+        entries["dkdv_one_pass"] = sorted(dims)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    launch.reset_tile_caches()
+    return path
+
+
 def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256):
     """Coordinate step: best candidate for one kernel with the others at `current`; returns (best cfg, table rows)."""
     saved = fwd(x, S)
@@ -182,12 +210,7 @@ def main():
     if args.states:
         return tune_states(args)
 
-    lines = []
-
-    def log(s):
-        print(s, flush=True)
-        lines.append(s)
-
+    log = Log()
     S = args.seq
     B = max(1, round(args.tokens / S))
     arch = launch.gpu_arch(torch.device("cuda"))
@@ -227,32 +250,17 @@ def main():
     log(f"tuned tiles for {arch}: " + json.dumps(tuned, indent=1) + f"; one-pass dkdv: {one_pass}")
     result["tuned"] = tuned
     result["one_pass_dkdv"] = one_pass
-    result["log"] = lines
+    result["log"] = log.lines
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1, default=str)
     if args.write:  # merged into the table: head dims not tuned in this run keep their entries
-        path = launch.TUNED_TILES_FILE
-        table = json.loads(path.read_text()) if path.exists() else {}
-        entries = table.setdefault(arch, {})
-        entries.update(tuned)
-        dims = set(entries.get("dkdv_one_pass", []))
-        dims |= {p for p, won in one_pass.items() if won}
-        dims -= {p for p, won in one_pass.items() if not won}
-        entries["dkdv_one_pass"] = sorted(dims)
-        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        launch.reset_tile_caches()
-        log(f"wrote {path}")
+        log(f"wrote {merge_into_table(arch, tuned, one_pass)}")
 
 
 def tune_states(args) -> None:
     """--states: see the module docstring."""
-    lines = []
-
-    def log(msg):
-        print(msg, flush=True)
-        lines.append(msg)
-
+    log = Log()
     S = args.seq
     B = max(1, round(args.tokens / S))
     if function.default_chunk_size(S) >= S:
@@ -307,17 +315,12 @@ def tune_states(args) -> None:
                 tuned[f"{kernel}:{dh}:{dh}:states"] = cfg
         result["dims"][dh] = entry
     log(f"tuned state-variant tiles for {arch}: " + json.dumps(tuned, indent=1))
-    result.update(tuned=tuned, log=lines)
+    result.update(tuned=tuned, log=log.lines)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1, default=str)
     if args.write and tuned:
-        path = launch.TUNED_TILES_FILE
-        table = json.loads(path.read_text()) if path.exists() else {}
-        table.setdefault(arch, {}).update(tuned)
-        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        launch.reset_tile_caches()
-        log(f"wrote {path}")
+        log(f"wrote {merge_into_table(arch, tuned)}")
 
 
 if __name__ == "__main__":
