@@ -286,7 +286,8 @@ def _smaller(cfg: dict) -> Optional[dict]:
     """The next tiles to try after an out-of-resources launch: one pipeline stage fewer (down to one), then halved
     row tiles. Head-dim slices stay as they are, since output buffers are shaped by them. One stage at a time: a
     state variant that is a little over the limit at three stages usually fits at two and keeps its loads pipelined
-    (DH 192's pieces with an entering state on an H200: 262144 bytes of shared memory at three stages, 232448 fit)."""
+    (DH 192's pieces with an entering state on an H200 needed 262144 bytes of shared memory at three stages; the
+    limit is 232448)."""
     if cfg.get("num_stages", 3) > 1:
         return dict(cfg, num_stages=cfg.get("num_stages", 3) - 1)
     if min(cfg["BT"], cfg["BS"]) > 16:
