@@ -23,7 +23,9 @@ from tfla.triton.offline import KERNELS, compile_kernel, sass_report
 
 
 def _parse_tiles(items: list[str]) -> dict:
-    return {k: int(v) for k, v in (item.split("=") for item in items)}
+    """KEY=VALUE items: integers, or True / False for flags such as RELOAD_KV."""
+    flags = {"True": True, "False": False}
+    return {k: flags[v] if v in flags else int(v) for k, v in (item.split("=") for item in items)}
 
 
 def main():
