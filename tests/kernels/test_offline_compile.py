@@ -45,15 +45,3 @@ def test_token_major_variants_compile_for_sm90():
         tiles = dict(launch.tiles(name, 96, 96, "sm90"), NHT=4)
         compiled = compile_kernel(name, 96, 96, 196, tiles, arch=90)
         assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, name
-
-
-@pytest.mark.parametrize("DH", [96, 128])
-def test_dkdv_with_atomic_dq_compiles_for_sm90(DH):
-    """launch.ATOMIC_DQ: the dkdv kernel adds dq up with float32 reductions to global memory (REDG in SASS)."""
-    from tfla.triton.offline import compile_kernel, sass_report
-
-    tiles = dict(launch.tiles("dkdv", DH, DH, "sm90"), DQ_ATOMIC=True)
-    compiled = compile_kernel("dkdv", DH, DH, 196, tiles, arch=90)
-    assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, (tiles, compiled.metadata.shared)
-    counts = sass_report(compiled)["counts"]
-    assert counts["RED"] + counts["REDG"] + counts["ATOMG"] > 0, "no float32 reductions to global memory"

@@ -134,33 +134,6 @@ else:
         gates."""
         check(1, 1, 9, 136, 16, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=6)
 
-    @pytest.mark.parametrize("atomic", [False, True], ids=["dq kernel", "atomic dq"])
-    @pytest.mark.parametrize("dims", [(16, 24), (40, 40)], ids=["16x24", "40x40 pieces"])
-    def test_fused_dq_from_dq_kernel_or_atomic(fused, monkeypatch, atomic, dims):
-        """One chunk without states: dq from the dq kernel (which also computes the row terms) or added up
-        atomically by the dkdv kernel (launch.ATOMIC_DQ), both against float64 and the unfused path."""
-        monkeypatch.setattr(launch, "ATOMIC_DQ", atomic)
-        taken = []
-        original = launch.mlstm_bwd
-
-        def recording(*args, **kw):
-            taken.append(kw.get("atomic_dq", False))
-            return original(*args, **kw)
-
-        monkeypatch.setattr(function, "mlstm_bwd", recording)
-        check(2, 2, 29, *dims, "exp", torch.float32, seed=31)
-        assert taken and taken[-1] == atomic
-
-    def test_deterministic_mode_takes_the_dq_kernel(monkeypatch):
-        monkeypatch.setattr(launch, "ATOMIC_DQ", True)
-        assert launch.atomic_dq_applies(96, 96, "cpu")
-        assert not launch.atomic_dq_applies(192, 192, "cpu")  # above ATOMIC_DQ_MAX_HEAD_DIM
-        torch.use_deterministic_algorithms(True)
-        try:
-            assert not launch.atomic_dq_applies(96, 96, "cpu")
-        finally:
-            torch.use_deterministic_algorithms(False)
-
     @pytest.fixture
     def fresh_tiles():
         """Tiles resolved again (launch.tiles memoises them) for a test that switches launch's settings."""

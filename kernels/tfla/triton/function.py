@@ -345,11 +345,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     fv, av, mrow, mst = gates
     keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
-    # Without a state pass the dkdv kernel may add up dq as well (launch.ATOMIC_DQ); it reads rs and dqn of every
-    # query row, so they come first, from the rows kernel, as for the state pass.
-    atomic_dq = (launch.ATOMIC_DQ and not (state_pass or has_final_grad)
-                 and launch.atomic_dq_applies(DQK, DHV, launch.gpu_arch(q.device)))
-    if state_pass or atomic_dq:  # the state pass reads rs and dqn before the dq kernel runs
+    if state_pass:  # the state pass reads rs and dqn before the dq kernel runs
         rs, dqn, dm_row = launch.mlstm_bwd_rows(_in_layout(h, token_major), dh, qn, mrow, lay, exp_gate=exp_gate,
                                                 normalize=normalize, eps=eps)
         row_terms = None
@@ -362,7 +358,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     dq, dk, dv, qdq, kdk = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
-        row_terms_from=row_terms, atomic_dq=atomic_dq,
+        row_terms_from=row_terms,
     )
     A = None
     if dCst is not None and keeps:

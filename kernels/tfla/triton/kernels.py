@@ -911,11 +911,11 @@ def mlstm_gates_bwd_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, dq_base, QDQ, FV, MROW,
-                   RS, DQN, vec, s_loc, b_s, Lc, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr,
-                   RHV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec,
+                   s_loc, b_s, Lc, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr,
                    BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
-                   FAST_EXP2: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                   FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
@@ -931,39 +931,23 @@ def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_bas
         dw_tr += tl.dot(v_s2, tl.trans(dh_t2), input_precision=PREC)
     w_tr = sc_tr * (p_tr * rs_t[None, :])
     ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
-    ds_in = ds_tr.to(q_t.dtype)
     acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
-    acc_k += tl.dot(ds_in, q_t, input_precision=PREC)
+    acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
     if BV2 > 0:
         acc_v2 += tl.dot(w_tr.to(dh_t2.dtype), dh_t2, input_precision=PREC)
     if BK2 > 0:
-        acc_k2 += tl.dot(ds_in, q_t2, input_precision=PREC)
-    if DQ_ATOMIC:
-        # dq[t] = sum_j ds_tj k_j is the same ds against k: this key tile's share goes into a float32 buffer with
-        # atomic adds (no dq kernel recomputing the scores), and q_t.dq_t = sum_j ds_tj (q_t.k_j) into QDQ.
-        ds_q = tl.trans(ds_in)  # [BT, BS]
-        offs_k = tl.arange(0, BK)
-        dq_ptr = dq_base + t_loc[:, None] * RQK
-        tl.atomic_add(dq_ptr + offs_k[None, :], tl.dot(ds_q, k_s, input_precision=PREC),
-                      mask=t_ok[:, None] & (offs_k < DQK)[None, :], sem="relaxed")
-        if BK2 > 0:
-            offs_k2 = BK + tl.arange(0, BK2)
-            tl.atomic_add(dq_ptr + offs_k2[None, :], tl.dot(ds_q, k_s2, input_precision=PREC),
-                          mask=t_ok[:, None] & (offs_k2 < DQK)[None, :], sem="relaxed")
-        # ds as rounded for the products: k.dk (KDK) is summed from the same rounded ds, and the forget gates'
-        # gradient takes q.dq - k.dk, a difference of nearly equal sums that the rounding must not tell apart.
-        tl.atomic_add(QDQ + vec + t_loc, tl.sum(ds_in.to(tl.float32) * sc_tr, 0), mask=t_ok, sem="relaxed")
+        acc_k2 += tl.dot(ds_tr.to(q_t2.dtype), q_t2, input_precision=PREC)
     return acc_k, acc_k2, acc_v, acc_v2
 
 
 @triton.jit
 def mlstm_bwd_dkdv_kernel(
-    Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, DV, KDK, DQACC, QDQ,
+    Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, DV, KDK,
     S, L, NC, SP, scale,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
     BV: tl.constexpr, BV2: tl.constexpr, SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-    NHT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    NHT: tl.constexpr,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK + BK2, BV + BV2: one program covers them), both
     accumulators live:
@@ -971,9 +955,7 @@ def mlstm_bwd_dkdv_kernel(
     dk[j] = sum_{t>=j} (rs_t dh_t.v_j + dqn_t) P_tj q_t + e_j (dC_{c+1} v_j + dn_{c+1}),  P_tj = exp(D_tj-m_t)/sqrt(d).
     q and dh tiles are loaded row-major; the key-side products k q^T and v dh^T come out transposed directly.
     BK2 / BV2 > 0: the head dims in two pieces, as _scores explains.
-    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not.
-    DQ_ATOMIC (one chunk, no states): dq and q.dq as well, added atomically into the zeroed float32 DQACC (q's
-    layout) and QDQ by every key tile (_bwd_dkdv_tile); the dq kernel is not launched."""
+    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
@@ -997,7 +979,6 @@ def mlstm_bwd_dkdv_kernel(
     k_base = _rows_base(K, bh, row0, S, DQK, NHT)
     v_base = _rows_base(V, bh, row0, S, DHV, NHT)
     dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
-    dq_base = _rows_base(DQACC, bh, row0, S, DQK, NHT)
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
@@ -1011,12 +992,12 @@ def mlstm_bwd_dkdv_kernel(
     acc_v2 = _acc_piece(BS, BV2)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
-            acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, dq_base, QDQ, FV, MROW, RS, DQN,
-            vec, s_loc, b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2, DQ_ATOMIC)
+            acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2)
     for t0 in range(s_lo + BS, Lc, BT):
         acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
-            acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, dq_base, QDQ, FV, MROW, RS, DQN,
-            vec, s_loc, b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2, DQ_ATOMIC)
+            acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         # The state's gradient enters in SL-wide slices: the whole [BK, BV] tile of dC would need more shared memory

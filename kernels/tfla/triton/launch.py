@@ -413,15 +413,12 @@ def mlstm_bwd(
     sum_slices: bool = True,
     fused_dkdv: bool = False,
     row_terms_from: Optional[RowTermInputs] = None,
-    atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
     dk and dv from one kernel where one_pass_dkdv() says so. Tiles: see tiles().
     row_terms_from (one chunk, no state pass): rs and dqn are outputs, filled by the dq kernel from these inputs
-    together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch.
-    atomic_dq (one chunk, no states, one-pass dkdv; see atomic_dq_applies): the dkdv kernel adds dq and q.dq up
-    atomically and no dq kernel runs; dq is then not bitwise reproducible (float32 additions in any order)."""
+    together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -440,23 +437,6 @@ def mlstm_bwd(
     arch = gpu_arch(q.device)
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
     common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
-
-    if atomic_dq:
-        if state_pass or lay.NC != 1 or has_final or row_terms_from is not None or not fused_dkdv \
-                or not one_pass_dkdv(DQK, DHV, arch):
-            raise ValueError("atomic_dq needs one chunk, no states, no row_terms_from and the one-pass dkdv kernel")
-        dq_acc = torch.zeros_like(q, dtype=torch.float32)  # q's layout (token-major views stay token-major)
-        dk, dv = _new(k), _new(v)
-        qdq = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=True)
-        kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-        cfg = tiles("dkdv", DQK, DHV, arch)
-        _launch_tiled(
-            mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH), cfg,
-            q, k, v, dh, fv, av, mrow, rs, dqn, dummy, dummy, dk, dv, kdk, dq_acc, qdq,
-            S, lay.L, 1, lay.SP, scale, HAS_FINAL=False, SL=min(64, cfg["BK"], cfg["BV"]), DQ_ATOMIC=True, **common,
-        )
-        dq = dq_acc.to(q.dtype)
-        return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
 
     cfg = tiles("dq", DQK, DHV, arch, with_states=Cst is not None)
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
@@ -480,9 +460,8 @@ def mlstm_bwd(
         cfg = tiles("dkdv", DQK, DHV, arch, with_states=has_final)
         _launch_tiled(
             mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
-            q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk, dummy, dummy,
-            S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]), DQ_ATOMIC=False,
-            **common,
+            q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
+            S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]), **common,
         )
         return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
 
@@ -516,24 +495,6 @@ FUSED_GATES_MAX_CHUNK = 8192
 ONE_PASS_DKDV: Optional[bool] = None
 ONE_PASS_DKDV_MAX_HEAD_DIM = 256  # wider: the two accumulators no longer fit a program
 DEFAULT_ONE_PASS_DKDV_MAX_HEAD_DIM = 128
-
-
-# dq from the one-pass dkdv kernel, added up atomically in float32 (DQ_ATOMIC), instead of a dq kernel that
-# recomputes both score matrices: one kernel and two matrix products fewer per backward. Only for one chunk without
-# states, up to ATOMIC_DQ_MAX_HEAD_DIM (padded). Off by default: on an H200 it lost to the dq kernel at every shape
-# and tile tried (DH 96 / S 196: 0.470-0.790 ms fwd+bwd GPU time against 0.474; S 1024: 0.878 against 0.678;
-# bench/results/atomic_dq_ab_h200.md): the float32 reductions and the extra registers (spills at 4 warps) cost more
-# than the recomputed scores. TFLA_ATOMIC_DQ=1 or ATOMIC_DQ = True turns it on (tests run both); it is correct on
-# the GPU (bench/check_token_major_gpu.py runs it), but dq then differs in the last bits from run to run, so
-# torch.use_deterministic_algorithms(True) keeps the dq kernel.
-ATOMIC_DQ: bool = os.environ.get("TFLA_ATOMIC_DQ", "0") == "1"
-ATOMIC_DQ_MAX_HEAD_DIM = 128
-
-
-def atomic_dq_applies(DQK: int, DHV: int, arch: str) -> bool:
-    """Whether a one-chunk backward without states takes dq from the dkdv kernel (see ATOMIC_DQ)."""
-    return (ATOMIC_DQ and max(_pow2(DQK), _pow2(DHV)) <= ATOMIC_DQ_MAX_HEAD_DIM and one_pass_dkdv(DQK, DHV, arch)
-            and not torch.are_deterministic_algorithms_enabled())
 
 
 def one_pass_dkdv(DQK: int, DHV: int, arch: str) -> bool:

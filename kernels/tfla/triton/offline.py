@@ -43,8 +43,6 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True),
              "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
-    if name == "dkdv":
-        consts["DQ_ATOMIC"] = False  # tiles may set it
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
         options["maxnreg"] = tiles["maxnreg"]
