@@ -20,6 +20,12 @@ tiles: fwd_h if the forward got faster, dq and dkdv together if the backward did
 "fwd_h:96:96:states" and so on, which launch.tiles() then applies to the state variants:
     PYTHONPATH=kernels python bench/tune_mlstm.py --states --dh 96 192 --seq 4096 --write \
         --out bench/results/tuning/tune_states_h200.json
+
+--split tunes the split backward pass (launch.dkdv_mode: the one-pass dk + dv kernel launched twice, one accumulator
+each, tiles "dkdv_k" / "dkdv_v") against what the shipped table runs, at the head dims given (padded to <= 256). It
+keeps the split where the whole backward got faster: the tiles go under "dkdv_k:192:192" (":states" appended at a
+chunked --seq, whose kernels carry a chunk state) and the padded dim into "dkdv_split" ("dkdv_split:states"):
+    PYTHONPATH=kernels python bench/tune_mlstm.py --split --dh 96 192 --seq 1024 --write
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ def slices(dh: int, resident_max: int = 256, exact: bool = False) -> list[int]:
     return out
 
 
+# The split pass holds one accumulator per program: 64-row key tiles (Hopper's wgmma) first; 8 warps keep a [64, 192]
+# float32 accumulator and the resident key tile out of local memory (bench/inspect_kernels.py --kernel dkdv_k).
+SPLIT_TILES = [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2),
+               (64, 128, 8, 2), (32, 128, 8, 2), (16, 64, 4, 3)]
 # dk + dv in one program with both [BS, 256] accumulators: small row tiles, or 8 warps to spread the registers.
 WIDE_DKDV_TILES = [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)]
 
@@ -70,12 +80,14 @@ def candidates(kernel: str, dh: int, max_output_slice: int = 256) -> list[dict]:
     if pieces:  # the head-dim pieces fix the widths (launch.head_dim_pieces): only row tiles and launch options vary
         if kernel == "dkdv":
             tiles = KEY_TILES if _pow2(dh) <= 128 else WIDE_DKDV_TILES
+        elif kernel in ("dkdv_k", "dkdv_v"):
+            tiles = SPLIT_TILES
         else:
             tiles = QUERY_TILES
         return [dict(pieces, BT=bt, BS=bs, num_warps=w, num_stages=st) for bt, bs, w, st in tiles]
-    if kernel == "dkdv":
+    if kernel in ("dkdv", "dkdv_k", "dkdv_v"):
         p = _pow2(dh)
-        tiles = KEY_TILES if p <= 128 else WIDE_DKDV_TILES
+        tiles = SPLIT_TILES if kernel != "dkdv" else KEY_TILES if p <= 128 else WIDE_DKDV_TILES
         return [dict(BT=bt, BS=bs, BK=p, BV=p, num_warps=w, num_stages=st) for bt, bs, w, st in tiles]
     red, out = {"fwd_h": ("BK", "BV"), "dq": ("BV", "BKO"), "dk": ("BV", "BKO"), "dv": ("BK", "BVO")}[kernel]
     tiles = QUERY_TILES if kernel in ("fwd_h", "dq") else KEY_TILES
@@ -136,18 +148,22 @@ class Log:
         self.lines.append(msg)
 
 
-def merge_into_table(arch: str, tuned: dict, one_pass: dict | None = None):
+def merge_into_table(arch: str, tuned: dict, one_pass: dict | None = None, choices: dict | None = None):
     """Merge winners into kernels/tfla/triton/tuned_tiles.json (entries not tuned in this run keep theirs) and the
-    one-pass dkdv choices, where measured; returns the file's path."""
+    measured choices: one_pass for "dkdv_one_pass", or choices {list key: {padded dim: won}} (--split); returns the
+    file's path."""
     path = launch.TUNED_TILES_FILE
     table = json.loads(path.read_text()) if path.exists() else {}
     entries = table.setdefault(arch, {})
     entries.update(tuned)
+    choices = dict(choices or {})
     if one_pass is not None:
-        dims = set(entries.get("dkdv_one_pass", []))
-        dims |= {p for p, won in one_pass.items() if won}
-        dims -= {p for p, won in one_pass.items() if not won}
-        entries["dkdv_one_pass"] = sorted(dims)
+        choices["dkdv_one_pass"] = one_pass
+    for key, won_at in choices.items():
+        dims = set(entries.get(key, []))
+        dims |= {p for p, won in won_at.items() if won}
+        dims -= {p for p, won in won_at.items() if not won}
+        entries[key] = sorted(dims)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     launch.reset_tile_caches()
     return path
@@ -206,9 +222,13 @@ def main():
     ap.add_argument("--write", action="store_true", help="store the result in kernels/tfla/triton/tuned_tiles.json")
     ap.add_argument("--states", action="store_true",
                     help="tune the chunk-state variants with head-dim pieces against their padded tiles (see above)")
+    ap.add_argument("--split", action="store_true",
+                    help="tune the split dk + dv pass against the shipped backward (see above)")
     args = ap.parse_args()
     if args.states:
         return tune_states(args)
+    if args.split:
+        return tune_split(args)
 
     log = Log()
     S = args.seq
@@ -321,6 +341,68 @@ def tune_states(args) -> None:
             json.dump(result, fh, indent=1, default=str)
     if args.write and tuned:
         log(f"wrote {merge_into_table(arch, tuned)}")
+
+
+def tune_split(args) -> None:
+    """--split: see the module docstring."""
+    log = Log()
+    S = args.seq
+    B = max(1, round(args.tokens / S))
+    chunked = function.default_chunk_size(S) < S
+    suffix = ":states" if chunked else ""
+    arch = launch.gpu_arch(torch.device("cuda"))
+    launch.reset_tile_caches()  # the shipped table: its backward is the baseline
+    log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
+        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; split dk + dv vs shipped backward")
+    tuned, won_at = {}, {}
+    result = {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
+    for dh in args.dh:
+        if _pow2(dh) > launch.ONE_PASS_DKDV_MAX_HEAD_DIM:
+            log(f"  DH={dh}: wider than the dk + dv kernel takes; skipped")
+            continue
+        x = mlstm_inputs(B, args.heads, S, dh)
+        saved = fwd(x, S)
+        launch.SPLIT_DKDV = None
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+        launch.reset_tile_caches()
+        shipped_mode = launch.dkdv_mode(dh, dh, arch, with_states=chunked)
+        shipped_ms = gpu_ms(lambda: bwd(x, saved, S))
+        launch.SPLIT_DKDV = True
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = False  # a candidate that does not fit fails (and is dropped)
+        launch.reset_tile_caches()
+        current: dict = {}
+        entry = {"shipped_mode": shipped_mode, "shipped_bwd_ms": shipped_ms}
+        for kernel in ("dkdv_k", "dkdv_v"):
+            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log)
+            current[kernel] = best or launch.tiles(kernel, dh, dh, arch, with_states=chunked)
+            entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
+        launch.TILE_OVERRIDES.clear()
+        launch.TILE_OVERRIDES.update(current)
+        try:
+            split_ms = gpu_ms(lambda: bwd(x, saved, S))
+        except Exception as e:  # no candidate fits this GPU
+            log(f"  DH={dh}: split pass fails ({type(e).__name__})")
+            split_ms = float("inf")
+        launch.TILE_OVERRIDES.clear()
+        launch.SPLIT_DKDV = None
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+        launch.reset_tile_caches()
+        won = split_ms < shipped_ms
+        won_at[_pow2(dh)] = won
+        log(f"  DH={dh} S={S}: backward (GPU) shipped ({shipped_mode}) {shipped_ms:.3f} ms, split {split_ms:.3f} ms "
+            f"-> {'split' if won else shipped_mode}")
+        entry["split_bwd_ms"] = split_ms
+        if won:
+            for kernel, cfg in current.items():
+                tuned[table_key(kernel, dh) + suffix] = cfg
+        result["dims"][dh] = entry
+    log(f"split tiles for {arch}: " + json.dumps(tuned, indent=1) + f"; split won at {won_at}")
+    result.update(tuned=tuned, split_won=won_at, log=log.lines)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+    if args.write:
+        log(f"wrote {merge_into_table(arch, tuned, choices={'dkdv_split' + suffix: won_at})}")
 
 
 if __name__ == "__main__":

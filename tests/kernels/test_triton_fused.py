@@ -150,6 +150,37 @@ else:
         monkeypatch.setattr(launch, "HEAD_DIM_PIECES", pieces)
         check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
 
+    # dk and dv from two launches of the one-pass kernel (launch.dkdv_mode "split": DO_K, then DO_V), head dims in
+    # pieces, with and without chunk states.
+    SPLIT_CASES = {
+        "96x80 exp states L4": ((1, 1, 11, 96, 80, "exp", torch.float32),
+                                dict(init=True, ret=True, chunk_size=4, seed=41)),
+        "48x40 sig fp16": ((1, 2, 37, 48, 40, "sig", torch.float16), dict(seed=42)),
+    }
+
+    @pytest.mark.parametrize("case", list(SPLIT_CASES), ids=list(SPLIT_CASES))
+    def test_fused_split_dkdv(fused, monkeypatch, fresh_tiles, case):
+        """Against float64 and the unfused path (check), and bitwise equal to one pass with the same tiles: the
+        split computes the same products in the same order, only each accumulator in its own launch."""
+        (B, NH, S, DQK, DHV, gate, dtype), kw = SPLIT_CASES[case]
+        rows = dict(BT=16, BS=32)
+        monkeypatch.setattr(launch, "TILE_OVERRIDES", {"dkdv": rows, "dkdv_k": rows, "dkdv_v": rows})
+        monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
+        monkeypatch.setattr(launch, "SPLIT_DKDV", True)
+        arch = launch.gpu_arch(torch.device(DEVICE))
+        assert launch.dkdv_mode(DQK, DHV, arch, with_states=bool(kw.get("init"))) == "split"
+        check(B, NH, S, DQK, DHV, gate, dtype, **kw)
+
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, kw["seed"], bool(kw.get("init")))
+        run_kw = dict(chunk_size=kw.get("chunk_size"))
+        _, split = _run(mlstm_triton, xs, gate, True, bool(kw.get("ret")), kw["seed"], **run_kw)
+        monkeypatch.setattr(launch, "SPLIT_DKDV", False)
+        monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
+        assert launch.dkdv_mode(DQK, DHV, arch) == "one_pass"
+        _, one_pass = _run(mlstm_triton, xs, gate, True, bool(kw.get("ret")), kw["seed"], **run_kw)
+        for name, a, b in zip(NAMES, split, one_pass):
+            assert (a is None and b is None) or torch.equal(a, b), name
+
     # Head dims that are not powers of two, in two pieces each (launch.head_dim_pieces): q/k and v/h split
     # differently, one side not at all, states in and out, chunks, fp16. The unfused path in check() runs the
     # separate dk and dv kernels, which take no pieces: a cross-check of the one-pass kernel's pieces.

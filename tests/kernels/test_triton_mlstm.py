@@ -243,9 +243,10 @@ else:
 
         table = json.loads(launch.TUNED_TILES_FILE.read_text())
         for arch, entries in table.items():
-            assert set(entries.get("dkdv_one_pass", [])) <= {16, 32, 64, 128, 256}, arch
+            for key in ("dkdv_one_pass", "dkdv_split", "dkdv_split:states"):  # lists of padded head dims
+                assert set(entries.get(key, [])) <= {16, 32, 64, 128, 256}, (arch, key)
             for key, cfg in entries.items():
-                if key == "dkdv_one_pass":
+                if key.startswith(("dkdv_one_pass", "dkdv_split")):
                     continue
                 kernel, dqk, dhv = key.split(":")
                 launch.reset_tile_caches(arch, {key: cfg})

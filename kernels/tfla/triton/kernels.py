@@ -915,28 +915,32 @@ def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_bas
                    s_loc, b_s, Lc, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr,
                    BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
-                   FAST_EXP2: tl.constexpr):
+                   FAST_EXP2: tl.constexpr, DO_K: tl.constexpr, DO_V: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
     p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
     q_t = _load_piece(q_base, t_loc, t_ok, 0, BK, DQK, RQK, True)
     dh_t = _load_piece(dh_base, t_loc, t_ok, 0, BV, DHV, RHV, True)
-    sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
-    dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
     if BK2 > 0:
         q_t2 = _load_piece(q_base, t_loc, t_ok, BK, BK2, DQK, RQK, True)
-        sc_tr += tl.dot(k_s2, tl.trans(q_t2), input_precision=PREC)
     if BV2 > 0:
         dh_t2 = _load_piece(dh_base, t_loc, t_ok, BV, BV2, DHV, RHV, True)
-        dw_tr += tl.dot(v_s2, tl.trans(dh_t2), input_precision=PREC)
-    w_tr = sc_tr * (p_tr * rs_t[None, :])
-    ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
-    acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
-    acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
-    if BV2 > 0:
-        acc_v2 += tl.dot(w_tr.to(dh_t2.dtype), dh_t2, input_precision=PREC)
-    if BK2 > 0:
-        acc_k2 += tl.dot(ds_tr.to(q_t2.dtype), q_t2, input_precision=PREC)
+    if DO_V:  # dv += (k q^T * P rs) dh
+        sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
+        if BK2 > 0:
+            sc_tr += tl.dot(k_s2, tl.trans(q_t2), input_precision=PREC)
+        w_tr = sc_tr * (p_tr * rs_t[None, :])
+        acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
+        if BV2 > 0:
+            acc_v2 += tl.dot(w_tr.to(dh_t2.dtype), dh_t2, input_precision=PREC)
+    if DO_K:  # dk += ((v dh^T rs + dqn) * P) q
+        dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
+        if BV2 > 0:
+            dw_tr += tl.dot(v_s2, tl.trans(dh_t2), input_precision=PREC)
+        ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
+        acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
+        if BK2 > 0:
+            acc_k2 += tl.dot(ds_tr.to(q_t2.dtype), q_t2, input_precision=PREC)
     return acc_k, acc_k2, acc_v, acc_v2
 
 
@@ -947,7 +951,7 @@ def mlstm_bwd_dkdv_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
     BV: tl.constexpr, BV2: tl.constexpr, SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-    NHT: tl.constexpr,
+    NHT: tl.constexpr, DO_K: tl.constexpr = True, DO_V: tl.constexpr = True,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK + BK2, BV + BV2: one program covers them), both
     accumulators live:
@@ -955,6 +959,9 @@ def mlstm_bwd_dkdv_kernel(
     dk[j] = sum_{t>=j} (rs_t dh_t.v_j + dqn_t) P_tj q_t + e_j (dC_{c+1} v_j + dn_{c+1}),  P_tj = exp(D_tj-m_t)/sqrt(d).
     q and dh tiles are loaded row-major; the key-side products k q^T and v dh^T come out transposed directly.
     BK2 / BV2 > 0: the head dims in two pieces, as _scores explains.
+    DO_K / DO_V: compute only dk (with k.dk) or only dv, for a split pass of two launches (launch.dkdv_mode). Each
+    then holds one accumulator, which lets wide head dims take 64-row key tiles (Hopper's wgmma) where both
+    accumulators would spill; the launches read q and dh twice but do no extra products.
     BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
@@ -982,22 +989,33 @@ def mlstm_bwd_dkdv_kernel(
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, RQK, BK, BK2, K.dtype.element_ty)
-    v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, RHV, BV, BV2, V.dtype.element_ty)
+    # Only the tiles a pass multiplies stay resident (k for dv's scores, v for dk's); a small unused one otherwise.
+    if DO_V:
+        k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, RQK, BK, BK2, K.dtype.element_ty)
+        acc_v = tl.zeros((BS, BV), dtype=tl.float32)
+        acc_v2 = _acc_piece(BS, BV2)
+    else:
+        k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, RQK, 16, 0, K.dtype.element_ty)
+        acc_v = tl.zeros((BS, 16), dtype=tl.float32)
+        acc_v2 = acc_v
+    if DO_K:
+        v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, RHV, BV, BV2, V.dtype.element_ty)
+        acc_k = tl.zeros((BS, BK), dtype=tl.float32)
+        acc_k2 = _acc_piece(BS, BK2)
+    else:
+        v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, RHV, 16, 0, V.dtype.element_ty)
+        acc_k = tl.zeros((BS, 16), dtype=tl.float32)
+        acc_k2 = acc_k
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
-    acc_k = tl.zeros((BS, BK), dtype=tl.float32)
-    acc_v = tl.zeros((BS, BV), dtype=tl.float32)
-    acc_k2 = _acc_piece(BS, BK2)
-    acc_v2 = _acc_piece(BS, BV2)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
             acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2)
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2, DO_K, DO_V)
     for t0 in range(s_lo + BS, Lc, BT):
         acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
             acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2)
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2, DO_K, DO_V)
 
     if HAS_FINAL:
         # The state's gradient enters in SL-wide slices: the whole [BK, BV] tile of dC would need more shared memory
@@ -1007,49 +1025,55 @@ def mlstm_bwd_dkdv_kernel(
         m_last = tl.load(MROW + vec + Lc - 1)
         e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
         dc_base = DCST + st * DQK * DHV
-        for d0 in range(0, DQK, SL):  # acc_v += e * k dC, summed over DQK slices
-            offs_d = d0 + tl.arange(0, SL)
-            d_ok = offs_d < DQK
-            k_d = tl.load(k_base + s_loc[:, None] * RQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                          other=0.0)
-            dc_rows = dc_base + offs_d[:, None] * DHV
-            dc_d = tl.load(dc_rows + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
-                           other=0.0).to(k_s.dtype)  # [SL, BV]
-            acc_v += e[:, None] * tl.dot(k_d, dc_d, input_precision=PREC)
-            if BV2 > 0:
-                dc_d2 = tl.load(dc_rows + offs_v2[None, :], mask=d_ok[:, None] & v2_ok[None, :],
-                                other=0.0)  # [SL, BV2]
-                acc_v2 += e[:, None] * _state_piece_dot(k_d, dc_d2, PREC)
-        for d0 in range(0, DHV, SL):  # acc_k += e * v dC^T, summed over DHV slices
-            offs_d = d0 + tl.arange(0, SL)
-            d_ok = offs_d < DHV
-            v_d = tl.load(v_base + s_loc[:, None] * RHV + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                          other=0.0)
-            dc_d = tl.load(dc_base + offs_k[:, None] * DHV + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
-                           other=0.0).to(k_s.dtype)  # [BK, SL]
-            acc_k += e[:, None] * tl.dot(v_d, tl.trans(dc_d), input_precision=PREC)
+        if DO_V:
+            for d0 in range(0, DQK, SL):  # acc_v += e * k dC, summed over DQK slices
+                offs_d = d0 + tl.arange(0, SL)
+                d_ok = offs_d < DQK
+                k_d = tl.load(k_base + s_loc[:, None] * RQK + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                              other=0.0)
+                dc_rows = dc_base + offs_d[:, None] * DHV
+                dc_d = tl.load(dc_rows + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
+                               other=0.0).to(k_d.dtype)  # [SL, BV]
+                acc_v += e[:, None] * tl.dot(k_d, dc_d, input_precision=PREC)
+                if BV2 > 0:
+                    dc_d2 = tl.load(dc_rows + offs_v2[None, :], mask=d_ok[:, None] & v2_ok[None, :],
+                                    other=0.0)  # [SL, BV2]
+                    acc_v2 += e[:, None] * _state_piece_dot(k_d, dc_d2, PREC)
+        if DO_K:
+            for d0 in range(0, DHV, SL):  # acc_k += e * v dC^T, summed over DHV slices
+                offs_d = d0 + tl.arange(0, SL)
+                d_ok = offs_d < DHV
+                v_d = tl.load(v_base + s_loc[:, None] * RHV + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                              other=0.0)
+                dc_d = tl.load(dc_base + offs_k[:, None] * DHV + offs_d[None, :],
+                               mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(v_d.dtype)  # [BK, SL]
+                acc_k += e[:, None] * tl.dot(v_d, tl.trans(dc_d), input_precision=PREC)
+                if BK2 > 0:
+                    dc_d2 = tl.load(dc_base + offs_k2[:, None] * DHV + offs_d[None, :],
+                                    mask=k2_ok[:, None] & d_ok[None, :], other=0.0)  # [BK2, SL]
+                    acc_k2 += e[:, None] * _state_piece_dot(v_d, tl.trans(dc_d2), PREC)
+            dn_k = tl.load(DNST + st * DQK + offs_k, mask=k_ok, other=0.0)
+            acc_k += e[:, None] * dn_k[None, :]
             if BK2 > 0:
-                dc_d2 = tl.load(dc_base + offs_k2[:, None] * DHV + offs_d[None, :],
-                                mask=k2_ok[:, None] & d_ok[None, :], other=0.0)  # [BK2, SL]
-                acc_k2 += e[:, None] * _state_piece_dot(v_d, tl.trans(dc_d2), PREC)
-        dn_k = tl.load(DNST + st * DQK + offs_k, mask=k_ok, other=0.0)
-        acc_k += e[:, None] * dn_k[None, :]
-        if BK2 > 0:
-            dn_k2 = tl.load(DNST + st * DQK + offs_k2, mask=k2_ok, other=0.0)
-            acc_k2 += e[:, None] * dn_k2[None, :]
+                dn_k2 = tl.load(DNST + st * DQK + offs_k2, mask=k2_ok, other=0.0)
+                acc_k2 += e[:, None] * dn_k2[None, :]
 
-    dk_base = _rows_base(DK, bh, row0, S, DQK, NHT)
-    dv_base = _rows_base(DV, bh, row0, S, DHV, NHT)
-    tl.store(dk_base + s_loc[:, None] * RQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
-             mask=s_ok[:, None] & k_ok[None, :])
-    tl.store(dv_base + s_loc[:, None] * RHV + offs_v[None, :], acc_v.to(DV.dtype.element_ty),
-             mask=s_ok[:, None] & v_ok[None, :])
-    kdk = tl.sum(k_s.to(tl.float32) * acc_k, 1)
-    if BK2 > 0:
-        tl.store(dk_base + s_loc[:, None] * RQK + offs_k2[None, :], acc_k2.to(DK.dtype.element_ty),
-                 mask=s_ok[:, None] & k2_ok[None, :])
-        kdk += tl.sum(k_s2.to(tl.float32) * acc_k2, 1)
-    if BV2 > 0:
-        tl.store(dv_base + s_loc[:, None] * RHV + offs_v2[None, :], acc_v2.to(DV.dtype.element_ty),
-                 mask=s_ok[:, None] & v2_ok[None, :])
-    tl.store(KDK + vec + s_loc, kdk, mask=s_ok)
+    if DO_K:
+        if not DO_V:  # k is not resident in a dk-only pass: its tile for k.dk comes now
+            k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, RQK, BK, BK2, K.dtype.element_ty)
+        dk_base = _rows_base(DK, bh, row0, S, DQK, NHT)
+        tl.store(dk_base + s_loc[:, None] * RQK + offs_k[None, :], acc_k.to(DK.dtype.element_ty),
+                 mask=s_ok[:, None] & k_ok[None, :])
+        kdk = tl.sum(k_s.to(tl.float32) * acc_k, 1)
+        if BK2 > 0:
+            tl.store(dk_base + s_loc[:, None] * RQK + offs_k2[None, :], acc_k2.to(DK.dtype.element_ty),
+                     mask=s_ok[:, None] & k2_ok[None, :])
+            kdk += tl.sum(k_s2.to(tl.float32) * acc_k2, 1)
+        tl.store(KDK + vec + s_loc, kdk, mask=s_ok)
+    if DO_V:
+        dv_base = _rows_base(DV, bh, row0, S, DHV, NHT)
+        tl.store(dv_base + s_loc[:, None] * RHV + offs_v[None, :], acc_v.to(DV.dtype.element_ty),
+                 mask=s_ok[:, None] & v_ok[None, :])
+        if BV2 > 0:
+            tl.store(dv_base + s_loc[:, None] * RHV + offs_v2[None, :], acc_v2.to(DV.dtype.element_ty),
+                     mask=s_ok[:, None] & v2_ok[None, :])

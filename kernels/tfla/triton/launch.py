@@ -143,6 +143,10 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
         wide = max(DQK, DHV) > 128  # both accumulators and both key tiles live: halve the tile to fit
         cfg = dict(BT=32 if wide else 64, BS=32 if wide else 64, BK=_pow2(DQK), BK2=0, BV=_pow2(DHV), BV2=0)
         return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BK"] + cfg["BV"]), num_stages=2 if wide else 3)
+    if kernel in ("dkdv_k", "dkdv_v"):  # the split pass (dkdv_mode): one accumulator, so 64-row key tiles fit
+        wide = max(DQK, DHV) > 128
+        cfg = dict(BT=32, BS=64, BK=_pow2(DQK), BK2=0, BV=_pow2(DHV), BV2=0)
+        return dict(cfg, num_warps=4, num_stages=2 if wide else 3)
     raise KeyError(kernel)
 
 
@@ -169,6 +173,8 @@ _PIECE_KEYS = {
     "fwd_h": (("BK", "BK2", True), ("BV", "BV2", False)),
     "dq": (("BV", "BV2", False), ("BKO", "BKO2", True)),
     "dkdv": (("BK", "BK2", True), ("BV", "BV2", False)),
+    "dkdv_k": (("BK", "BK2", True), ("BV", "BV2", False)),
+    "dkdv_v": (("BK", "BK2", True), ("BV", "BV2", False)),
 }
 
 
@@ -240,7 +246,9 @@ def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu", *, with_states: bo
     key = (kernel, DQK, DHV, arch, with_states, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
     if key not in _tiles_cache:
         tuned_for_states = f"{kernel}:{DQK}:{DHV}:states" in tuned_tiles(arch)
-        pieces = HEAD_DIM_PIECES and (not with_states or PIECES_WITH_STATES or arch == "cpu" or tuned_for_states)
+        # The split pass's kernels take pieces with states too: they were tuned that way (bench/tune_mlstm.py --split).
+        pieces = HEAD_DIM_PIECES and (not with_states or PIECES_WITH_STATES or arch == "cpu" or tuned_for_states
+                                      or kernel in ("dkdv_k", "dkdv_v"))
         _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, pieces, with_states)
     return dict(_tiles_cache[key])
 
@@ -416,7 +424,7 @@ def mlstm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
-    dk and dv from one kernel where one_pass_dkdv() says so. Tiles: see tiles().
+    dk and dv from the one-pass kernel (once, or twice as a split pass) where dkdv_mode() says so. Tiles: see tiles().
     row_terms_from (one chunk, no state pass): rs and dqn are outputs, filled by the dq kernel from these inputs
     together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch."""
     S, DQK = q.shape[-2:]
@@ -454,15 +462,19 @@ def mlstm_bwd(
         ROW_TERMS=rows is not None, NORMALIZE=bool(rows and rows.normalize), EXP_GATE=bool(rows and rows.exp_gate),
         **common,
     )
-    if fused_dkdv and one_pass_dkdv(DQK, DHV, arch):
+    mode = dkdv_mode(DQK, DHV, arch, with_states=has_final) if fused_dkdv else "slices"
+    if mode != "slices":
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-        cfg = tiles("dkdv", DQK, DHV, arch, with_states=has_final)
-        _launch_tiled(
-            mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
-            q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
-            S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]), **common,
-        )
+        passes = {"one_pass": (("dkdv", True, True),), "split": (("dkdv_k", True, False), ("dkdv_v", False, True))}
+        for name, do_k, do_v in passes[mode]:
+            cfg = tiles(name, DQK, DHV, arch, with_states=has_final)
+            _launch_tiled(
+                mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
+                q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
+                S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]),
+                DO_K=do_k, DO_V=do_v, **common,
+            )
         return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
 
     cfg = tiles("dk", DQK, DHV, arch)
@@ -507,6 +519,29 @@ def one_pass_dkdv(DQK: int, DHV: int, arch: str) -> bool:
     if "dkdv_one_pass" in table:
         return widest in table["dkdv_one_pass"]
     return widest <= DEFAULT_ONE_PASS_DKDV_MAX_HEAD_DIM
+
+
+# The split pass: mlstm_bwd_dkdv_kernel twice, dk (DO_K) then dv (DO_V), tiles "dkdv_k" / "dkdv_v". The same products
+# as one pass, but each launch holds one [BS, D] float32 accumulator instead of two, so a head dim of 192-256 can take
+# 64-row key tiles (Hopper's wgmma; one pass spills there: bench/results/inspect_dkdv_dh192_sm90.md). The tuned table
+# lists the padded head dims where it beat one pass ("dkdv_split", and "dkdv_split:states" for the variants with a
+# chunk state, tuned apart by `bench/tune_mlstm.py --split`); SPLIT_DKDV, when set (tuner, tests), wins over it.
+SPLIT_DKDV: Optional[bool] = None
+
+
+def dkdv_mode(DQK: int, DHV: int, arch: str, *, with_states: bool = False) -> str:
+    """Where the fused backward's dk and dv come from: "one_pass", "split" (see SPLIT_DKDV) or "slices" (the dk and
+    dv kernels, which slice the output head dim: any width)."""
+    widest = max(_pow2(DQK), _pow2(DHV))
+    if widest > ONE_PASS_DKDV_MAX_HEAD_DIM:
+        return "slices"
+    if SPLIT_DKDV is not None:
+        split = SPLIT_DKDV
+    else:
+        split = widest in tuned_tiles(arch).get("dkdv_split:states" if with_states else "dkdv_split", ())
+    if split:
+        return "split"
+    return "one_pass" if one_pass_dkdv(DQK, DHV, arch) else "slices"
 
 
 def _row_warps(BL: int) -> int:

@@ -32,6 +32,8 @@ KERNELS = {
     "dk": K.mlstm_bwd_dk_kernel,
     "dv": K.mlstm_bwd_dv_kernel,
     "dkdv": K.mlstm_bwd_dkdv_kernel,
+    "dkdv_k": K.mlstm_bwd_dkdv_kernel,  # the split pass's two launches (launch.dkdv_mode)
+    "dkdv_v": K.mlstm_bwd_dkdv_kernel,
 }
 
 
@@ -41,13 +43,16 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     fn = KERNELS[name]
     consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=1)  # NHT: tiles may set it
     flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True),
-             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True)}
+             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True),
+             "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True),  # defaults are not constexprs to ASTSource
+             "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False),
+             "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
         options["maxnreg"] = tiles["maxnreg"]
     consts.update({k: v for k, v in tiles.items() if k not in options})
-    if name == "dkdv":
+    if name.startswith("dkdv"):
         consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
     ints = dict(S=S, L=S, NC=1, SP=S)
     signature, attrs = {}, {}
