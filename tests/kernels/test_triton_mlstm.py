@@ -248,10 +248,10 @@ else:
             for key, cfg in entries.items():
                 if key.startswith(("dkdv_one_pass", "dkdv_split")):
                     continue
-                kernel, dqk, dhv = key.split(":")
+                kernel, dqk, dhv, *states = key.split(":")  # "dkdv_k:192:192:states": a chunk-state variant's
                 launch.reset_tile_caches(arch, {key: cfg})
                 try:
-                    got = launch.tiles(kernel, int(dqk), int(dhv), arch)
+                    got = launch.tiles(kernel, int(dqk), int(dhv), arch, with_states=bool(states))
                 finally:
                     launch.reset_tile_caches()
                 assert {"BT", "BS", "num_warps"} <= set(got), key
