@@ -26,6 +26,11 @@ each, tiles "dkdv_k" / "dkdv_v") against what the shipped table runs, at the hea
 keeps the split where the whole backward got faster: the tiles go under "dkdv_k:192:192" (":states" appended at a
 chunked --seq, whose kernels carry a chunk state) and the padded dim into "dkdv_split" ("dkdv_split:states"):
     PYTHONPATH=kernels python bench/tune_mlstm.py --split --dh 96 192 --seq 1024 --write
+
+--state-kernels tunes the two chunk-state kernels (fwd_state, bwd_state: one program per (DQK, DHV) tile of a state,
+sequential over the chunks) at a chunked --seq, from the shipped table; winners go under "fwd_state:128:128" (padded
+dims) where they beat the shipped tiles:
+    PYTHONPATH=kernels python bench/tune_mlstm.py --state-kernels --dh 96 192 384 512 --seq 4096 --write
 """
 
 from __future__ import annotations
@@ -71,11 +76,20 @@ def slices(dh: int, resident_max: int = 256, exact: bool = False) -> list[int]:
 # float32 accumulator and the resident key tile out of local memory (bench/inspect_kernels.py --kernel dkdv_k).
 SPLIT_TILES = [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2),
                (64, 128, 8, 2), (32, 128, 8, 2), (16, 64, 4, 3)]
+# State kernels: (BK, BV, row step, warps, stages). Narrow state tiles give more programs (a DH 96 state in 64-wide
+# tiles is 4 programs per head: 192 programs in all at B = 12, NH = 4, on 132 SMs), at the cost of re-reading the
+# chunk's rows once per tile.
+STATE_TILES = [(64, 64, 64, 4, 3), (32, 32, 64, 4, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 32, 128, 4, 2),
+               (64, 64, 128, 8, 2), (16, 32, 64, 4, 3), (32, 32, 32, 4, 3), (128, 64, 64, 8, 2), (16, 16, 64, 2, 3)]
 # dk + dv in one program with both [BS, 256] accumulators: small row tiles, or 8 warps to spread the registers.
 WIDE_DKDV_TILES = [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)]
 
 
 def candidates(kernel: str, dh: int, max_output_slice: int = 256) -> list[dict]:
+    if kernel in ("fwd_state", "bwd_state"):
+        rows = "BS" if kernel == "fwd_state" else "BT"
+        return [{"BK": bk, "BV": bv, rows: r, "num_warps": w, "num_stages": st}
+                for bk, bv, r, w, st in STATE_TILES if max(bk, bv) <= _pow2(dh)]
     pieces = piece_tiles(kernel, dh)
     if pieces:  # the head-dim pieces fix the widths (launch.head_dim_pieces): only row tiles and launch options vary
         if kernel == "dkdv":
@@ -171,10 +185,16 @@ def merge_into_table(arch: str, tuned: dict, one_pass: dict | None = None, choic
 
 def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256):
     """Coordinate step: best candidate for one kernel with the others at `current`; returns (best cfg, table rows)."""
-    saved = fwd(x, S)
-    step = (lambda: fwd(x, S)) if kernel == "fwd_h" else (lambda: bwd(x, saved, S))
     launch.TILE_OVERRIDES.clear()
     launch.TILE_OVERRIDES.update(current)
+    if kernel in ("fwd_h", "fwd_state"):
+        step = lambda: fwd(x, S)  # noqa: E731
+    else:  # the backward's inputs come from the forward at the current tiles, which do fit (or were shrunk)
+        shrink = launch.SHRINK_TILES_THAT_DO_NOT_FIT
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+        saved = fwd(x, S)
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = shrink
+        step = lambda: bwd(x, saved, S)  # noqa: E731
     try:
         ref = [t.clone() for t in step()[:5]]
         base_ms = gpu_ms(step)
@@ -224,11 +244,15 @@ def main():
                     help="tune the chunk-state variants with head-dim pieces against their padded tiles (see above)")
     ap.add_argument("--split", action="store_true",
                     help="tune the split dk + dv pass against the shipped backward (see above)")
+    ap.add_argument("--state-kernels", action="store_true",
+                    help="tune the chunk-state kernels fwd_state and bwd_state (see above)")
     args = ap.parse_args()
     if args.states:
         return tune_states(args)
     if args.split:
         return tune_split(args)
+    if args.state_kernels:
+        return tune_state_kernels(args)
 
     log = Log()
     S = args.seq
@@ -403,6 +427,38 @@ def tune_split(args) -> None:
             json.dump(result, fh, indent=1, default=str)
     if args.write:
         log(f"wrote {merge_into_table(arch, tuned, choices={'dkdv_split' + suffix: won_at})}")
+
+
+def tune_state_kernels(args) -> None:
+    """--state-kernels: see the module docstring."""
+    log = Log()
+    S = args.seq
+    B = max(1, round(args.tokens / S))
+    if function.default_chunk_size(S) >= S:
+        raise SystemExit(f"--state-kernels needs chunks: S={S} runs as one chunk; use --seq 4096")
+    arch = launch.gpu_arch(torch.device("cuda"))
+    launch.reset_tile_caches()
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False  # a candidate that does not fit fails (and is dropped)
+    log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
+        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; chunk-state kernels")
+    tuned, result = {}, {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
+    for dh in args.dh:
+        x = mlstm_inputs(B, args.heads, S, dh)
+        entry = {}
+        for kernel in ("fwd_state", "bwd_state"):
+            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, {}, args.budget_s, log)
+            entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
+            if best is not None:
+                tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}"] = best
+        result["dims"][dh] = entry
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+    log(f"state-kernel tiles for {arch}: " + json.dumps(tuned, indent=1))
+    result.update(tuned=tuned, log=log.lines)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+    if args.write and tuned:
+        log(f"wrote {merge_into_table(arch, tuned)}")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,8 @@ else:
         "key-side 1:2, sliced dims": dict(
             dk=dict(BT=16, BS=32, BV=16, BKO=16), dv=dict(BT=16, BS=32, BK=16, BVO=16)),
         "key-side one pass 1:2": dict(dkdv=dict(BT=16, BS=32)),
+        "state kernels, narrow tiles": dict(  # chunked cases only (the second check below)
+            fwd_state=dict(BS=16, BK=16, BV=32, num_warps=2), bwd_state=dict(BT=32, BK=32, BV=16, num_warps=2)),
         "exact slices": dict(
             fwd_h=dict(BT=32, BS=32, BK=16, BV=32), dq=dict(BT=32, BS=32, BV=16, BKO=32),
             dk=dict(BT=32, BS=32, BV=16, BKO=16), dv=dict(BT=32, BS=32, BK=16, BVO=16)),
@@ -254,7 +256,7 @@ else:
                     got = launch.tiles(kernel, int(dqk), int(dhv), arch, with_states=bool(states))
                 finally:
                     launch.reset_tile_caches()
-                assert {"BT", "BS", "num_warps"} <= set(got), key
+                assert "num_warps" in got and ({"BT", "BS"} & set(got)), key
                 # widths are powers of two >= 16; a second head-dim piece (BK2, BV2, BKO2) may be 0: none
                 assert all((v >= 16 or (k.endswith("2") and v == 0)) and v & (v - 1) == 0
                            for k, v in got.items() if k.startswith("B")), key

@@ -143,6 +143,9 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
         wide = max(DQK, DHV) > 128  # both accumulators and both key tiles live: halve the tile to fit
         cfg = dict(BT=32 if wide else 64, BS=32 if wide else 64, BK=_pow2(DQK), BK2=0, BV=_pow2(DHV), BV2=0)
         return dict(cfg, num_warps=_warps(cfg["BS"], cfg["BK"] + cfg["BV"]), num_stages=2 if wide else 3)
+    if kernel in _STATE_KERNELS:  # sequential over chunks, one program per (DQK, DHV) tile of a (batch, head) state
+        rows = "BS" if kernel == "fwd_state" else "BT"
+        return {rows: 64, "BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3}
     if kernel in ("dkdv_k", "dkdv_v"):  # the split pass (dkdv_mode): one accumulator, so 64-row key tiles fit
         wide = max(DQK, DHV) > 128
         cfg = dict(BT=32, BS=64, BK=_pow2(DQK), BK2=0, BV=_pow2(DHV), BV2=0)
@@ -209,6 +212,8 @@ _tiles_cache: dict[tuple, dict] = {}  # (kernel, DQK, DHV, arch, overrides) -> r
 # Set by bench/tune_mlstm.py and by tests to try other tiles: kernel -> entries that win over everything else.
 TILE_OVERRIDES: dict[str, dict] = {}
 _QUERY_SIDE = ("fwd_h", "dq")
+# The chunk-state kernels (chunked calls only): their row tile (BS / BT) is a loop step, not a causal tile.
+_STATE_KERNELS = ("fwd_state", "bwd_state")
 
 
 def gpu_arch(device: torch.device) -> str:
@@ -272,6 +277,8 @@ def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, 
         if cfg[key2] and not (cfg[key2] <= cfg[key] and cfg[key] < dim <= cfg[key] + cfg[key2]):
             raise ValueError(f"{kernel} tiles {cfg}: pieces {key} + {key2} must cover a head dim of {dim} "
                              f"with {key} < {dim} and {key2} <= {key}")
+    if kernel in _STATE_KERNELS:
+        return cfg
     outer, inner = ("BT", "BS") if kernel in _QUERY_SIDE else ("BS", "BT")
     if cfg[outer] % cfg[inner]:
         raise ValueError(f"{kernel} tiles {cfg}: {outer} must be a multiple of {inner}")
@@ -298,8 +305,9 @@ def _smaller(cfg: dict) -> Optional[dict]:
     limit is 232448)."""
     if cfg.get("num_stages", 3) > 1:
         return dict(cfg, num_stages=cfg.get("num_stages", 3) - 1)
-    if min(cfg["BT"], cfg["BS"]) > 16:
-        return dict(cfg, BT=cfg["BT"] // 2, BS=cfg["BS"] // 2)
+    rows = {key: cfg[key] for key in ("BT", "BS") if key in cfg}  # the state kernels have one of the two
+    if min(rows.values()) > 16:
+        return dict(cfg, **{key: n // 2 for key, n in rows.items()})
     return None
 
 
@@ -358,11 +366,11 @@ def mlstm_fwd(
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     if Cst is not None:
-        BK, BV = 64, 64
-        grid = (_cdiv(DQK, BK), _cdiv(DHV, BV), BNH)
-        mlstm_fwd_state_kernel[grid](
+        _launch_tiled(
+            mlstm_fwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH),
+            tiles("fwd_state", DQK, DHV, gpu_arch(q.device)),
             k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
-            HAS_INIT=has_init, BS=64, BK=BK, BV=BV, PREC=prec, NHT=nht, num_warps=4,
+            HAS_INIT=has_init, PREC=prec, NHT=nht,
         )
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
@@ -435,11 +443,11 @@ def mlstm_bwd(
     scale = 1.0 / math.sqrt(DQK)
     dummy = fv
     if state_pass:
-        BK, BV = 64, 64
-        grid = (_cdiv(DQK, BK), _cdiv(DHV, BV), BNH)
-        mlstm_bwd_state_kernel[grid](
+        _launch_tiled(
+            mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH),
+            tiles("bwd_state", DQK, DHV, gpu_arch(q.device)),
             q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-            HAS_FINAL=has_final_grad, BT=64, BK=BK, BV=BV, PREC=prec, NHT=nht, num_warps=4,
+            HAS_FINAL=has_final_grad, PREC=prec, NHT=nht,
         )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
