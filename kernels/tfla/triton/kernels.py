@@ -173,22 +173,6 @@ def _state_piece_dot(a, state, PREC: tl.constexpr):
 
 
 @triton.jit
-def _query_rows(pid_t, Lc, BT: tl.constexpr, BS: tl.constexpr):
-    """Rows of query tile pid_t of a chunk of Lc rows, for the query-side kernels (fwd_h, dq). The tiles are aligned
-    to the chunk's end, so a partial tile comes first (rows t < 0 masked) rather than last. Why: under the causal mask
-    a query tile's cost grows with its position, and a partial last tile paid for every key tile to serve a few rows
-    (S = 196 in 64-row tiles: the last tile ran 7 of the head's 19 key-tile steps for 4 rows; aligned to the end, the
-    partial tile needs 1 step and the head 16). Key tiles share the offset, so they still meet the diagonal exactly:
-    those wholly before the query tile need no mask except the first, which may start before the chunk (j_first < 0:
-    keys s < 0 masked). Returns t_lo, t_loc, t_ok and j_first, the start of the first key tile holding key 0."""
-    off = (BT - Lc % BT) % BT
-    t_lo = pid_t * BT - off
-    t_loc = t_lo + tl.arange(0, BT)
-    t_ok = (t_loc >= 0) & (t_loc < Lc)
-    return t_lo, t_loc, t_ok, -(off % BS)
-
-
-@triton.jit
 def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
                 DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                 BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
@@ -196,7 +180,7 @@ def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV
                 FAST_EXP2: tl.constexpr):
     # DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
     s_loc = j0 + tl.arange(0, BS)
-    s_ok = (s_loc >= 0) & (s_loc < Lc)  # the first key tile may start before the chunk (_query_rows)
+    s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
@@ -231,7 +215,9 @@ def mlstm_fwd_h_kernel(
     c = pid_bc % NC
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
-    t_lo, t_loc, t_ok, j_first = _query_rows(pid_t, Lc, BT, BS)
+    t_lo = pid_t * BT
+    t_loc = t_lo + tl.arange(0, BT)
+    t_ok = t_loc < Lc
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < DHV
     q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
@@ -246,15 +232,11 @@ def mlstm_fwd_h_kernel(
     acc = tl.zeros((BT, BV), dtype=tl.float32)
     acc2 = _acc_piece(BT, BV2)
     qn = tl.zeros((BT,), dtype=tl.float32)
-    if (j_first < 0) & (j_first < t_lo):  # a first key tile that starts before the chunk: masked
-        acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j_first, q_base, k_base, v_base, FV, AV, vec,
-                                    t_loc, t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, True,
-                                    PREC, FAST_EXP2)
-    for j0 in range(tl.where(j_first < 0, j_first + BS, j_first), t_lo, BS):
+    for j0 in range(0, t_lo, BS):
         acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
                                     t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, False, PREC,
                                     FAST_EXP2)
-    for j0 in range(tl.maximum(t_lo, j_first), tl.minimum(t_lo + BT, Lc), BS):
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
                                     t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, True, PREC,
                                     FAST_EXP2)
@@ -449,7 +431,7 @@ def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV
                  BV2: tl.constexpr, BKO: tl.constexpr, BKO2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
                  FAST_EXP2: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
-    s_ok = (s_loc >= 0) & (s_loc < Lc)  # the first key tile may start before the chunk (_query_rows)
+    s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
@@ -487,7 +469,9 @@ def mlstm_bwd_dq_kernel(
     c = pid_bc % NC
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
-    t_lo, t_loc, t_ok, j_first = _query_rows(pid_t, Lc, BT, BS)
+    t_lo = pid_t * BT
+    t_loc = t_lo + tl.arange(0, BT)
+    t_ok = t_loc < Lc
     offs_k = pid_k * BKO + tl.arange(0, BKO)
     k_ok = offs_k < DQK
     offs_k2 = _piece_cols(BKO, BKO2)
@@ -522,15 +506,11 @@ def mlstm_bwd_dq_kernel(
 
     acc = tl.zeros((BT, BKO), dtype=tl.float32)
     acc2 = _acc_piece(BT, BKO2)
-    if (j_first < 0) & (j_first < t_lo):  # a first key tile that starts before the chunk: masked
-        acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j_first, dh_base, v_base, k_base, FV, AV, vec, t_loc,
-                                 t_ok, r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2, True,
-                                 PREC, FAST_EXP2)
-    for j0 in range(tl.where(j_first < 0, j_first + BS, j_first), t_lo, BS):
+    for j0 in range(0, t_lo, BS):
         acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
                                  r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2, False, PREC,
                                  FAST_EXP2)
-    for j0 in range(tl.maximum(t_lo, j_first), tl.minimum(t_lo + BT, Lc), BS):
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
                                  r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2, True, PREC,
                                  FAST_EXP2)
