@@ -150,6 +150,17 @@ else:
         monkeypatch.setattr(launch, "HEAD_DIM_PIECES", pieces)
         check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
 
+    @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+    def test_fused_chunk_states_both_ways(fused, monkeypatch, parallel):
+        """Chunk states from one kernel that walks the chunks in sequence, or from every chunk's own product at once
+        and a scan over the chunks (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state over
+        four programs, the last partly masked): states in and out, several chunks, a short last one, both gates."""
+        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", parallel)
+        monkeypatch.setattr(launch, "SCAN_BLOCK", 256)
+        check(1, 2, 45, 24, 40, "exp", torch.float32, init=True, ret=True, chunk_size=16, seed=51)
+        check(1, 1, 37, 16, 16, "sig", torch.float32, ret=True, chunk_size=10, seed=52)
+        check(1, 1, 30, 40, 24, "exp", torch.float32, init=True, chunk_size=8, seed=53)  # initial state only
+
     # dk and dv from two launches of the one-pass kernel (launch.dkdv_mode "split": DO_K, then DO_V), head dims in
     # pieces, with and without chunk states.
     SPLIT_CASES = {

@@ -285,6 +285,45 @@ def mlstm_fwd_h_kernel(
 
 
 @triton.jit
+def _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP):
+    """exp(F_last + m_c - m_last): the decay that a state entering chunk c carries to the chunk's end, where it is
+    stabilised by the last row's max state (see mlstm_fwd_state_kernel)."""
+    Lc = tl.minimum(L, S - c * L)
+    last = bh * SP + c * L + Lc - 1
+    return tl.exp(tl.load(FV + last) + tl.load(MST + bh * (NC + 1) + c) - tl.load(MROW + last))
+
+
+@triton.jit
+def _chunk_kv(acc, acc_n, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok,
+              BS: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
+    """acc += sum_j e_j k_j v_j^T over chunk c's rows j (a (DQK, DHV) tile), acc_n += sum_j e_j k_j;
+    e_j = exp(F_last - F_j + a_j - m_last)."""
+    RQK = NHT * DQK  # row strides of k and v (see _rows_base)
+    RHV = NHT * DHV
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    vec = bh * SP + row0
+    f_last = tl.load(FV + vec + Lc - 1)
+    m_last = tl.load(MROW + vec + Lc - 1)
+    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
+    for j0 in range(0, Lc, BS):
+        s_loc = j0 + tl.arange(0, BS)
+        s_ok = s_loc < Lc
+        f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+        a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+        e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
+        k_tr = tl.load(k_base + s_loc[None, :] * RQK + offs_d[:, None],
+            mask=s_ok[None, :] & d_ok[:, None], other=0.0)
+        v_s = tl.load(v_base + s_loc[:, None] * RHV + offs_v[None, :],
+            mask=s_ok[:, None] & v_ok[None, :], other=0.0)
+        kw = k_tr.to(tl.float32) * e[None, :]
+        acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
+        acc_n += tl.sum(kw, 1)
+    return acc, acc_n
+
+
+@triton.jit
 def mlstm_fwd_state_kernel(
     K, V, FV, AV, MROW, MST, CST, NST,
     S, L, NC, SP, DQK, DHV,
@@ -292,8 +331,6 @@ def mlstm_fwd_state_kernel(
     NHT: tl.constexpr,
 ):
     """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T."""
-    RQK = NHT * DQK  # row strides of q / k and v / dh (see _rows_base)
-    RHV = NHT * DHV
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -313,33 +350,83 @@ def mlstm_fwd_state_kernel(
         tl.store(CST + bh * (NC + 1) * DQK * DHV + cv_off, acc, mask=cv_ok)
         tl.store(NST + bh * (NC + 1) * DQK + offs_d, acc_n, mask=n_write)
     for c in range(0, NC):
-        row0 = c * L
-        Lc = tl.minimum(L, S - row0)
-        vec = bh * SP + row0
-        f_last = tl.load(FV + vec + Lc - 1)
-        m_last = tl.load(MROW + vec + Lc - 1)
-        m_c = tl.load(MST + bh * (NC + 1) + c)
-        carry = tl.exp(f_last + m_c - m_last)
-        acc = acc * carry
-        acc_n = acc_n * carry
-        k_base = _rows_base(K, bh, row0, S, DQK, NHT)
-        v_base = _rows_base(V, bh, row0, S, DHV, NHT)
-        for j0 in range(0, Lc, BS):
-            s_loc = j0 + tl.arange(0, BS)
-            s_ok = s_loc < Lc
-            f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
-            a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-            e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
-            k_tr = tl.load(k_base + s_loc[None, :] * RQK + offs_d[:, None],
-                mask=s_ok[None, :] & d_ok[:, None], other=0.0)
-            v_s = tl.load(v_base + s_loc[:, None] * RHV + offs_v[None, :],
-                mask=s_ok[:, None] & v_ok[None, :], other=0.0)
-            kw = k_tr.to(tl.float32) * e[None, :]
-            acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
-            acc_n += tl.sum(kw, 1)
+        carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
+        acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
+                               d_ok, offs_v, v_ok, BS, PREC, NHT)
         st = bh * (NC + 1) + c + 1
         tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
         tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
+
+
+@triton.jit
+def mlstm_fwd_chunk_state_kernel(
+    K, V, FV, AV, MROW, CST, NST,
+    S, L, NC, SP, DQK, DHV,
+    BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr,
+):
+    """Each chunk's own contribution U_c = sum_j e_j k_j v_j^T (and u_c = sum_j e_j k_j), one program per (chunk,
+    state tile), into CST[c + 1] / NST[c + 1]; mlstm_state_scan_kernel then makes them the states
+    C_{c+1} = carry_c C_c + U_c. Two launches instead of mlstm_fwd_state_kernel's one, but every chunk at once rather
+    than one after the other (launch.PARALLEL_CHUNK_STATES)."""
+    pid_bc = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    offs_d = pid_k * BK + tl.arange(0, BK)
+    d_ok = offs_d < DQK
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DHV
+    acc, acc_n = _chunk_kv(tl.zeros((BK, BV), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32), K, V, FV, AV,
+                           MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
+    st = bh * (NC + 1) + c + 1
+    tl.store(CST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :], acc,
+             mask=d_ok[:, None] & v_ok[None, :])
+    tl.store(NST + st * DQK + offs_d, acc_n, mask=d_ok & (pid_v == 0))
+
+
+@triton.jit
+def mlstm_state_scan_kernel(
+    X, XN, FV, MROW, MST,
+    S, L, NC, SP, W, WN,
+    HAS_START: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """In place along the chunk axis of X [BNH, NC + 1, W] and XN [BNH, NC + 1, WN] (a state and its normaliser
+    part), which hold each chunk's own contribution: forward, X[c + 1] = carry_c X[c] + X[c + 1] from X[0];
+    REVERSE (the states' gradients), X[c] = carry_c X[c + 1] + X[c] from X[NC]. The start is read if HAS_START, else
+    zero (and written). One program per BLOCK elements of one (batch, head); the first cdiv(W, BLOCK) programs of a
+    row scan X, the rest XN."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    n_x = tl.cdiv(W, BLOCK)
+    if pid < n_x:
+        base = X + bh * (NC + 1) * W
+        width = W
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    else:
+        base = XN + bh * (NC + 1) * WN
+        width = WN
+        offs = (pid - n_x) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < width
+    if REVERSE:
+        first = NC
+    else:
+        first = 0
+    if HAS_START:
+        acc = tl.load(base + first * width + offs, mask=ok, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        tl.store(base + first * width + offs, acc, mask=ok)
+    for i in range(0, NC):
+        if REVERSE:
+            c = NC - 1 - i
+            dst = c
+        else:
+            c = i
+            dst = c + 1
+        acc = acc * _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP) + tl.load(base + dst * width + offs, mask=ok,
+                                                                                other=0.0)
+        tl.store(base + dst * width + offs, acc, mask=ok)
 
 
 @triton.jit
@@ -367,6 +454,36 @@ def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.co
 
 
 @triton.jit
+def _chunk_q_dh(acc, acc_n, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK, DHV, scale, offs_d, d_ok, offs_v,
+                v_ok, BT: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
+    """acc += sum_t g_t rs_t q_t dh_t^T over chunk c's rows t (a (DQK, DHV) tile), acc_n += sum_t g_t dqn_t q_t;
+    g_t = exp(F_t + m_c - m_t) / sqrt(d)."""
+    RQK = NHT * DQK  # row strides of q and dh (see _rows_base)
+    RHV = NHT * DHV
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    vec = bh * SP + row0
+    m_c = tl.load(MST + bh * (NC + 1) + c)
+    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
+    for t0 in range(0, Lc, BT):
+        t_loc = t0 + tl.arange(0, BT)
+        t_ok = t_loc < Lc
+        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+        g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
+        q_tr = tl.load(q_base + t_loc[None, :] * RQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
+                       other=0.0).to(tl.float32)
+        dh_t = tl.load(dh_base + t_loc[:, None] * RHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                       other=0.0)
+        acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
+        acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
+    return acc, acc_n
+
+
+@triton.jit
 def mlstm_bwd_state_kernel(
     Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST,
     S, L, NC, SP, DQK, DHV, scale,
@@ -374,8 +491,6 @@ def mlstm_bwd_state_kernel(
     NHT: tl.constexpr,
 ):
     """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise)."""
-    RQK = NHT * DQK  # row strides of q / k and v / dh (see _rows_base)
-    RHV = NHT * DHV
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -394,34 +509,39 @@ def mlstm_bwd_state_kernel(
         acc_n = tl.zeros((BK,), dtype=tl.float32)
     for cc in range(0, NC):
         c = NC - 1 - cc
-        row0 = c * L
-        Lc = tl.minimum(L, S - row0)
-        vec = bh * SP + row0
-        f_last = tl.load(FV + vec + Lc - 1)
-        m_last = tl.load(MROW + vec + Lc - 1)
-        m_c = tl.load(MST + bh * (NC + 1) + c)
-        carry = tl.exp(f_last + m_c - m_last)
-        acc = acc * carry
-        acc_n = acc_n * carry
-        q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
-        dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
-        for t0 in range(0, Lc, BT):
-            t_loc = t0 + tl.arange(0, BT)
-            t_ok = t_loc < Lc
-            f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-            m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-            rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-            dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-            g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
-            q_tr = tl.load(q_base + t_loc[None, :] * RQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
-                           other=0.0).to(tl.float32)
-            dh_t = tl.load(dh_base + t_loc[:, None] * RHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
-                           other=0.0)
-            acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
-            acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
+        carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
+        acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK,
+                                 DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
         st = bh * (NC + 1) + c
         tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+
+
+@triton.jit
+def mlstm_bwd_chunk_state_kernel(
+    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST,
+    S, L, NC, SP, DQK, DHV, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr,
+):
+    """Each chunk's own term of its state's gradient, sum_{t in c} g_t q_t dh~_t^T (and the normaliser's), one program
+    per (chunk, state tile), into DCST[c] / DNST[c]; mlstm_state_scan_kernel (REVERSE) then adds the carried
+    gradients from later chunks (see mlstm_fwd_chunk_state_kernel)."""
+    pid_bc = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    offs_d = pid_k * BK + tl.arange(0, BK)
+    d_ok = offs_d < DQK
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DHV
+    acc, acc_n = _chunk_q_dh(tl.zeros((BK, BV), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32), Q, DH, FV, MROW,
+                             RS, DQN, MST, bh, c, S, L, NC, SP, DQK, DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC,
+                             NHT)
+    st = bh * (NC + 1) + c
+    tl.store(DCST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :], acc,
+             mask=d_ok[:, None] & v_ok[None, :])
+    tl.store(DNST + st * DQK + offs_d, acc_n, mask=d_ok & (pid_v == 0))
 
 
 @triton.jit

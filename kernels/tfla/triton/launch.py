@@ -20,9 +20,12 @@ from .kernels import (
     mlstm_bwd_dq_kernel,
     mlstm_bwd_dv_kernel,
     mlstm_bwd_rows_kernel,
+    mlstm_bwd_chunk_state_kernel,
     mlstm_bwd_state_kernel,
     mlstm_fwd_h_kernel,
+    mlstm_fwd_chunk_state_kernel,
     mlstm_fwd_state_kernel,
+    mlstm_state_scan_kernel,
     mlstm_gates_bwd_kernel,
     mlstm_gates_fwd_kernel,
 )
@@ -341,6 +344,27 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
                       "Re-run bench/tune_mlstm.py on this GPU to choose tiles that fit.", stacklevel=3)
 
 
+# How the chunk states are made (chunked calls, initial / final states): True, each chunk's own contribution in
+# parallel (one program per chunk and state tile) and then a scan over the chunks that carries them along
+# (mlstm_state_scan_kernel): two launches. False, one launch that walks the chunks in sequence, with one program per
+# state tile: at B = 12, NH = 4, S = 4096 only 192 programs at DH 96 (432 at DH 192) on 132 SMs, and 24-29 % of the
+# fwd+bwd GPU time (bench/results/profile_mlstm_kernels_s4096_h200.log). TFLA_PARALLEL_STATES=0 picks the sequential
+# kernels.
+PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "1") != "0"
+SCAN_BLOCK = 1024  # state elements per scan program
+
+
+def _scan_states(X: torch.Tensor, XN: torch.Tensor, fv, mrow, mst, S: int, lay: ChunkLayout, DQK: int, DHV: int,
+                 BNH: int, *, has_start: bool, reverse: bool) -> None:
+    """mlstm_state_scan_kernel over a state buffer [BNH, NC + 1, DQK, DHV] and its normaliser part [BNH, NC + 1,
+    DQK], in place."""
+    n_programs = _cdiv(DQK * DHV, SCAN_BLOCK) + _cdiv(DQK, SCAN_BLOCK)
+    mlstm_state_scan_kernel[(BNH, n_programs)](
+        X, XN, fv, mrow, mst, S, lay.L, lay.NC, lay.SP, DQK * DHV, DQK,
+        HAS_START=has_start, REVERSE=reverse, BLOCK=SCAN_BLOCK, num_warps=4,
+    )
+
+
 def mlstm_fwd(
     q: torch.Tensor,  # [BNH, S, DQK] (or [B, NH, S, DQK]: any leading dims, here and in every wrapper below)
     k: torch.Tensor,  # [BNH, S, DQK]
@@ -366,12 +390,19 @@ def mlstm_fwd(
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     if Cst is not None:
-        _launch_tiled(
-            mlstm_fwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH),
-            tiles("fwd_state", DQK, DHV, gpu_arch(q.device)),
-            k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
-            HAS_INIT=has_init, PREC=prec, NHT=nht,
-        )
+        cfg = tiles("fwd_state", DQK, DHV, gpu_arch(q.device))
+        if PARALLEL_CHUNK_STATES:
+            _launch_tiled(
+                mlstm_fwd_chunk_state_kernel, lambda t: (BNH * lay.NC, _cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"])), cfg,
+                k, v, fv, av, mrow, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV, PREC=prec, NHT=nht,
+            )
+            _scan_states(Cst, nst, fv, mrow, mst, S, lay, DQK, DHV, BNH, has_start=has_init, reverse=False)
+        else:
+            _launch_tiled(
+                mlstm_fwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
+                k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
+                HAS_INIT=has_init, PREC=prec, NHT=nht,
+            )
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
@@ -443,12 +474,20 @@ def mlstm_bwd(
     scale = 1.0 / math.sqrt(DQK)
     dummy = fv
     if state_pass:
-        _launch_tiled(
-            mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH),
-            tiles("bwd_state", DQK, DHV, gpu_arch(q.device)),
-            q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-            HAS_FINAL=has_final_grad, PREC=prec, NHT=nht,
-        )
+        cfg = tiles("bwd_state", DQK, DHV, gpu_arch(q.device))
+        if PARALLEL_CHUNK_STATES:
+            _launch_tiled(
+                mlstm_bwd_chunk_state_kernel, lambda t: (BNH * lay.NC, _cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"])), cfg,
+                q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
+                PREC=prec, NHT=nht,
+            )
+            _scan_states(dCst, dnst, fv, mrow, mst, S, lay, DQK, DHV, BNH, has_start=has_final_grad, reverse=True)
+        else:
+            _launch_tiled(
+                mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
+                q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
+                HAS_FINAL=has_final_grad, PREC=prec, NHT=nht,
+            )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
