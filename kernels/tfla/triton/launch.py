@@ -346,11 +346,13 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
 
 # How the chunk states are made (chunked calls, initial / final states): True, each chunk's own contribution in
 # parallel (one program per chunk and state tile) and then a scan over the chunks that carries them along
-# (mlstm_state_scan_kernel): two launches. False, one launch that walks the chunks in sequence, with one program per
-# state tile: at B = 12, NH = 4, S = 4096 only 192 programs at DH 96 (432 at DH 192) on 132 SMs, and 24-29 % of the
-# fwd+bwd GPU time (bench/results/profile_mlstm_kernels_s4096_h200.log). TFLA_PARALLEL_STATES=0 picks the sequential
-# kernels.
-PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "1") != "0"
+# (mlstm_state_scan_kernel): two launches. False (the default), one launch that walks the chunks in sequence, with
+# one program per state tile: at B = 12, NH = 4, S = 4096 only 192 programs at DH 96 (432 at DH 192) on 132 SMs, and
+# 24-29 % of the fwd+bwd GPU time (bench/results/profile_mlstm_kernels_s4096_h200.log). On the H200 the parallel
+# states saved little GPU time (fwd+bwd at S 4096: DH 96 0.942 -> 0.909 ms, DH 192 2.299 -> 2.283), and the eager
+# wall time at DH 96, which that host's launch rate sets, got worse with the two extra launches (1.40 -> 1.67-1.95
+# ms; bench/results/parallel_states_ab_h200.log), so they are opt-in: TFLA_PARALLEL_STATES=1.
+PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "0") == "1"
 SCAN_BLOCK = 1024  # state elements per scan program
 
 
