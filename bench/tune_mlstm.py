@@ -302,18 +302,36 @@ def main():
         log(f"wrote {merge_into_table(arch, tuned, one_pass)}")
 
 
-def tune_states(args) -> None:
-    """--states: see the module docstring."""
+def _start_from_shipped(args, what: str, flag: str = "", needs_chunks: bool = False):
+    """The common start of --states, --split and --state-kernels, which all start from the shipped table:
+    (log, S, B, arch, result)."""
     log = Log()
     S = args.seq
     B = max(1, round(args.tokens / S))
-    if function.default_chunk_size(S) >= S:
-        raise SystemExit(f"--states needs chunks: S={S} runs as one chunk; use --seq 4096")
+    if needs_chunks and function.default_chunk_size(S) >= S:
+        raise SystemExit(f"{flag} needs chunks: S={S} runs as one chunk; use --seq 4096")
     arch = launch.gpu_arch(torch.device("cuda"))
-    launch.reset_tile_caches()  # the shipped table: the stateless entries stay, the padded baseline is what ships
+    launch.reset_tile_caches()  # the shipped table: what these modes measure against
     log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
-        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; state variants, pieces vs padded")
-    tuned, result = {}, {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
+        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; {what}")
+    result = {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
+    return log, S, B, arch, result
+
+
+def _report(args, log: Log, arch: str, result: dict, tuned: dict, choices: dict | None = None) -> None:
+    """Write the JSON report (--out) and merge the winners into the table (--write)."""
+    result.update(tuned=tuned, log=log.lines)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+    if args.write and (tuned or choices):
+        log(f"wrote {merge_into_table(arch, tuned, choices=choices)}")
+
+
+def tune_states(args) -> None:
+    """--states: see the module docstring."""
+    log, S, B, arch, result = _start_from_shipped(args, "state variants, pieces vs padded", "--states", True)
+    tuned = {}
     for dh in args.dh:
         kernels = [k for k in ("fwd_h", "dq", "dkdv") if k in args.kernels and piece_tiles(k, dh)]
         if not kernels:
@@ -359,27 +377,15 @@ def tune_states(args) -> None:
                 tuned[f"{kernel}:{dh}:{dh}:states"] = cfg
         result["dims"][dh] = entry
     log(f"tuned state-variant tiles for {arch}: " + json.dumps(tuned, indent=1))
-    result.update(tuned=tuned, log=log.lines)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
-    if args.write and tuned:
-        log(f"wrote {merge_into_table(arch, tuned)}")
+    _report(args, log, arch, result, tuned)
 
 
 def tune_split(args) -> None:
     """--split: see the module docstring."""
-    log = Log()
-    S = args.seq
-    B = max(1, round(args.tokens / S))
+    log, S, B, arch, result = _start_from_shipped(args, "split dk + dv vs shipped backward")
     chunked = function.default_chunk_size(S) < S
     suffix = ":states" if chunked else ""
-    arch = launch.gpu_arch(torch.device("cuda"))
-    launch.reset_tile_caches()  # the shipped table: its backward is the baseline
-    log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
-        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; split dk + dv vs shipped backward")
     tuned, won_at = {}, {}
-    result = {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
     for dh in args.dh:
         if _pow2(dh) > launch.ONE_PASS_DKDV_MAX_HEAD_DIM:
             log(f"  DH={dh}: wider than the dk + dv kernel takes; skipped")
@@ -421,27 +427,15 @@ def tune_split(args) -> None:
                 tuned[table_key(kernel, dh) + suffix] = cfg
         result["dims"][dh] = entry
     log(f"split tiles for {arch}: " + json.dumps(tuned, indent=1) + f"; split won at {won_at}")
-    result.update(tuned=tuned, split_won=won_at, log=log.lines)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
-    if args.write:
-        log(f"wrote {merge_into_table(arch, tuned, choices={'dkdv_split' + suffix: won_at})}")
+    result["split_won"] = won_at
+    _report(args, log, arch, result, tuned, choices={"dkdv_split" + suffix: won_at})
 
 
 def tune_state_kernels(args) -> None:
     """--state-kernels: see the module docstring."""
-    log = Log()
-    S = args.seq
-    B = max(1, round(args.tokens / S))
-    if function.default_chunk_size(S) >= S:
-        raise SystemExit(f"--state-kernels needs chunks: S={S} runs as one chunk; use --seq 4096")
-    arch = launch.gpu_arch(torch.device("cuda"))
-    launch.reset_tile_caches()
+    log, S, B, arch, result = _start_from_shipped(args, "chunk-state kernels", "--state-kernels", True)
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = False  # a candidate that does not fit fails (and is dropped)
-    log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
-        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; chunk-state kernels")
-    tuned, result = {}, {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
+    tuned = {}
     for dh in args.dh:
         x = mlstm_inputs(B, args.heads, S, dh)
         entry = {}
@@ -453,12 +447,7 @@ def tune_state_kernels(args) -> None:
         result["dims"][dh] = entry
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
     log(f"state-kernel tiles for {arch}: " + json.dumps(tuned, indent=1))
-    result.update(tuned=tuned, log=log.lines)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
-    if args.write and tuned:
-        log(f"wrote {merge_into_table(arch, tuned)}")
+    _report(args, log, arch, result, tuned)
 
 
 if __name__ == "__main__":

@@ -285,6 +285,22 @@ def mlstm_fwd_h_kernel(
 
 
 @triton.jit
+def _state_tile(pid_k, pid_v, DQK, DHV, BK: tl.constexpr, BV: tl.constexpr):
+    """Rows (along DQK) and columns (along DHV) of state tile (pid_k, pid_v), with their masks."""
+    offs_d = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    return offs_d, offs_d < DQK, offs_v, offs_v < DHV
+
+
+@triton.jit
+def _store_state(X, XN, st, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v):
+    """A state tile into X [*, DQK, DHV] at state index st, and its normaliser part into XN [*, DQK] (written by the
+    tiles of the first column only)."""
+    tl.store(X + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :], acc, mask=d_ok[:, None] & v_ok[None, :])
+    tl.store(XN + st * DQK + offs_d, acc_n, mask=d_ok & (pid_v == 0))
+
+
+@triton.jit
 def _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP):
     """exp(F_last + m_c - m_last): the decay that a state entering chunk c carries to the chunk's end, where it is
     stabilised by the last row's max state (see mlstm_fwd_state_kernel)."""
@@ -334,28 +350,21 @@ def mlstm_fwd_state_kernel(
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    offs_d = pid_k * BK + tl.arange(0, BK)
-    d_ok = offs_d < DQK
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    v_ok = offs_v < DHV
+    offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
     cv_off = offs_d[:, None] * DHV + offs_v[None, :]
     cv_ok = d_ok[:, None] & v_ok[None, :]
-    n_write = d_ok & (pid_v == 0)
     if HAS_INIT:
         acc = tl.load(CST + bh * (NC + 1) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
         acc_n = tl.load(NST + bh * (NC + 1) * DQK + offs_d, mask=d_ok, other=0.0)
     else:
         acc = tl.zeros((BK, BV), dtype=tl.float32)
         acc_n = tl.zeros((BK,), dtype=tl.float32)
-        tl.store(CST + bh * (NC + 1) * DQK * DHV + cv_off, acc, mask=cv_ok)
-        tl.store(NST + bh * (NC + 1) * DQK + offs_d, acc_n, mask=n_write)
+        _store_state(CST, NST, bh * (NC + 1), acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
     for c in range(0, NC):
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
         acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
                                d_ok, offs_v, v_ok, BS, PREC, NHT)
-        st = bh * (NC + 1) + c + 1
-        tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
-        tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
+        _store_state(CST, NST, bh * (NC + 1) + c + 1, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
 
 
 @triton.jit
@@ -373,16 +382,10 @@ def mlstm_fwd_chunk_state_kernel(
     pid_v = tl.program_id(2)
     bh = (pid_bc // NC).to(tl.int64)
     c = pid_bc % NC
-    offs_d = pid_k * BK + tl.arange(0, BK)
-    d_ok = offs_d < DQK
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    v_ok = offs_v < DHV
+    offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
     acc, acc_n = _chunk_kv(tl.zeros((BK, BV), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32), K, V, FV, AV,
                            MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
-    st = bh * (NC + 1) + c + 1
-    tl.store(CST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :], acc,
-             mask=d_ok[:, None] & v_ok[None, :])
-    tl.store(NST + st * DQK + offs_d, acc_n, mask=d_ok & (pid_v == 0))
+    _store_state(CST, NST, bh * (NC + 1) + c + 1, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
 
 
 @triton.jit
@@ -494,14 +497,10 @@ def mlstm_bwd_state_kernel(
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    offs_d = pid_k * BK + tl.arange(0, BK)
-    d_ok = offs_d < DQK
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    v_ok = offs_v < DHV
-    cv_off = offs_d[:, None] * DHV + offs_v[None, :]
-    cv_ok = d_ok[:, None] & v_ok[None, :]
-    n_write = d_ok & (pid_v == 0)
+    offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
     if HAS_FINAL:
+        cv_off = offs_d[:, None] * DHV + offs_v[None, :]
+        cv_ok = d_ok[:, None] & v_ok[None, :]
         acc = tl.load(DCST + (bh * (NC + 1) + NC) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
         acc_n = tl.load(DNST + (bh * (NC + 1) + NC) * DQK + offs_d, mask=d_ok, other=0.0)
     else:
@@ -512,9 +511,7 @@ def mlstm_bwd_state_kernel(
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
         acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK,
                                  DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
-        st = bh * (NC + 1) + c
-        tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
-        tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+        _store_state(DCST, DNST, bh * (NC + 1) + c, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
 
 
 @triton.jit
@@ -531,17 +528,11 @@ def mlstm_bwd_chunk_state_kernel(
     pid_v = tl.program_id(2)
     bh = (pid_bc // NC).to(tl.int64)
     c = pid_bc % NC
-    offs_d = pid_k * BK + tl.arange(0, BK)
-    d_ok = offs_d < DQK
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    v_ok = offs_v < DHV
+    offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
     acc, acc_n = _chunk_q_dh(tl.zeros((BK, BV), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32), Q, DH, FV, MROW,
                              RS, DQN, MST, bh, c, S, L, NC, SP, DQK, DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC,
                              NHT)
-    st = bh * (NC + 1) + c
-    tl.store(DCST + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :], acc,
-             mask=d_ok[:, None] & v_ok[None, :])
-    tl.store(DNST + st * DQK + offs_d, acc_n, mask=d_ok & (pid_v == 0))
+    _store_state(DCST, DNST, bh * (NC + 1) + c, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
 
 
 @triton.jit
