@@ -295,7 +295,8 @@ def _state_tile(pid_k, pid_v, DQK, DHV, BK: tl.constexpr, BV: tl.constexpr):
 @triton.jit
 def _store_state(X, XN, st, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v):
     """A state tile into X [*, DQK, DHV] at state index st, and its normaliser part into XN [*, DQK] (written by the
-    tiles of the first column only)."""
+    tiles of the first column only). For the parallel state kernels; the sequential ones keep their offsets outside
+    the chunk loop (with this helper inside it, the forward's 32 x 64 tile spilled on sm_90)."""
     tl.store(X + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :], acc, mask=d_ok[:, None] & v_ok[None, :])
     tl.store(XN + st * DQK + offs_d, acc_n, mask=d_ok & (pid_v == 0))
 
@@ -350,21 +351,28 @@ def mlstm_fwd_state_kernel(
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
+    offs_d = pid_k * BK + tl.arange(0, BK)
+    d_ok = offs_d < DQK
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DHV
     cv_off = offs_d[:, None] * DHV + offs_v[None, :]
     cv_ok = d_ok[:, None] & v_ok[None, :]
+    n_write = d_ok & (pid_v == 0)
     if HAS_INIT:
         acc = tl.load(CST + bh * (NC + 1) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
         acc_n = tl.load(NST + bh * (NC + 1) * DQK + offs_d, mask=d_ok, other=0.0)
     else:
         acc = tl.zeros((BK, BV), dtype=tl.float32)
         acc_n = tl.zeros((BK,), dtype=tl.float32)
-        _store_state(CST, NST, bh * (NC + 1), acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
+        tl.store(CST + bh * (NC + 1) * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(NST + bh * (NC + 1) * DQK + offs_d, acc_n, mask=n_write)
     for c in range(0, NC):
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
         acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
                                d_ok, offs_v, v_ok, BS, PREC, NHT)
-        _store_state(CST, NST, bh * (NC + 1) + c + 1, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
+        st = bh * (NC + 1) + c + 1
+        tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
 
 
 @triton.jit
@@ -497,10 +505,14 @@ def mlstm_bwd_state_kernel(
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
+    offs_d = pid_k * BK + tl.arange(0, BK)
+    d_ok = offs_d < DQK
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DHV
+    cv_off = offs_d[:, None] * DHV + offs_v[None, :]
+    cv_ok = d_ok[:, None] & v_ok[None, :]
+    n_write = d_ok & (pid_v == 0)
     if HAS_FINAL:
-        cv_off = offs_d[:, None] * DHV + offs_v[None, :]
-        cv_ok = d_ok[:, None] & v_ok[None, :]
         acc = tl.load(DCST + (bh * (NC + 1) + NC) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
         acc_n = tl.load(DNST + (bh * (NC + 1) + NC) * DQK + offs_d, mask=d_ok, other=0.0)
     else:
@@ -511,7 +523,9 @@ def mlstm_bwd_state_kernel(
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
         acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK,
                                  DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
-        _store_state(DCST, DNST, bh * (NC + 1) + c, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
+        st = bh * (NC + 1) + c
+        tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
 
 
 @triton.jit
