@@ -1070,6 +1070,23 @@ def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_bas
 
 
 @triton.jit
+def _key_tile_and_acc(base, s_loc, s_ok, D: tl.constexpr, ROWSTRIDE: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
+                      A1: tl.constexpr, A2: tl.constexpr, BS: tl.constexpr, DTYPE: tl.constexpr, USED: tl.constexpr):
+    """For mlstm_bwd_dkdv_kernel: a key tile resident in pieces of B1 + B2 columns (k, which dv's scores multiply, or
+    v, which dk's do) and the float32 accumulator, in pieces of A1 + A2 columns, of the gradient it serves. A pass
+    that does not compute that gradient (USED false) gets small unused ones."""
+    if USED:
+        x, x2 = _resident(base, s_loc, s_ok, D, ROWSTRIDE, B1, B2, DTYPE)
+        acc = tl.zeros((BS, A1), dtype=tl.float32)
+        acc2 = _acc_piece(BS, A2)
+    else:
+        x, x2 = _resident(base, s_loc, s_ok, D, ROWSTRIDE, 16, 0, DTYPE)
+        acc = tl.zeros((BS, 16), dtype=tl.float32)
+        acc2 = acc
+    return x, x2, acc, acc2
+
+
+@triton.jit
 def mlstm_bwd_dkdv_kernel(
     Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, DV, KDK,
     S, L, NC, SP, scale,
@@ -1114,23 +1131,10 @@ def mlstm_bwd_dkdv_kernel(
     vec = bh * SP + row0
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    # Only the tiles a pass multiplies stay resident (k for dv's scores, v for dk's); a small unused one otherwise.
-    if DO_V:
-        k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, RQK, BK, BK2, K.dtype.element_ty)
-        acc_v = tl.zeros((BS, BV), dtype=tl.float32)
-        acc_v2 = _acc_piece(BS, BV2)
-    else:
-        k_s, k_s2 = _resident(k_base, s_loc, s_ok, DQK, RQK, 16, 0, K.dtype.element_ty)
-        acc_v = tl.zeros((BS, 16), dtype=tl.float32)
-        acc_v2 = acc_v
-    if DO_K:
-        v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, RHV, BV, BV2, V.dtype.element_ty)
-        acc_k = tl.zeros((BS, BK), dtype=tl.float32)
-        acc_k2 = _acc_piece(BS, BK2)
-    else:
-        v_s, v_s2 = _resident(v_base, s_loc, s_ok, DHV, RHV, 16, 0, V.dtype.element_ty)
-        acc_k = tl.zeros((BS, 16), dtype=tl.float32)
-        acc_k2 = acc_k
+    k_s, k_s2, acc_v, acc_v2 = _key_tile_and_acc(k_base, s_loc, s_ok, DQK, RQK, BK, BK2, BV, BV2, BS,
+                                                 K.dtype.element_ty, DO_V)
+    v_s, v_s2, acc_k, acc_k2 = _key_tile_and_acc(v_base, s_loc, s_ok, DHV, RHV, BV, BV2, BK, BK2, BS,
+                                                 V.dtype.element_ty, DO_K)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
