@@ -4,12 +4,14 @@ compiler made of them: registers per thread, spill stack, shared memory, and SAS
 Usage (any machine with Triton installed; repo root):
     PYTHONPATH=kernels python bench/inspect_kernels.py --dh 96 --seq 196
     PYTHONPATH=kernels python bench/inspect_kernels.py --dh 192 --kernel fwd_h --tiles BK=64 BV=256 num_warps=8
+    PYTHONPATH=kernels python bench/inspect_kernels.py --dh 96 --seq 1024 --kernel fwd_h dq --sections
 
 Why: on the H100 these kernels are latency-bound (bench/results/ncu_mlstm_h100.md), so registers, spills and the
 instruction count of the inner loop decide their speed, and all three can be read here, on a CPU, before any GPU
 time is spent. Compilation and specialisation: tfla/triton/offline.py. Tiles come from the tuned table of --arch
 (kernels/tfla/triton/tuned_tiles.json) unless --tiles overrides them; the CUDA fast-exp path (FAST_EXP2) is what is
-compiled.
+compiled. --sections adds where the instructions stand: before the first loop, in each loop, after the last
+(tfla/triton/offline.py: sass_sections), which is where two kernels with alike loops differ.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ def main():
     ap.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = H100)")
     ap.add_argument("--tiles", nargs="*", default=[], help="KEY=VALUE overrides, e.g. BT=64 num_warps=8")
+    ap.add_argument("--sections", action="store_true",
+                    help="also a table of instructions (barriers, MMAs) before, in and after the loops")
     args = ap.parse_args()
     print(f"Triton {triton.__version__}, sm_{args.arch}, DH={args.dh}, S={args.seq}, bf16, FAST_EXP2")
     print("| kernel | tiles | regs | spill stack B | smem KiB | SASS | MUFU | HGMMA | HMMA | LDL+STL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    sections = {}
     for name in args.kernel:
         tiles = launch.tiles(name, args.dh, args.dh, f"sm{args.arch}")
         tiles.update(_parse_tiles(args.tiles))
@@ -48,8 +53,20 @@ def main():
             print(f"| {name} | {tiles} | failed: {type(err).__name__}: {str(err)[:120]} |")
             continue
         c = r["counts"]
+        sections[name] = r["sections"]
         print(f"| {name} | {tiles} | {r['regs']} | {r['stack']} | {r['smem'] / 1024:.1f} | {sum(c.values())} | "
               f"{c['MUFU']} | {c['HGMMA']} | {c['HMMA']} | {c['LDL'] + c['STL']} |", flush=True)
+    if args.sections:
+        print("\nInstructions (barriers, MMAs) once per program before the loops, per trip of each loop, once after:\n")
+        print("| kernel | before the loops | loops, per trip | after the loops |")
+        print("|---|---|---|---|")
+
+        def cell(sec):
+            return f"{sec['instructions']} ({sec['barriers']} BAR, {sec['mma']} MMA)"
+
+        for name, sec in sections.items():
+            loops = ", ".join(cell(lp) for lp in sec["loops"]) or "none"
+            print(f"| {name} | {cell(sec['prologue'])} | {loops} | {cell(sec['epilogue'])} |")
 
 
 if __name__ == "__main__":

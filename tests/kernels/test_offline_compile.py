@@ -38,6 +38,8 @@ def test_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH, names):
         report = sass_report(compiled)
         counts = report["counts"]
         assert counts["HGMMA"] + counts["HMMA"] > 0, f"{name}: matrix products not on the tensor cores"
+        # the products sit in the key / query loops (what bench/inspect_kernels.py --sections reads)
+        assert any(loop["mma"] for loop in report["sections"]["loops"]), (name, report["sections"])
         if name in ("dkdv_k", "dkdv_v"):  # what the split is for: wgmma at 64-row key tiles, without the one pass's
             # spills (the tuned dk tiles keep an 8-byte stack with Triton 3.8; one pass at 64 rows had 320 bytes)
             assert counts["HGMMA"] > 0 and report["stack"] <= 16, (name, tiles, report["stack"])

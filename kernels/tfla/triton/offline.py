@@ -79,8 +79,38 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
+_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*?(0x[0-9a-f]+)?\s*;", re.M)
+
+
+def sass_sections(sass: str) -> dict:
+    """Where a kernel's instructions stand: before its first loop ("prologue"), in each loop (a backward branch and
+    its target; nested ones counted in the outer) and after the last ("epilogue", trailing padding included), each
+    as {"instructions", "barriers" (BAR.SYNC and the like), "mma" (HGMMA + HMMA)}. A loop's body runs once per trip,
+    the rest once per program: two kernels with alike loops differ by what stands around them."""
+    found = [(int(addr, 16), op, target) for addr, op, target in _INSTRUCTION.findall(sass)]
+    loops = []
+    for addr, op, target in found:
+        if op == "BRA" and target and int(target, 16) < addr:
+            start = int(target, 16)
+            loops = [lp for lp in loops if not (start <= lp[0] and lp[1] <= addr)]  # an outer loop swallows inner ones
+            if not any(lp[0] <= start and addr <= lp[1] for lp in loops):
+                loops.append((start, addr))
+    loops.sort()
+
+    def section(lo, hi):
+        ops = [op for addr, op, _ in found if lo <= addr <= hi]
+        return dict(instructions=len(ops), barriers=sum(op == "BAR" for op in ops),
+                    mma=sum(op in ("HGMMA", "HMMA") for op in ops))
+
+    last = found[-1][0] if found else 0
+    return dict(prologue=section(0, loops[0][0] - 1) if loops else section(0, last),
+                loops=[section(lo, hi) for lo, hi in loops],
+                epilogue=section(loops[-1][1] + 1, last) if loops else section(last + 1, last))
+
+
 def sass_report(compiled) -> dict:
-    """Registers, spill stack and shared memory of a compiled kernel, and its SASS instructions by opcode."""
+    """Registers, spill stack and shared memory of a compiled kernel, its SASS instructions by opcode, and where they
+    stand (sass_sections)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         Path(cubin).write_bytes(compiled.asm["cubin"])
@@ -89,4 +119,4 @@ def sass_report(compiled) -> dict:
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     opcodes = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
     return dict(regs=int(found.group(1)) if found else None, stack=int(found.group(2)) if found else None,
-                smem=compiled.metadata.shared, counts=collections.Counter(opcodes))
+                smem=compiled.metadata.shared, counts=collections.Counter(opcodes), sections=sass_sections(sass))
