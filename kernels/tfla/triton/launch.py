@@ -515,8 +515,7 @@ def mlstm_bwd(
     if mode != "slices":
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-        passes = {"one_pass": (("dkdv", True, True),), "split": (("dkdv_k", True, False), ("dkdv_v", False, True))}
-        for name, do_k, do_v in passes[mode]:
+        for name, do_k, do_v in _DKDV_PASSES[mode]:
             cfg = tiles(name, DQK, DHV, arch, with_states=has_final)
             _launch_tiled(
                 mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
@@ -576,6 +575,8 @@ def one_pass_dkdv(DQK: int, DHV: int, arch: str) -> bool:
 # lists the padded head dims where it beat one pass ("dkdv_split", and "dkdv_split:states" for the variants with a
 # chunk state, tuned apart by `bench/tune_mlstm.py --split`); SPLIT_DKDV, when set (tuner, tests), wins over it.
 SPLIT_DKDV: Optional[bool] = None
+# dkdv_mode -> the launches of mlstm_bwd_dkdv_kernel: (tile key, DO_K, DO_V) each.
+_DKDV_PASSES = {"one_pass": (("dkdv", True, True),), "split": (("dkdv_k", True, False), ("dkdv_v", False, True))}
 
 
 def dkdv_mode(DQK: int, DHV: int, arch: str, *, with_states: bool = False) -> str:
