@@ -31,6 +31,13 @@ chunked --seq, whose kernels carry a chunk state) and the padded dim into "dkdv_
 sequential over the chunks) at a chunked --seq, from the shipped table; winners go under "fwd_state:128:128" (padded
 dims) where they beat the shipped tiles:
     PYTHONPATH=kernels python bench/tune_mlstm.py --state-kernels --dh 96 192 384 512 --seq 4096 --write
+
+--register-caps tries caps on the registers per thread (ptxas .maxnreg, the launch option "maxnreg") on the shipped
+tiles of fwd_h, dq and dkdv at one chunk (--seq <= 1024). A kernel a little over a multiple of the register file
+(65536 per SM) runs one block fewer per SM: on the H200 (Triton 3.6) DH 96's dq took 178 registers, 2 blocks of 4
+warps, and capped at 128 (4 blocks, no spills) it went from 229 to 183 us at S 1024. The cap that wins (or none) is
+written into the shipped entry:
+    PYTHONPATH=kernels python bench/tune_mlstm.py --register-caps --dh 96 192 --seq 1024 --write
 """
 
 from __future__ import annotations
@@ -183,8 +190,9 @@ def merge_into_table(arch: str, tuned: dict, one_pass: dict | None = None, choic
     return path
 
 
-def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256):
-    """Coordinate step: best candidate for one kernel with the others at `current`; returns (best cfg, table rows)."""
+def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256, cands=None):
+    """Coordinate step: best candidate for one kernel with the others at `current` (from `cands`, or candidates());
+    returns (best cfg, table rows)."""
     launch.TILE_OVERRIDES.clear()
     launch.TILE_OVERRIDES.update(current)
     if kernel in ("fwd_h", "fwd_state"):
@@ -203,7 +211,7 @@ def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256):
         ref, base_ms = None, float("inf")
     rows, best, best_ms = [], None, base_ms
     t_start = time.time()
-    for cfg in candidates(kernel, dh, max_output_slice):
+    for cfg in cands if cands is not None else candidates(kernel, dh, max_output_slice):
         if time.time() - t_start > budget_s:
             log(f"  {kernel} DH={dh}: budget of {budget_s}s spent; {len(rows)} candidates tried")
             break
@@ -244,6 +252,9 @@ def main():
                     help="tune the chunk-state variants with head-dim pieces against their padded tiles (see above)")
     ap.add_argument("--split", action="store_true",
                     help="tune the split dk + dv pass against the shipped backward (see above)")
+    ap.add_argument("--register-caps", type=int, nargs="*", metavar="REGS",
+                    help="try these register caps (e.g. 128 168; none given: 128 168) and none on the shipped tiles "
+                         "(see above)")
     ap.add_argument("--state-kernels", action="store_true",
                     help="tune the chunk-state kernels fwd_state and bwd_state (see above)")
     args = ap.parse_args()
@@ -253,6 +264,8 @@ def main():
         return tune_split(args)
     if args.state_kernels:
         return tune_state_kernels(args)
+    if args.register_caps is not None:
+        return tune_register_caps(args)
 
     log = Log()
     S = args.seq
@@ -447,6 +460,32 @@ def tune_state_kernels(args) -> None:
         result["dims"][dh] = entry
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
     log(f"state-kernel tiles for {arch}: " + json.dumps(tuned, indent=1))
+    _report(args, log, arch, result, tuned)
+
+
+def tune_register_caps(args) -> None:
+    """--register-caps: see the module docstring."""
+    log, S, B, arch, result = _start_from_shipped(args, "register caps on the shipped tiles")
+    if function.default_chunk_size(S) < S:
+        raise SystemExit(f"--register-caps tunes the one-chunk kernels: S={S} is chunked; use --seq 1024 or less")
+    caps = args.register_caps or [128, 168]
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False
+    tuned = {}
+    for dh in args.dh:
+        x = mlstm_inputs(B, args.heads, S, dh)
+        entry = {}
+        for kernel in [k for k in ("fwd_h", "dq", "dkdv") if k in args.kernels]:
+            if kernel == "dkdv" and launch.dkdv_mode(dh, dh, arch) != "one_pass":
+                continue
+            shipped = {k: v for k, v in launch.tiles(kernel, dh, dh, arch).items() if k != "maxnreg"}
+            cands = [dict(shipped, maxnreg=cap) for cap in caps] + [shipped]
+            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, {}, args.budget_s, log, cands=cands)
+            entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
+            if best is not None:
+                tuned[table_key(kernel, dh)] = best
+        result["dims"][dh] = entry
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+    log(f"register caps for {arch}: " + json.dumps(tuned, indent=1))
     _report(args, log, arch, result, tuned)
 
 

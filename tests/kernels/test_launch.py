@@ -135,6 +135,37 @@ def test_head_dim_pieces_cover_the_dim_with_less_padding(d, want):
     assert first + second >= d and first + second <= launch._pow2(d)
 
 
+def test_register_cap_travels_from_the_table_to_the_launch(monkeypatch):
+    """A "maxnreg" in a tuned entry (bench/tune_mlstm.py --register-caps) is a Triton launch option: tiles() returns
+    it with that entry's tiles only, the launch passes it on, and a shrink after an out-of-resources failure keeps
+    it."""
+    monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
+    monkeypatch.setattr(launch, "TILE_OVERRIDES", {})
+    monkeypatch.setattr(launch, "_SHRUNK_TILES", {})
+    launch.reset_tile_caches("sm90", {"dq:96:96": dict(BT=64, BS=32, num_warps=4, num_stages=3, maxnreg=128)})
+    try:
+        cfg = launch.tiles("dq", 96, 96, "sm90")
+        assert (cfg["maxnreg"], cfg["BKO"], cfg["BKO2"]) == (128, 64, 32)
+        assert "maxnreg" not in launch.tiles("dq", 128, 128, "sm90")
+        assert "maxnreg" not in launch.tiles("fwd_h", 96, 96, "sm90")
+        calls = []
+
+        class RecordingKernel:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    calls.append(kwargs)
+                    if len(calls) == 1:
+                        raise OutOfResources(240000, 232448, "shared memory")
+                return run
+
+        with pytest.warns(UserWarning, match="do not fit this GPU"):
+            launch._launch_tiled(RecordingKernel(), lambda t: (1,), cfg, DQK=96)
+        assert [c["maxnreg"] for c in calls] == [128, 128]
+        assert [c["num_stages"] for c in calls] == [3, 2]
+    finally:
+        launch.reset_tile_caches()
+
+
 def test_pieces_replace_widths_and_one_program_covers_the_head_dim(monkeypatch):
     monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
     monkeypatch.setattr(launch, "TILE_OVERRIDES", {})

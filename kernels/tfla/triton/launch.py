@@ -209,6 +209,10 @@ def head_dim_piece_tiles(kernel: str, DQK: int, DHV: int) -> dict:
 
 # Measured choices that replace the defaults: tuned_tiles.json beside this file, written by bench/tune_mlstm.py
 # --write, maps a GPU architecture ("sm90") to {"kernel:DQK:DHV" (padded dims): tiles}. Other GPUs get the defaults.
+# Tiles are constexprs plus Triton's launch options num_warps, num_stages and maxnreg: a cap on the registers per thread
+# (ptxas .maxnreg) where one block fewer per SM fit without it. DH 96's dq took 178 registers on the H200 (Triton 3.6),
+# 2 blocks of 4 warps per SM; capped at 128, 4 blocks, 229 -> 183 us at S 1024 (bench/tune_mlstm.py --register-caps,
+# bench/results/register_caps_h200.md).
 TUNED_TILES_FILE = Path(__file__).with_name("tuned_tiles.json")
 _tuned_cache: dict[str, dict] = {}
 _tiles_cache: dict[tuple, dict] = {}  # (kernel, DQK, DHV, arch, overrides) -> resolved tiles
