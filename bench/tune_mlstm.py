@@ -33,10 +33,10 @@ dims) where they beat the shipped tiles:
     PYTHONPATH=kernels python bench/tune_mlstm.py --state-kernels --dh 96 192 384 512 --seq 4096 --write
 
 --register-caps tries caps on the registers per thread (ptxas .maxnreg, the launch option "maxnreg") on the shipped
-tiles of fwd_h, dq and dkdv at one chunk (--seq <= 1024). A kernel a little over a multiple of the register file
-(65536 per SM) runs one block fewer per SM: on the H200 (Triton 3.6) DH 96's dq took 178 registers, 2 blocks of 4
-warps, and capped at 128 (4 blocks, no spills) it went from 229 to 183 us at S 1024. The cap that wins (or none) is
-written into the shipped entry:
+tiles of fwd_h, dq and the kernels that make dk and dv, at one chunk (--seq <= 1024). A kernel a little over a
+multiple of the register file (65536 per SM) runs one block fewer per SM: on the H200 (Triton 3.6) DH 96's dq took
+178 registers, 2 blocks of 4 warps, and capped at 128 (4 blocks, no spills) it went from 229 to 183 us at S 1024.
+The cap that wins (or none) is written into the entry the shipped tiles came from:
     PYTHONPATH=kernels python bench/tune_mlstm.py --register-caps --dh 96 192 --seq 1024 --write
 """
 
@@ -463,6 +463,10 @@ def tune_state_kernels(args) -> None:
     _report(args, log, arch, result, tuned)
 
 
+# launch.dkdv_mode -> the kernels that make dk and dv in the shipped backward
+_KEY_SIDE_KERNELS = {"one_pass": ("dkdv",), "split": ("dkdv_k", "dkdv_v"), "slices": ("dk", "dv")}
+
+
 def tune_register_caps(args) -> None:
     """--register-caps: see the module docstring."""
     log, S, B, arch, result = _start_from_shipped(args, "register caps on the shipped tiles")
@@ -474,15 +478,15 @@ def tune_register_caps(args) -> None:
     for dh in args.dh:
         x = mlstm_inputs(B, args.heads, S, dh)
         entry = {}
-        for kernel in [k for k in ("fwd_h", "dq", "dkdv") if k in args.kernels]:
-            if kernel == "dkdv" and launch.dkdv_mode(dh, dh, arch) != "one_pass":
-                continue
-            shipped = {k: v for k, v in launch.tiles(kernel, dh, dh, arch).items() if k != "maxnreg"}
-            cands = [dict(shipped, maxnreg=cap) for cap in caps] + [shipped]
+        key_side = _KEY_SIDE_KERNELS[launch.dkdv_mode(dh, dh, arch)]
+        for kernel in ("fwd_h", "dq") + key_side:
+            shipped = launch.tiles(kernel, dh, dh, arch)
+            # maxnreg None: no cap (an override without the key would keep the table entry's cap)
+            cands = [dict(shipped, maxnreg=cap) for cap in caps + [None] if cap != shipped.get("maxnreg")]
             best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, {}, args.budget_s, log, cands=cands)
             entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
-            if best is not None:
-                tuned[table_key(kernel, dh)] = best
+            if best is not None:  # the whole entry is replaced: without the key where no cap won
+                tuned[table_key(kernel, dh)] = {k: v for k, v in best.items() if v is not None}
         result["dims"][dh] = entry
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
     log(f"register caps for {arch}: " + json.dumps(tuned, indent=1))

@@ -148,6 +148,10 @@ def test_register_cap_travels_from_the_table_to_the_launch(monkeypatch):
         assert (cfg["maxnreg"], cfg["BKO"], cfg["BKO2"]) == (128, 64, 32)
         assert "maxnreg" not in launch.tiles("dq", 128, 128, "sm90")
         assert "maxnreg" not in launch.tiles("fwd_h", 96, 96, "sm90")
+        monkeypatch.setattr(launch, "PIECES_WITH_STATES", True)  # the states variant reads the same entry
+        launch.reset_tile_caches("sm90", {"dq:96:96": dict(BT=64, BS=32, num_warps=4, num_stages=3, maxnreg=128)})
+        assert "maxnreg" not in launch.tiles("dq", 96, 96, "sm90", with_states=True)  # the cap was measured without
+        assert launch.tiles("dq", 96, 96, "sm90", with_states=True)["BKO2"] == 32
         calls = []
 
         class RecordingKernel:

@@ -275,6 +275,10 @@ def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, 
         cfg.update(table.get(f"{kernel}:{DQK}:{DHV}", {}))
         if with_states:  # and the one tuned for the variant with a chunk state, where there is one
             cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:states", {}))
+    if with_states and "maxnreg" not in table.get(f"{kernel}:{DQK}:{DHV}:states", {}):
+        # A register cap is measured on one variant (bench/tune_mlstm.py --register-caps: one chunk, no states); the
+        # state variants hold more and spilled under DH 96's caps, so they take one only from their own entry.
+        cfg.pop("maxnreg", None)
     overrides = TILE_OVERRIDES.get(kernel, {})
     cfg.update(overrides)
     for key, key2, along_qk in _PIECE_KEYS.get(kernel, ()):
