@@ -32,6 +32,10 @@ sequential over the chunks) at a chunked --seq, from the shipped table; winners 
 dims) where they beat the shipped tiles:
     PYTHONPATH=kernels python bench/tune_mlstm.py --state-kernels --dh 96 192 384 512 --seq 4096 --write
 
+--short tunes the kernels of one short chunk (--seq <= launch.SHORT_CHUNK_ROWS, no states: ViL's 197 tokens) from
+the shipped table and writes the winners as "dkdv:96:96:short"-style entries, which only such calls read:
+    PYTHONPATH=kernels python bench/tune_mlstm.py --short --dh 96 192 --seq 196 --write
+
 --register-caps tries caps on the registers per thread (ptxas .maxnreg, the launch option "maxnreg") on the shipped
 tiles of fwd_h, dq and the kernels that make dk and dv, at one chunk (--seq <= 1024). A kernel a little over a
 multiple of the register file (65536 per SM) runs one block fewer per SM: on the H200 (Triton 3.6) DH 96's dq took
@@ -255,6 +259,8 @@ def main():
     ap.add_argument("--register-caps", type=int, nargs="*", metavar="REGS",
                     help="try these register caps (e.g. 128 168; none given: 128 168) and none on the shipped tiles "
                          "(see above)")
+    ap.add_argument("--short", action="store_true",
+                    help="tune the tiles of one short chunk (--seq <= 256) against the shipped table (see above)")
     ap.add_argument("--state-kernels", action="store_true",
                     help="tune the chunk-state kernels fwd_state and bwd_state (see above)")
     args = ap.parse_args()
@@ -266,6 +272,8 @@ def main():
         return tune_state_kernels(args)
     if args.register_caps is not None:
         return tune_register_caps(args)
+    if args.short:
+        return tune_short(args)
 
     log = Log()
     S = args.seq
@@ -490,6 +498,27 @@ def tune_register_caps(args) -> None:
         result["dims"][dh] = entry
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
     log(f"register caps for {arch}: " + json.dumps(tuned, indent=1))
+    _report(args, log, arch, result, tuned)
+
+
+def tune_short(args) -> None:
+    """--short: see the module docstring."""
+    log, S, B, arch, result = _start_from_shipped(args, "tiles of one short chunk")
+    if not (function.default_chunk_size(S) >= S and S <= launch.SHORT_CHUNK_ROWS):
+        raise SystemExit(f"--short tunes one chunk of at most {launch.SHORT_CHUNK_ROWS} rows; got --seq {S}")
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False
+    tuned = {}
+    for dh in args.dh:
+        x = mlstm_inputs(B, args.heads, S, dh)
+        entry = {}
+        for kernel in ("fwd_h", "dq") + _KEY_SIDE_KERNELS[launch.dkdv_mode(dh, dh, arch)]:
+            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, {}, args.budget_s, log)
+            entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
+            if best is not None:
+                tuned[table_key(kernel, dh) + ":short"] = best
+        result["dims"][dh] = entry
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+    log(f"short-chunk tiles for {arch}: " + json.dumps(tuned, indent=1))
     _report(args, log, arch, result, tuned)
 
 

@@ -170,6 +170,28 @@ def test_register_cap_travels_from_the_table_to_the_launch(monkeypatch):
         launch.reset_tile_caches()
 
 
+def test_short_chunk_entries_apply_to_one_short_chunk_without_states(monkeypatch):
+    """A "kernel:DQK:DHV:short" entry (launch.SHORT_CHUNK_ROWS) changes the tiles of a one-chunk call of at most that
+    many rows without states, on top of the kernel's own entry, and of nothing else."""
+    monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
+    monkeypatch.setattr(launch, "TILE_OVERRIDES", {})
+    launch.reset_tile_caches("sm90", {"dkdv:96:96": dict(BT=32, BS=64, num_warps=4, num_stages=3),
+                                      "dkdv:96:96:short": dict(BT=16),
+                                      "dq:128:128:short": dict(BT=128)})
+    try:
+        short = launch.tiles("dkdv", 96, 96, "sm90", rows=196)
+        assert (short["BT"], short["BS"], short["BK2"]) == (16, 64, 32)
+        assert launch.tiles("dkdv", 96, 96, "sm90", rows=launch.SHORT_CHUNK_ROWS)["BT"] == 16
+        assert launch.tiles("dkdv", 96, 96, "sm90", rows=1024)["BT"] == 32
+        assert launch.tiles("dkdv", 96, 96, "sm90")["BT"] == 32  # chunked: rows 0
+        assert launch.tiles("dkdv", 96, 96, "sm90", rows=196, with_states=True)["BT"] != 16
+        chunked_dq = launch.tiles("dq", 128, 128, "sm90")["BT"]
+        assert chunked_dq != 128 and launch.tiles("dq", 128, 128, "sm90", rows=1024)["BT"] == chunked_dq
+        assert launch.tiles("dq", 128, 128, "sm90", rows=196)["BT"] == 128  # a power of two: the padded key
+    finally:
+        launch.reset_tile_caches()
+
+
 def test_pieces_replace_widths_and_one_program_covers_the_head_dim(monkeypatch):
     monkeypatch.setattr(launch, "HEAD_DIM_PIECES", True)
     monkeypatch.setattr(launch, "TILE_OVERRIDES", {})

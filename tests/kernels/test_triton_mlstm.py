@@ -250,10 +250,15 @@ else:
             for key, cfg in entries.items():
                 if key.startswith(("dkdv_one_pass", "dkdv_split")):
                     continue
-                kernel, dqk, dhv, *states = key.split(":")  # "dkdv_k:192:192:states": a chunk-state variant's
-                launch.reset_tile_caches(arch, {key: cfg})
+                # "dkdv_k:192:192:states": a chunk-state variant's; "dkdv:96:96:short": one short chunk's, on top
+                # of the kernel's own entry, which is resolved with it
+                kernel, dqk, dhv, *qualifier = key.split(":")
+                assert qualifier in ([], ["states"], ["short"]), key
+                base = f"{kernel}:{dqk}:{dhv}"
+                launch.reset_tile_caches(arch, {k: entries[k] for k in (base, key) if k in entries})
                 try:
-                    got = launch.tiles(kernel, int(dqk), int(dhv), arch, with_states=bool(states))
+                    got = launch.tiles(kernel, int(dqk), int(dhv), arch, with_states=qualifier == ["states"],
+                                       rows=196 if qualifier == ["short"] else 0)
                 finally:
                     launch.reset_tile_caches()
                 assert "num_warps" in got and ({"BT", "BS"} & set(got)), key

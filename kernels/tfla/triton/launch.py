@@ -251,21 +251,36 @@ def tuned_tiles(arch: str) -> dict:
     return _tuned_cache[arch]
 
 
-def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu", *, with_states: bool = False) -> dict:
+def tiles(kernel: str, DQK: int, DHV: int, arch: str = "cpu", *, with_states: bool = False, rows: int = 0) -> dict:
     """Meta-parameters of one kernel launch (a fresh dict): defaults, then the tuned table of `arch`, then
     TILE_OVERRIDES. Memoised: this runs on every launch. with_states: the launch takes a chunk state (fwd_h and dq:
-    an entering state, dkdv: a leaving state's gradient); see PIECES_WITH_STATES."""
-    key = (kernel, DQK, DHV, arch, with_states, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
+    an entering state, dkdv: a leaving state's gradient); see PIECES_WITH_STATES. rows: the chunk length, when the
+    call is one chunk of at most SHORT_CHUNK_ROWS rows without states (see there); 0 otherwise."""
+    short = 0 < rows <= SHORT_CHUNK_ROWS and not with_states
+    key = (kernel, DQK, DHV, arch, with_states, short, tuple(sorted(TILE_OVERRIDES.get(kernel, {}).items())))
     if key not in _tiles_cache:
         tuned_for_states = f"{kernel}:{DQK}:{DHV}:states" in tuned_tiles(arch)
         # The split pass's kernels take pieces with states too: they were tuned that way (bench/tune_mlstm.py --split).
         pieces = HEAD_DIM_PIECES and (not with_states or PIECES_WITH_STATES or arch == "cpu" or tuned_for_states
                                       or kernel in ("dkdv_k", "dkdv_v"))
-        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, pieces, with_states)
+        _tiles_cache[key] = _resolve_tiles(kernel, DQK, DHV, arch, pieces, with_states, short)
     return dict(_tiles_cache[key])
 
 
-def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, with_states: bool = False) -> dict:
+# Short sequences (one chunk of at most this many rows, no states: ViL at 224 px has 197) may take their own tiles:
+# "kernel:DQK:DHV:short" entries, on top of the kernel's entry. At DH 96 / S 196 the dk + dv kernel ran faster with
+# 16-row query tiles (173 -> 159 us on the H200) that lost at S 1024 (292 -> 345 us;
+# bench/results/tuning/register_caps_ab2_h200.log).
+SHORT_CHUNK_ROWS = 256
+
+
+def _one_chunk_rows(lay: ChunkLayout) -> int:
+    """The `rows` argument of tiles(): the chunk length of a one-chunk call, 0 for a chunked one."""
+    return lay.L if lay.NC == 1 else 0
+
+
+def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, with_states: bool = False,
+                   short: bool = False) -> dict:
     cfg = _default_tiles(kernel, DQK, DHV)
     table = tuned_tiles(arch)
     cfg.update(table.get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}", {}))
@@ -275,6 +290,9 @@ def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, 
         cfg.update(table.get(f"{kernel}:{DQK}:{DHV}", {}))
         if with_states:  # and the one tuned for the variant with a chunk state, where there is one
             cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:states", {}))
+    if short:  # under the key the kernel's own entry has: exact dims with pieces, padded ones without
+        cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:short" if pieces else f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}:short",
+                             {}))
     if with_states and "maxnreg" not in table.get(f"{kernel}:{DQK}:{DHV}:states", {}):
         # A register cap is measured on one variant (bench/tune_mlstm.py --register-caps: one chunk, no states); the
         # state variants hold more and spilled under DH 96's caps, so they take one only from their own entry.
@@ -418,7 +436,7 @@ def mlstm_fwd(
     dummy = fv
     _launch_tiled(
         mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"] + t["BV2"]), BNH * lay.NC),
-        tiles("fwd_h", DQK, DHV, gpu_arch(q.device), with_states=Cst is not None),
+        tiles("fwd_h", DQK, DHV, gpu_arch(q.device), with_states=Cst is not None, rows=_one_chunk_rows(lay)),
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
@@ -503,7 +521,7 @@ def mlstm_bwd(
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
     common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
 
-    cfg = tiles("dq", DQK, DHV, arch, with_states=Cst is not None)
+    cfg = tiles("dq", DQK, DHV, arch, with_states=Cst is not None, rows=_one_chunk_rows(lay))
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
@@ -524,7 +542,7 @@ def mlstm_bwd(
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
         for name, do_k, do_v in _DKDV_PASSES[mode]:
-            cfg = tiles(name, DQK, DHV, arch, with_states=has_final)
+            cfg = tiles(name, DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay))
             _launch_tiled(
                 mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
                 q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
@@ -533,7 +551,7 @@ def mlstm_bwd(
             )
         return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
 
-    cfg = tiles("dk", DQK, DHV, arch)
+    cfg = tiles("dk", DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay))
     nko_k = _cdiv(DQK, cfg["BKO"])
     dk = _new(k)
     kdk = _row_sums(nko_k, BNH, lay.SP, device=q.device, zeroed=sum_slices)
@@ -545,7 +563,7 @@ def mlstm_bwd(
     dv = _new(v)
     _launch_tiled(
         mlstm_bwd_dv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), _cdiv(DHV, t["BVO"]), BNH * lay.NC),
-        tiles("dv", DQK, DHV, arch),
+        tiles("dv", DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay)),
         q, k, dh, fv, av, mrow, rs, dqn, dcst, dv,
         S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common,
     )
