@@ -11,7 +11,14 @@ instruction count of the inner loop decide their speed, and all three can be rea
 time is spent. Compilation and specialisation: tfla/triton/offline.py. Tiles come from the tuned table of --arch
 (kernels/tfla/triton/tuned_tiles.json) unless --tiles overrides them; the CUDA fast-exp path (FAST_EXP2) is what is
 compiled. --sections adds where the instructions stand: before the first loop, in each loop, after the last
-(tfla/triton/offline.py: sass_sections), which is where two kernels with alike loops differ.
+(tfla/triton/offline.py: sass_sections), which is where two kernels with alike loops differ. "blocks / SM" is how
+many programs the registers and the shared memory let one Hopper SM hold (65536 registers, 227 KiB).
+
+Register counts depend on the Triton version. To read what the GPU machine (Triton 3.6) compiles, put that version
+first on the path; it reproduced the H200's counts exactly in session 10 (dq at DH 96: 178 registers, 2 blocks / SM,
+where Triton 3.8 made 150):
+    python -m pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36:kernels python bench/inspect_kernels.py --dh 96 --seq 1024
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import argparse
 
 import triton
 
-from tfla.triton import launch
+from tfla.triton import function, launch
 from tfla.triton.offline import KERNELS, compile_kernel, sass_report
 
 
@@ -28,6 +35,14 @@ def _parse_tiles(items: list[str]) -> dict:
     """KEY=VALUE items: integers, or True / False for flags such as RELOAD_KV."""
     flags = {"True": True, "False": False}
     return {k: flags[v] if v in flags else int(v) for k, v in (item.split("=") for item in items)}
+
+
+def blocks_per_sm(regs: int, smem: int, num_warps: int) -> int:
+    """Programs one Hopper SM holds at once: registers are granted per warp in units of 256 (8 per thread), from
+    65536; shared memory from 227 KiB, with 1 KiB reserved per block; at most 32 blocks."""
+    by_regs = 65536 // (-(-regs // 8) * 8 * 32 * num_warps)
+    by_smem = (227 * 1024) // (smem + 1024)
+    return min(by_regs, by_smem, 32)
 
 
 def main():
@@ -41,11 +56,12 @@ def main():
                     help="also a table of instructions (barriers, MMAs) before, in and after the loops")
     args = ap.parse_args()
     print(f"Triton {triton.__version__}, sm_{args.arch}, DH={args.dh}, S={args.seq}, bf16, FAST_EXP2")
-    print("| kernel | tiles | regs | spill stack B | smem KiB | SASS | MUFU | HGMMA | HMMA | LDL+STL |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | tiles | regs | spill stack B | smem KiB | blocks / SM | SASS | MUFU | HGMMA | HMMA | LDL+STL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    one_chunk = function.default_chunk_size(args.seq) >= args.seq  # what launch.tiles() is told (short entries)
     sections = {}
     for name in args.kernel:
-        tiles = launch.tiles(name, args.dh, args.dh, f"sm{args.arch}")
+        tiles = launch.tiles(name, args.dh, args.dh, f"sm{args.arch}", rows=args.seq if one_chunk else 0)
         tiles.update(_parse_tiles(args.tiles))
         try:
             r = sass_report(compile_kernel(name, args.dh, args.dh, args.seq, tiles, args.arch))
@@ -54,7 +70,8 @@ def main():
             continue
         c = r["counts"]
         sections[name] = r["sections"]
-        print(f"| {name} | {tiles} | {r['regs']} | {r['stack']} | {r['smem'] / 1024:.1f} | {sum(c.values())} | "
+        print(f"| {name} | {tiles} | {r['regs']} | {r['stack']} | {r['smem'] / 1024:.1f} | "
+              f"{blocks_per_sm(r['regs'], r['smem'], tiles.get('num_warps', 4))} | {sum(c.values())} | "
               f"{c['MUFU']} | {c['HGMMA']} | {c['HMMA']} | {c['LDL'] + c['STL']} |", flush=True)
     if args.sections:
         print("\nInstructions (barriers, MMAs) once per program before the loops, per trip of each loop, once after:\n")
