@@ -4,6 +4,7 @@ Usage (CUDA machine, repo root):
     PYTHONPATH=kernels python bench/bench_mlstm.py --out bench/results/mlstm_h100.md
     PYTHONPATH=kernels python bench/bench_mlstm.py --dh 192 --seq 1024 --no-torch     # one shape, no slow peer
     PYTHONPATH=kernels python bench/bench_mlstm.py --seq 196 --graph   # plus GPU time alone (CUDA-graph replay)
+    PYTHONPATH=kernels python bench/bench_mlstm.py --seq 196 --graph --graph-peers  # and mlstm_kernels' GPU time
     PYTHONPATH=kernels python bench/bench_mlstm.py --unfused --no-torch --dh 96 192 512 --seq 196 1024
 
 The ours_* rows run the op as shipped: the fused kernels (gate bookkeeping and dk+dv in Triton) everywhere.
@@ -131,6 +132,9 @@ def main():
     ap.add_argument("--out", default=None, help="markdown table path; a .png plot and .json are written beside it")
     ap.add_argument("--graph", action="store_true",
                     help="also GPU time alone (CUDA-graph replay, fwd+bwd) of ours (exp) and SDPA causal")
+    ap.add_argument("--graph-peers", action="store_true",
+                    help="with --graph, mlstm_kernels' TFLA kernels too (when installed): a GPU-time ratio to them. "
+                         "Opt-in: a peer that fails inside a graph capture may leave the process unusable")
     args = ap.parse_args()
 
     ext = mlstm_kernels_peers()
@@ -178,7 +182,14 @@ def main():
                 torch.cuda.empty_cache()
             if args.graph:
                 row["graph_fb_ms"] = {name: graph_ms(*impls[name]) for name in ("ours_exp", "sdpa_causal")}
-                torch.cuda.empty_cache()
+                for name in ext if args.graph_peers else ():  # one that cannot be captured is reported
+                    try:
+                        row["graph_fb_ms"][name] = graph_ms(*impls[name])
+                    except Exception as err:
+                        row["graph_fb_ms"][name] = float("nan")
+                        why = f"{type(err).__name__}: {str(err)[:200]}"
+                        meta["peer_errors"][f"{name} CUDA graph DH={DH} S={S}"] = why
+                    torch.cuda.empty_cache()
             if not ext and (DH, S) in TFLA_SIG_ANCHOR:
                 row["tfla_sig"] = (*TFLA_SIG_ANCHOR[(DH, S)], float("nan"))
             elem = B * NH * S * DH * 2
@@ -196,6 +207,7 @@ def main():
             if "graph_fb_ms" in row:
                 g = row["graph_fb_ms"]
                 line += f" | GPU time ours {g['ours_exp']:.3f}, SDPA {g['sdpa_causal']:.3f}"
+                line += "".join(f", {name} {g[name]:.3f}" for name in ("tfla_sig", "tfla_exp") if name in g)
             print(line, flush=True)
             del q, k, v, i, f
             torch.cuda.empty_cache()
@@ -225,16 +237,19 @@ def write_outputs(args, results, meta, with_plot: bool) -> str:
 
 def render_graph(results) -> str:
     lines = [
-        "GPU time alone, fwd+bwd from a CUDA-graph replay (no host launch cost; ours = exp gate). The TFLA anchors are "
-        "wall times and are not comparable with this table.",
+        "GPU time alone, fwd+bwd from a CUDA-graph replay (no host launch cost; ours = exp gate). mlstm_kernels' TFLA "
+        "kernels appear when installed (n/a: not installed or not capturable); the TFLA anchors are wall times and "
+        "are not comparable with this table.",
         "",
-        "| DH | S | B | ours exp ms | SDPA causal ms | x SDPA (GPU time) |",
-        "|---|---|---|---|---|---|",
+        "| DH | S | B | ours exp ms | SDPA causal ms | x SDPA (GPU time) | TFLA sig ms | x TFLA sig (GPU time) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         g = r["graph_fb_ms"]
+        sig = g.get("tfla_sig", float("nan"))
+        sig_cells = "n/a | n/a" if math.isnan(sig) else f"{sig:.3f} | {sig / g['ours_exp']:.2f}"
         lines.append(f"| {r['DH']} | {r['S']} | {r['B']} | {g['ours_exp']:.3f} | {g['sdpa_causal']:.3f} | "
-                     f"{g['sdpa_causal'] / g['ours_exp']:.2f} |")
+                     f"{g['sdpa_causal'] / g['ours_exp']:.2f} | {sig_cells} |")
     return "\n".join(lines) + "\n"
 
 
