@@ -215,7 +215,7 @@ def head_dim_piece_tiles(kernel: str, DQK: int, DHV: int) -> dict:
 # bench/results/register_caps_h200.md).
 TUNED_TILES_FILE = Path(__file__).with_name("tuned_tiles.json")
 _tuned_cache: dict[str, dict] = {}
-_tiles_cache: dict[tuple, dict] = {}  # (kernel, DQK, DHV, arch, overrides) -> resolved tiles
+_tiles_cache: dict[tuple, dict] = {}  # (kernel, DQK, DHV, arch, with_states, short, overrides) -> resolved tiles
 # Set by bench/tune_mlstm.py and by tests to try other tiles: kernel -> entries that win over everything else.
 TILE_OVERRIDES: dict[str, dict] = {}
 _QUERY_SIDE = ("fwd_h", "dq")
