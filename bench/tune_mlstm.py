@@ -475,30 +475,42 @@ def tune_state_kernels(args) -> None:
 _KEY_SIDE_KERNELS = {"one_pass": ("dkdv",), "split": ("dkdv_k", "dkdv_v"), "slices": ("dk", "dv")}
 
 
-def tune_register_caps(args) -> None:
-    """--register-caps: see the module docstring."""
-    log, S, B, arch, result = _start_from_shipped(args, "register caps on the shipped tiles")
-    if function.default_chunk_size(S) < S:
-        raise SystemExit(f"--register-caps tunes the one-chunk kernels: S={S} is chunked; use --seq 1024 or less")
-    caps = args.register_caps or [128, 168]
-    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False
+def _tune_shipped_kernels(args, log, S, B, arch, result, label, key_suffix="", cands_of=None) -> None:
+    """Shared by --register-caps and --short: each head dim's fwd_h, dq and the kernels that make dk and dv in the
+    shipped backward, one at a time against the shipped table (candidates from cands_of(kernel, dh), or the usual
+    list); winners go under the kernel's key plus key_suffix, keys set to None (no cap) left out."""
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False  # a candidate that does not fit fails (and is dropped)
     tuned = {}
     for dh in args.dh:
         x = mlstm_inputs(B, args.heads, S, dh)
         entry = {}
-        key_side = _KEY_SIDE_KERNELS[launch.dkdv_mode(dh, dh, arch)]
-        for kernel in ("fwd_h", "dq") + key_side:
-            shipped = launch.tiles(kernel, dh, dh, arch)
-            # maxnreg None: no cap (an override without the key would keep the table entry's cap)
-            cands = [dict(shipped, maxnreg=cap) for cap in caps + [None] if cap != shipped.get("maxnreg")]
+        for kernel in ("fwd_h", "dq") + _KEY_SIDE_KERNELS[launch.dkdv_mode(dh, dh, arch)]:
+            cands = cands_of(kernel, dh) if cands_of else None
             best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, {}, args.budget_s, log, cands=cands)
             entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
-            if best is not None:  # the whole entry is replaced: without the key where no cap won
-                tuned[table_key(kernel, dh)] = {k: v for k, v in best.items() if v is not None}
+            if best is not None:  # the whole entry is replaced
+                tuned[table_key(kernel, dh) + key_suffix] = {k: v for k, v in best.items() if v is not None}
         result["dims"][dh] = entry
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
-    log(f"register caps for {arch}: " + json.dumps(tuned, indent=1))
+    log(f"{label} for {arch}: " + json.dumps(tuned, indent=1))
     _report(args, log, arch, result, tuned)
+
+
+def tune_register_caps(args) -> None:
+    """--register-caps: see the module docstring. At --seq <= launch.SHORT_CHUNK_ROWS the calls run the short-chunk
+    tiles, so the caps are measured on those and written into the ":short" entries."""
+    log, S, B, arch, result = _start_from_shipped(args, "register caps on the shipped tiles")
+    if function.default_chunk_size(S) < S:
+        raise SystemExit(f"--register-caps tunes the one-chunk kernels: S={S} is chunked; use --seq 1024 or less")
+    caps = args.register_caps or [128, 168]
+
+    def cands_of(kernel, dh):
+        shipped = launch.tiles(kernel, dh, dh, arch, rows=S)
+        # maxnreg None: no cap (an override without the key would keep the table entry's cap)
+        return [dict(shipped, maxnreg=cap) for cap in caps + [None] if cap != shipped.get("maxnreg")]
+
+    suffix = ":short" if S <= launch.SHORT_CHUNK_ROWS else ""
+    _tune_shipped_kernels(args, log, S, B, arch, result, "register caps", suffix, cands_of)
 
 
 def tune_short(args) -> None:
@@ -506,21 +518,7 @@ def tune_short(args) -> None:
     log, S, B, arch, result = _start_from_shipped(args, "tiles of one short chunk")
     if not (function.default_chunk_size(S) >= S and S <= launch.SHORT_CHUNK_ROWS):
         raise SystemExit(f"--short tunes one chunk of at most {launch.SHORT_CHUNK_ROWS} rows; got --seq {S}")
-    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False
-    tuned = {}
-    for dh in args.dh:
-        x = mlstm_inputs(B, args.heads, S, dh)
-        entry = {}
-        for kernel in ("fwd_h", "dq") + _KEY_SIDE_KERNELS[launch.dkdv_mode(dh, dh, arch)]:
-            best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, {}, args.budget_s, log)
-            entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
-            if best is not None:
-                tuned[table_key(kernel, dh) + ":short"] = best
-        result["dims"][dh] = entry
-    launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
-    log(f"short-chunk tiles for {arch}: " + json.dumps(tuned, indent=1))
-    _report(args, log, arch, result, tuned)
-
+    _tune_shipped_kernels(args, log, S, B, arch, result, "short-chunk tiles", ":short")
 
 if __name__ == "__main__":
     main()
