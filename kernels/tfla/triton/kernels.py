@@ -311,6 +311,15 @@ def _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP):
 
 
 @triton.jit
+def _chunk_rows_operands(a_base, b_base, rows, ok, offs_d, d_ok, offs_v, v_ok, RA, RB):
+    """A tile of chunk rows as the two operands of a state's outer-product sum (sum over rows of a_row b_row^T):
+    a transposed, (BD, rows), and b, (rows, BV). The forward states take a = k, b = v; their gradients a = q, b = dh."""
+    a_tr = tl.load(a_base + rows[None, :] * RA + offs_d[:, None], mask=ok[None, :] & d_ok[:, None], other=0.0)
+    b = tl.load(b_base + rows[:, None] * RB + offs_v[None, :], mask=ok[:, None] & v_ok[None, :], other=0.0)
+    return a_tr, b
+
+
+@triton.jit
 def _chunk_kv(acc, acc_n, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok,
               BS: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
     """acc += sum_j e_j k_j v_j^T over chunk c's rows j (a (DQK, DHV) tile), acc_n += sum_j e_j k_j;
@@ -330,10 +339,7 @@ def _chunk_kv(acc, acc_n, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
         f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
         a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
         e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
-        k_tr = tl.load(k_base + s_loc[None, :] * RQK + offs_d[:, None],
-            mask=s_ok[None, :] & d_ok[:, None], other=0.0)
-        v_s = tl.load(v_base + s_loc[:, None] * RHV + offs_v[None, :],
-            mask=s_ok[:, None] & v_ok[None, :], other=0.0)
+        k_tr, v_s = _chunk_rows_operands(k_base, v_base, s_loc, s_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
         kw = k_tr.to(tl.float32) * e[None, :]
         acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
         acc_n += tl.sum(kw, 1)
@@ -485,10 +491,8 @@ def _chunk_q_dh(acc, acc_n, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, 
         rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
         dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
         g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
-        q_tr = tl.load(q_base + t_loc[None, :] * RQK + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
-                       other=0.0).to(tl.float32)
-        dh_t = tl.load(dh_base + t_loc[:, None] * RHV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
-                       other=0.0)
+        q_tr, dh_t = _chunk_rows_operands(q_base, dh_base, t_loc, t_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
+        q_tr = q_tr.to(tl.float32)
         acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
         acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
     return acc, acc_n
