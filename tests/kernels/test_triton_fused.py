@@ -51,7 +51,9 @@ else:
             xs += [rnd(B, NH, DQK, DHV, scale=0.5), rnd(B, NH, DQK, scale=0.5), rnd(B, NH, scale=1.0)]
         return xs
 
-    def _run(fn, xs, gate, normalize, ret, seed, **kw):
+    def _run(fn, xs, gate, normalize, ret, seed, loss_on=("h", "C", "n", "m"), **kw):
+        """Outputs and input gradients of a random linear loss on the outputs named in loss_on (the others get no
+        gradient: the backward sees None for them)."""
         xs = [t.detach().requires_grad_() for t in xs]
         state = MLSTMState(*xs[5:8]) if len(xs) > 5 else None
         out = fn(*xs[:5], gate=gate, normalize=normalize, initial_state=state, return_state=ret, **kw)
@@ -59,7 +61,7 @@ else:
         g = torch.Generator().manual_seed(seed + 7)
         outs = [h] + (list(st) if ret else [])
         loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
-                   for t in outs)
+                   for name, t in zip(("h", "C", "n", "m"), outs) if name in loss_on)
         loss.backward()
         return [t.detach() for t in outs], [x.grad for x in xs]
 
@@ -67,9 +69,10 @@ else:
         a, b = a.double(), b.double()
         return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
 
-    def check(B, NH, S, DQK, DHV, gate, dtype, *, normalize=True, init=False, ret=False, chunk_size=None, seed=0):
+    def check(B, NH, S, DQK, DHV, gate, dtype, *, normalize=True, init=False, ret=False, chunk_size=None, seed=0,
+              loss_on=("h", "C", "n", "m")):
         xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, init)
-        kw = dict(chunk_size=chunk_size)
+        kw = dict(chunk_size=chunk_size, loss_on=loss_on)
         function.FUSED_KERNELS = False
         outs_d, grads_d = _run(mlstm_triton, xs, gate, normalize, ret, seed, **kw)
         function.FUSED_KERNELS = True
@@ -78,8 +81,8 @@ else:
             outs, grads = _run(mlstm_triton, xs, gate, normalize, ret, seed, **kw)
         finally:
             launch.POISON_OUTPUTS = False
-        ref_outs, ref_grads = _run(mlstm_parallel, [t.double() for t in xs], gate, normalize, ret, seed)
-        r32_outs, r32_grads = _run(mlstm_parallel, [t.float() for t in xs], gate, normalize, ret, seed)
+        ref_outs, ref_grads = _run(mlstm_parallel, [t.double() for t in xs], gate, normalize, ret, seed, loss_on)
+        r32_outs, r32_grads = _run(mlstm_parallel, [t.float() for t in xs], gate, normalize, ret, seed, loss_on)
         assert outs[0].dtype == dtype
         pairs = list(zip(["h", "C", "n", "m"], outs, outs_d, ref_outs, r32_outs))
         pairs += [("d" + n, *t) for n, *t in zip(NAMES, grads, grads_d, ref_grads, r32_grads)]
@@ -119,6 +122,12 @@ else:
 
     def test_fused_final_state_without_initial(fused):
         check(1, 1, 37, 16, 16, "exp", torch.float32, ret=True, chunk_size=10, seed=5)
+
+    @pytest.mark.parametrize("loss_on", [("h", "n"), ("h", "C", "m"), ("h",)], ids="+".join)
+    def test_fused_part_of_final_state_gradient(fused, loss_on):
+        """Gradients from only some of the final state's parts: the state kernel starts from the given ones and zeros
+        for the rest (its buffers are not zero-filled, launch.mlstm_bwd), chunked, with an initial state."""
+        check(1, 2, 29, 16, 24, "exp", torch.float32, init=True, ret=True, chunk_size=8, seed=12, loss_on=loss_on)
 
     def test_fused_chunk_size_one(fused):
         check(1, 1, 7, 16, 16, "exp", torch.float32, init=True, ret=True, chunk_size=1, seed=8)

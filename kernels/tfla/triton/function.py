@@ -222,16 +222,24 @@ def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gat
     return tuple(None if g is None else _in_layout(g, token_major and n < 3) for n, g in enumerate(grads))
 
 
-def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, device, needed: bool):
-    """Per-chunk-boundary state gradients [BNH, NC+1, ...], seeded at the end with the final state's gradient."""
+def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, device, needed: bool,
+                        zeroed: bool = True):
+    """Per-chunk-boundary state gradients [BNH, NC+1, ...], seeded at the end with the final state's gradient.
+    zeroed=False where the sequential state kernel writes every boundary (launch.mlstm_bwd): only the seed is set,
+    which skips a fill of the whole buffer (855 MB at DH 512 / S 4096 with the benchmark's 48 heads)."""
     if not needed:
         return None, None
-    dCst = torch.zeros(BNH, lay.NC + 1, DQK, DHV, device=device, dtype=torch.float32)
-    dnst = torch.zeros(BNH, lay.NC + 1, DQK, device=device, dtype=torch.float32)
-    if dC is not None:
-        dCst[:, lay.NC] = _flat(dC[:, :, lay.NC]).float()
-    if dn is not None:
-        dnst[:, lay.NC] = _flat(dn[:, :, lay.NC]).float()
+    new = torch.zeros if zeroed else torch.empty
+    dCst = new(BNH, lay.NC + 1, DQK, DHV, device=device, dtype=torch.float32)
+    dnst = new(BNH, lay.NC + 1, DQK, device=device, dtype=torch.float32)
+    if launch.POISON_OUTPUTS and not zeroed:  # a boundary nobody writes shows as NaN (bench/check_mlstm_gpu.py, tests)
+        dCst.fill_(float("nan"))
+        dnst.fill_(float("nan"))
+    for buffer, seed in ((dCst, dC), (dnst, dn)):
+        if seed is not None:
+            buffer[:, lay.NC] = _flat(seed[:, :, lay.NC]).float()
+        elif not zeroed:
+            buffer[:, lay.NC].zero_()  # read as the final gradient when the other one is given
     return dCst, dnst
 
 
@@ -352,17 +360,19 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     else:  # the dq kernel computes them for its rows: one launch less
         rs, dqn, dm_row = launch._row_sums(3, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
         row_terms = launch.RowTermInputs(_in_layout(h, token_major), qn, dm_row, normalize, exp_gate, eps)
-    dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad)
+    # The sequential state kernel writes every boundary of the state gradients and the shares of A_c (below).
+    kernel_states = state_pass and not launch.PARALLEL_CHUNK_STATES
+    dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad,
+                                     zeroed=not kernel_states)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
-    dq, dk, dv, qdq, kdk = mlstm_bwd(
+    dq, dk, dv, qdq, kdk, A = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
-        row_terms_from=row_terms,
+        row_terms_from=row_terms, state_dots=True,
     )
-    A = None
-    if dCst is not None and keeps:
-        A = (Cf * dCst).sum((-2, -1)) + (nf * dnst).sum(-1)  # [BNH, NC+1]
+    if A is None and dCst is not None and keeps:  # no sequential state pass: A_c in PyTorch, as one share
+        A = ((Cf * dCst).sum((-2, -1)) + (nf * dnst).sum(-1)).unsqueeze(-1)  # [BNH, NC+1, 1]
     dm_final = _flat(dm[:, :, lay.NC]).float().contiguous() if dm is not None else None
     di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, A, dm_final, i, f, lay,
                                          exp_gate=exp_gate, has_init=has_init)

@@ -499,16 +499,31 @@ def _chunk_q_dh(acc, acc_n, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, 
 
 
 @triton.jit
+def _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part):
+    """This program's share of A_c = <C_c, dC_c> + <n_c, dn_c> (what the state at boundary st contributes to the log
+    gates): its tile of the forward state C_c times its tile of the gradient, stored at APART[st, part]; the gate
+    kernel adds up the NPART shares in a fixed order (deterministic, and no [.., DQK, DHV] product in PyTorch)."""
+    c_tile = tl.load(CST + st * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
+    n_c = tl.load(NST + st * DQK + offs_d, mask=n_write, other=0.0)
+    dot = tl.sum(tl.sum(c_tile * acc, 1), 0) + tl.sum(n_c * acc_n, 0)
+    tl.store(APART + st * NPART + part, dot)
+
+
+@triton.jit
 def mlstm_bwd_state_kernel(
-    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST,
+    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST, CST, NST, APART,
     S, L, NC, SP, DQK, DHV, scale,
-    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    NHT: tl.constexpr,
+    HAS_FINAL: tl.constexpr, STATE_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, NHT: tl.constexpr,
 ):
-    """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise)."""
+    """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise). Writes every
+    boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no zero fill.
+    STATE_DOTS: also this tile's shares of A_c (_state_dot_part) for c = 0..NC, from the forward states CST / NST."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
+    part = pid_k * tl.num_programs(1) + pid_v
+    NPART = tl.num_programs(0) * tl.num_programs(1)
     offs_d = pid_k * BK + tl.arange(0, BK)
     d_ok = offs_d < DQK
     offs_v = pid_v * BV + tl.arange(0, BV)
@@ -516,12 +531,17 @@ def mlstm_bwd_state_kernel(
     cv_off = offs_d[:, None] * DHV + offs_v[None, :]
     cv_ok = d_ok[:, None] & v_ok[None, :]
     n_write = d_ok & (pid_v == 0)
+    st = bh * (NC + 1) + NC
     if HAS_FINAL:
-        acc = tl.load(DCST + (bh * (NC + 1) + NC) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
-        acc_n = tl.load(DNST + (bh * (NC + 1) + NC) * DQK + offs_d, mask=d_ok, other=0.0)
+        acc = tl.load(DCST + st * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
+        acc_n = tl.load(DNST + st * DQK + offs_d, mask=d_ok, other=0.0)
     else:
         acc = tl.zeros((BK, BV), dtype=tl.float32)
         acc_n = tl.zeros((BK,), dtype=tl.float32)
+        tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+    if STATE_DOTS:
+        _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)
     for cc in range(0, NC):
         c = NC - 1 - cc
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
@@ -530,6 +550,8 @@ def mlstm_bwd_state_kernel(
         st = bh * (NC + 1) + c
         tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+        if STATE_DOTS:
+            _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)
 
 
 @triton.jit
@@ -976,11 +998,18 @@ def mlstm_bwd_rows_kernel(
 
 
 @triton.jit
+def _state_dot(ACST, st, NPART, BP: tl.constexpr):
+    """A_st from its NPART shares (ACST [BNH, NC + 1, NPART]; see _state_dot_part), added in a fixed order."""
+    offs = tl.arange(0, BP)
+    return tl.sum(tl.load(ACST + st * NPART + offs, mask=offs < NPART, other=0.0), 0)
+
+
+@triton.jit
 def mlstm_gates_bwd_kernel(
     QDQ, KDK, DMROW, FV, AV, MST, ACST, DMF, IG, FG, DI, DF, DM0,
-    S, L, NC, SP, NKO_Q, NKO_K, BNH,
+    S, L, NC, SP, NKO_Q, NKO_K, BNH, NPART,
     EXP_GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_DMF: tl.constexpr, HAS_INIT: tl.constexpr,
-    BL: tl.constexpr,
+    BL: tl.constexpr, BP: tl.constexpr,
 ):
     """One (batch, head) row, chunks in reverse: route dm through the cummax argmax and the chunk max states, add
     the state-transition terms A_c, reverse-cumsum dF inside each chunk, and write di, df (and dm0)."""
@@ -990,7 +1019,7 @@ def mlstm_gates_bwd_kernel(
     if EXP_GATE and HAS_DMF:
         dm_carry += tl.load(DMF + bh).to(tl.float32)
     if EXP_GATE and HAS_A:
-        dm_carry -= tl.load(ACST + bh * (NC + 1) + NC)
+        dm_carry -= _state_dot(ACST, bh * (NC + 1) + NC, NPART, BP)
     for cc in range(0, NC):
         c = NC - 1 - cc
         row0 = c * L
@@ -1022,7 +1051,7 @@ def mlstm_gates_bwd_kernel(
             df_row += dm_eff - route
             da += route
         if HAS_A:
-            df_row += tl.where(is_last, tl.load(ACST + bh * (NC + 1) + c + 1), 0.0)
+            df_row += tl.where(is_last, _state_dot(ACST, bh * (NC + 1) + c + 1, NPART, BP), 0.0)
         dlf = tl.cumsum(tl.where(ok, df_row, 0.0), 0, reverse=True)
         f = tl.load(FG + bh * S + row0 + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(DF + bh * S + row0 + offs, (dlf * tl.sigmoid(-f)).to(DF.dtype.element_ty), mask=ok)
@@ -1034,7 +1063,7 @@ def mlstm_gates_bwd_kernel(
         tl.store(DI + bh * S + row0 + offs, di.to(DI.dtype.element_ty), mask=ok)
     if HAS_INIT:
         if EXP_GATE and HAS_A:
-            tl.store(DM0 + bh, dm_carry + tl.load(ACST + bh * (NC + 1)))
+            tl.store(DM0 + bh, dm_carry + _state_dot(ACST, bh * (NC + 1), NPART, BP))
         else:
             tl.store(DM0 + bh, dm_carry)
 

@@ -488,12 +488,19 @@ def mlstm_bwd(
     sum_slices: bool = True,
     fused_dkdv: bool = False,
     row_terms_from: Optional[RowTermInputs] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    state_dots: bool = False,
+) -> tuple:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
     dk and dv from the one-pass kernel (once, or twice as a split pass) where dkdv_mode() says so. Tiles: see tiles().
     row_terms_from (one chunk, no state pass): rs and dqn are outputs, filled by the dq kernel from these inputs
-    together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch."""
+    together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch.
+    state_dots: return a sixth tensor, the shares [BNH, NC+1, NPART] of A_c = <C_c, dC_c> + <n_c, dn_c> that the
+    sequential state kernel computes (kernels._state_dot_part; mlstm_gates_bwd adds them up), or None where that kernel
+    did not run (no state pass, or PARALLEL_CHUNK_STATES): the caller then computes A itself.
+    dCst / dnst: every boundary is written by the sequential state kernel (index NC is read instead when
+    has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
+    pass need them zeroed."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -501,6 +508,7 @@ def mlstm_bwd(
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     dummy = fv
+    apart = None
     if state_pass:
         cfg = tiles("bwd_state", DQK, DHV, gpu_arch(q.device))
         if PARALLEL_CHUNK_STATES:
@@ -511,10 +519,17 @@ def mlstm_bwd(
             )
             _scan_states(dCst, dnst, fv, mrow, mst, S, lay, DQK, DHV, BNH, has_start=has_final_grad, reverse=True)
         else:
+            # Head-dim tiles never shrink (_smaller), so the grid's state tiles are cfg's.
+            dots = state_dots and Cst is not None
+            if dots:
+                apart = torch.empty(BNH, lay.NC + 1, _cdiv(DQK, cfg["BK"]) * _cdiv(DHV, cfg["BV"]), device=q.device,
+                                    dtype=torch.float32)
             _launch_tiled(
                 mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
-                q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-                HAS_FINAL=has_final_grad, PREC=prec, NHT=nht,
+                q, dh, fv, mrow, rs, dqn, mst, dCst, dnst,
+                Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy,
+                S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
+                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht,
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
@@ -549,7 +564,8 @@ def mlstm_bwd(
                 S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]),
                 DO_K=do_k, DO_V=do_v, **common,
             )
-        return (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
+        out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
+        return (*out, apart) if state_dots else out
 
     cfg = tiles("dk", DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay))
     nko_k = _cdiv(DQK, cfg["BKO"])
@@ -567,9 +583,8 @@ def mlstm_bwd(
         q, k, dh, fv, av, mrow, rs, dqn, dcst, dv,
         S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common,
     )
-    if not sum_slices:
-        return dq, dk, dv, qdq, kdk
-    return dq, dk, dv, qdq.sum(0), kdk.sum(0)
+    out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
+    return (*out, apart) if state_dots else out
 
 
 # Fused paths (the default, see function.FUSED_KERNELS).
@@ -680,7 +695,7 @@ def mlstm_gates_bwd(
     fv: torch.Tensor,
     av: torch.Tensor,
     mst: torch.Tensor,  # [BNH, NC+1]
-    A: Optional[torch.Tensor],  # [BNH, NC+1] <C_c, dC_c> + <n_c, dn_c>
+    A: Optional[torch.Tensor],  # [BNH, NC+1, NPART]: A_c = <C_c, dC_c> + <n_c, dn_c> in NPART shares (or one)
     dm_final: Optional[torch.Tensor],  # [BNH] gradient of the final max state
     i: torch.Tensor,  # [BNH, S]
     f: torch.Tensor,  # [BNH, S]
@@ -695,10 +710,11 @@ def mlstm_gates_bwd(
     di, df = torch.empty_like(i), torch.empty_like(f)
     dm0 = _row_sums(BNH, device=i.device, zeroed=False)  # written for every row when has_init; unread otherwise
     BL = _pow2(lay.L)
+    nparts = A.shape[-1] if A is not None else 1
     mlstm_gates_bwd_kernel[(BNH,)](
         qdq, kdk, dm_row, fv, av, mst, A if A is not None else fv, dm_final if dm_final is not None else fv,
-        i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH,
+        i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH, nparts,
         EXP_GATE=exp_gate, HAS_A=A is not None, HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL,
-        num_warps=_row_warps(BL),
+        BP=_pow2(nparts), num_warps=_row_warps(BL),
     )
     return di, df, dm0
