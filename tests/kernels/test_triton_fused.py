@@ -159,6 +159,15 @@ else:
         monkeypatch.setattr(launch, "HEAD_DIM_PIECES", pieces)
         check(1, 1, 11, 96, 80, "exp", torch.float32, init=True, ret=True, chunk_size=4, seed=9)
 
+    @pytest.mark.parametrize("group_rows", [32, 16], ids=lambda n: f"group{n}")
+    def test_fused_gate_chunk_groups(fused, monkeypatch, group_rows):
+        """The gate kernels take the chunks in groups (launch.GATE_GROUP_ROWS; chunks of at most 16 rows: 2 or 1 per
+        group here), carrying the max state forward and its gradient backward from group to group: 7 chunks with a
+        short last one, states in and out, both gates."""
+        monkeypatch.setattr(launch, "GATE_GROUP_ROWS", group_rows)
+        check(1, 2, 45, 16, 24, "exp", torch.float32, init=True, ret=True, chunk_size=7, seed=61)
+        check(1, 1, 45, 16, 16, "sig", torch.float32, init=True, ret=True, chunk_size=7, seed=62)
+
     @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
     def test_fused_chunk_states_both_ways(fused, monkeypatch, parallel):
         """Chunk states from one kernel that walks the chunks in sequence, or from every chunk's own product at once
@@ -288,15 +297,18 @@ else:
         for name, a, b in zip(NAMES, grads, grads_d):
             assert _rel(a, b) < 1e-5, name
 
-    def test_fused_gate_vectors_match(fused):
-        """The gate kernel's F, a, mrow and chunk max states against function._gate_vectors."""
+    @pytest.mark.parametrize("group_rows", [2048, 32, 16], ids=lambda n: f"group{n}")
+    def test_fused_gate_vectors_match(fused, monkeypatch, group_rows):
+        """The gate kernel's F, a, mrow and chunk max states against function._gate_vectors: 8 chunks of 6 rows (the
+        last 3), all in one group of chunks, in four groups of two, and one chunk at a time."""
+        monkeypatch.setattr(launch, "GATE_GROUP_ROWS", group_rows)
         g = torch.Generator().manual_seed(1)
         i = torch.randn(3, 45, generator=g).to(DEVICE) * 2
         f = torch.randn(3, 45, generator=g).to(DEVICE) * 3 + 1
         m0 = torch.randn(3, generator=g).to(DEVICE)
         for exp_gate in (True, False):
             for m in (None, m0):
-                lay = launch.chunk_layout(45, 16)
+                lay = launch.chunk_layout(45, 6)
                 want = function._gate_vectors(i, f, m, exp_gate, lay)[:4]
                 got = launch.mlstm_gates_fwd(i, f, m, lay, exp_gate=exp_gate)
                 for name, a, b in zip(["F", "a", "mrow", "mst"], got, want):

@@ -639,6 +639,15 @@ def _row_warps(BL: int) -> int:
     return 4 if BL <= 1024 else 8
 
 
+# The gate kernels take this many chunk rows at once (CB chunks of BL rows, CB a power of two): a few chunks' worth of
+# per-row vectors per program, which stays in registers at 8 warps. Tests lower it to get several groups.
+GATE_GROUP_ROWS = 2048
+
+
+def _gate_chunks_per_group(lay: ChunkLayout, BL: int) -> int:
+    return max(1, min(_pow2(lay.NC, lo=1), GATE_GROUP_ROWS // BL))
+
+
 def mlstm_gates_fwd(
     i: torch.Tensor,  # [BNH, S] input-gate pre-activations
     f: torch.Tensor,  # [BNH, S] forget-gate pre-activations
@@ -655,10 +664,11 @@ def mlstm_gates_fwd(
     av, mrow = torch.empty_like(fv), torch.empty_like(fv)
     mst = torch.empty(*lead, lay.NC + 1, device=i.device, dtype=torch.float32)
     BL = _pow2(lay.L)
+    CB = _gate_chunks_per_group(lay, BL)
     mlstm_gates_fwd_kernel[(BNH,)](
         i.contiguous(), f.contiguous(), m0.contiguous() if m0 is not None else fv, fv, av, mrow, mst,
         lay.S, lay.L, lay.NC, lay.SP,
-        EXP_GATE=exp_gate, HAS_M0=m0 is not None, BL=BL, num_warps=_row_warps(BL),
+        EXP_GATE=exp_gate, HAS_M0=m0 is not None, BL=BL, CB=CB, num_warps=_row_warps(CB * BL),
     )
     return fv, av, mrow, mst
 
@@ -711,10 +721,11 @@ def mlstm_gates_bwd(
     dm0 = _row_sums(BNH, device=i.device, zeroed=False)  # written for every row when has_init; unread otherwise
     BL = _pow2(lay.L)
     nparts = A.shape[-1] if A is not None else 1
+    CB = _gate_chunks_per_group(lay, BL)
     mlstm_gates_bwd_kernel[(BNH,)](
         qdq, kdk, dm_row, fv, av, mst, A if A is not None else fv, dm_final if dm_final is not None else fv,
         i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH, nparts,
         EXP_GATE=exp_gate, HAS_A=A is not None, HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL,
-        BP=_pow2(nparts), num_warps=_row_warps(BL),
+        BP=_pow2(nparts), CB=CB, num_warps=_row_warps(CB * BL),
     )
     return di, df, dm0
