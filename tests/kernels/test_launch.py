@@ -255,3 +255,27 @@ def test_a_tuned_state_entry_gives_the_state_variant_pieces_and_its_tiles(monkey
         assert not launch.tiles("fwd_h", 96, 96, "sm90", with_states=True)["BK2"]  # no entry: padded
     finally:
         launch.reset_tile_caches()
+
+
+def test_tuner_keeps_the_current_tiles_when_a_candidate_wins_by_noise(monkeypatch):
+    """bench/tune_mlstm.py writes a candidate only where it beats the current tiles by more than MIN_GAIN (1 %): a
+    0.5 % "win" is measurement noise and must not become a table entry; a 2 % one must."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    tune_mlstm = pytest.importorskip("tune_mlstm")
+    monkeypatch.setattr(tune_mlstm, "fwd", lambda x, S: [torch.ones(3)] * 5)  # the kernel's outputs, all equal
+
+    def run(times, cands):
+        it = iter(times)
+        monkeypatch.setattr(tune_mlstm, "gpu_ms", lambda step: next(it))  # current first, then each candidate
+        return tune_mlstm.tune_kernel("fwd_h", 96, 196, None, {}, 60, lambda msg: None, cands=cands)
+
+    best, base_ms, best_ms, rows = run([1.0, 0.995, 0.9999], [{"BT": 32}, {"BT": 16}])
+    assert best is None and best_ms == base_ms == 1.0 and len(rows) == 2
+    best, _, best_ms, _ = run([1.0, 0.995, 0.98], [{"BT": 32}, {"BT": 16}])
+    assert best == {"BT": 16} and best_ms == 0.98
+    sys.modules.pop("tune_mlstm", None)
