@@ -123,7 +123,7 @@ else:
     def test_fused_final_state_without_initial(fused):
         check(1, 1, 37, 16, 16, "exp", torch.float32, ret=True, chunk_size=10, seed=5)
 
-    @pytest.mark.parametrize("loss_on", [("h", "n"), ("h", "C", "m"), ("h",)], ids="+".join)
+    @pytest.mark.parametrize("loss_on", [("h", "n"), ("h", "C", "m"), ("h", "m"), ("h",)], ids="+".join)
     def test_fused_part_of_final_state_gradient(fused, loss_on):
         """Gradients from only some of the final state's parts: the state kernel starts from the given ones and zeros
         for the rest (its buffers are not zero-filled, launch.mlstm_bwd), chunked, with an initial state."""

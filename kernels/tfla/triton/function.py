@@ -223,10 +223,11 @@ def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gat
 
 
 def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, device, needed: bool,
-                        zeroed: bool = True):
+                        zeroed: bool = True, final_read: bool = True):
     """Per-chunk-boundary state gradients [BNH, NC+1, ...], seeded at the end with the final state's gradient.
     zeroed=False where the sequential state kernel writes every boundary (launch.mlstm_bwd): only the seed is set,
-    which skips a fill of the whole buffer (855 MB at DH 512 / S 4096 with the benchmark's 48 heads)."""
+    which skips a fill of the whole buffer (855 MB at DH 512 / S 4096 with the benchmark's 48 heads). The kernel
+    reads the seed row when any final-state gradient is given (final_read); a part without one is then zeroed."""
     if not needed:
         return None, None
     new = torch.zeros if zeroed else torch.empty
@@ -238,8 +239,8 @@ def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, 
     for buffer, seed in ((dCst, dC), (dnst, dn)):
         if seed is not None:
             buffer[:, lay.NC] = _flat(seed[:, :, lay.NC]).float()
-        elif not zeroed:
-            buffer[:, lay.NC].zero_()  # read as the final gradient when the other one is given
+        elif not zeroed and final_read:
+            buffer[:, lay.NC].zero_()
     return dCst, dnst
 
 
@@ -363,7 +364,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     # The sequential state kernel writes every boundary of the state gradients and the shares of A_c (below).
     kernel_states = state_pass and not launch.PARALLEL_CHUNK_STATES
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad,
-                                     zeroed=not kernel_states)
+                                     zeroed=not kernel_states, final_read=has_final_grad)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
     dq, dk, dv, qdq, kdk, A = mlstm_bwd(
