@@ -938,8 +938,9 @@ def mlstm_gates_fwd_kernel(
     """One (batch, head) row: F (chunk cumsum of logsigmoid f), a, the cummax M, the chunk max states, mrow.
     CB chunks at once ([CB, BL] tiles): everything inside a chunk is independent of the other chunks except the max
     state entering it, which a scan over the group's chunk maps (_max_plus) gives; only that scalar is carried from
-    group to group. At S = 4096 with chunks of 256 a program walked 16 chunks one after another (25 us for 48 rows on
-    the H200, bench/results/profile_mlstm_kernels_s4096_h200.log)."""
+    group to group. At S = 4096 with chunks of 256 a program walked 16 chunks one after another: 25 us for 48 rows on
+    the H200 (bench/results/profile_mlstm_kernels_s4096_h200.log), 8.6 us in groups of 8
+    (bench/results/session11/profile_s4096_dh96_h200.log)."""
     bh = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BL)[None, :]
     cidx = tl.arange(0, CB)
