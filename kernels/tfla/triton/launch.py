@@ -215,7 +215,8 @@ def head_dim_piece_tiles(kernel: str, DQK: int, DHV: int) -> dict:
 # bench/results/register_caps_h200.md).
 TUNED_TILES_FILE = Path(__file__).with_name("tuned_tiles.json")
 _tuned_cache: dict[str, dict] = {}
-_tiles_cache: dict[tuple, dict] = {}  # (kernel, DQK, DHV, arch, with_states, short, overrides) -> resolved tiles
+# (kernel, DQK, DHV, arch, with_states, short, overrides) -> resolved tiles; also dkdv_mode's answers
+_tiles_cache: dict[tuple, object] = {}
 # Set by bench/tune_mlstm.py and by tests to try other tiles: kernel -> entries that win over everything else.
 TILE_OVERRIDES: dict[str, dict] = {}
 _QUERY_SIDE = ("fwd_h", "dq")
@@ -622,7 +623,15 @@ _DKDV_PASSES = {"one_pass": (("dkdv", True, True),), "split": (("dkdv_k", True, 
 
 def dkdv_mode(DQK: int, DHV: int, arch: str, *, with_states: bool = False) -> str:
     """Where the fused backward's dk and dv come from: "one_pass", "split" (see SPLIT_DKDV) or "slices" (the dk and
-    dv kernels, which slice the output head dim: any width)."""
+    dv kernels, which slice the output head dim: any width). Memoised with the tiles (reset_tile_caches): it runs
+    on every backward, where small shapes are bound by the host (bench/results/session11/host_timeline_h200.log)."""
+    key = ("dkdv_mode", DQK, DHV, arch, with_states, SPLIT_DKDV, ONE_PASS_DKDV)
+    if key not in _tiles_cache:
+        _tiles_cache[key] = _dkdv_mode(DQK, DHV, arch, with_states)
+    return _tiles_cache[key]
+
+
+def _dkdv_mode(DQK: int, DHV: int, arch: str, with_states: bool) -> str:
     widest = max(_pow2(DQK), _pow2(DHV))
     if widest > ONE_PASS_DKDV_MAX_HEAD_DIM:
         return "slices"
