@@ -54,3 +54,35 @@ def test_token_major_variants_compile_for_sm90():
         tiles = dict(launch.tiles(name, 96, 96, "sm90"), NHT=4)
         compiled = compile_kernel(name, 96, 96, 196, tiles, arch=90)
         assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, name
+
+
+@pytest.mark.parametrize("exp_gate", [True, False], ids=["exp", "sig"])
+def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
+    """The gate kernels over groups of chunks (2-D scans along both axes: S = 4096 in chunks of 256, eight chunks a
+    group) and one chunk of 1024 rows, and the backward state kernel with its shares of A_c: compilable for sm_90,
+    the gate kernels without real spills (Triton 3.8 keeps an 8-byte stack in the grouped sig-gate backward; 3.6, the
+    H200's, none: 120 registers)."""
+    from tfla.triton import kernels as K
+    from tfla.triton.offline import compile_launch, sass_report
+
+    S, L = 4096, 256
+    lay = launch.chunk_layout(S, L)
+    BL = launch._pow2(L)
+    CB = launch._gate_chunks_per_group(lay, BL)
+    assert CB == 8
+    ints = dict(S=S, L=L, NC=lay.NC, SP=lay.SP, NKO_Q=2, NKO_K=1, BNH=48, NPART=6)
+    for cb, bl, ints_ in ((CB, BL, ints), (1, 1024, dict(ints, S=1024, L=1024, NC=1, SP=1024))):
+        warps = launch._row_warps(cb * bl)
+        fwd = compile_launch(K.mlstm_gates_fwd_kernel, dict(EXP_GATE=exp_gate, HAS_M0=True, BL=bl, CB=cb), ints_,
+                             dict(num_warps=warps))
+        bwd = compile_launch(K.mlstm_gates_bwd_kernel, dict(EXP_GATE=exp_gate, HAS_A=True, HAS_DMF=True,
+                                                            HAS_INIT=True, BL=bl, BP=16, CB=cb), ints_,
+                             dict(num_warps=warps))
+        for name, compiled in (("gates_fwd", fwd), ("gates_bwd", bwd)):
+            assert sass_report(compiled)["stack"] <= 16, (name, cb, bl)
+    tiles = launch.tiles("bwd_state", 96, 96, "sm90")
+    consts = dict(HAS_FINAL=False, STATE_DOTS=True, PREC="tf32", NHT=1,
+                  **{k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")})
+    compiled = compile_launch(K.mlstm_bwd_state_kernel, consts, dict(S=S, L=L, NC=lay.NC, SP=lay.SP, DQK=96, DHV=96),
+                              dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]))
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK

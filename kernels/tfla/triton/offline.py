@@ -54,7 +54,14 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     consts.update({k: v for k, v in tiles.items() if k not in options})
     if name.startswith("dkdv"):
         consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
-    ints = dict(S=S, L=S, NC=1, SP=S)
+    return compile_launch(fn, consts, dict(S=S, L=S, NC=1, SP=S), options, arch=arch, dtype=dtype)
+
+
+def compile_launch(fn, consts: dict, ints: dict, options: dict, arch: int = 90, dtype: str = "bf16"):
+    """Any kernel of kernels.py compiled as a launch with these constexprs and integer arguments (their values) would
+    be: the other float arguments fp32 scalars, pointers 16-byte aligned (half precision for q, k, v, h and their
+    gradients, float32 otherwise)."""
+    consts = dict(consts)
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
         if arg in consts:
