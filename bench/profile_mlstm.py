@@ -2,7 +2,7 @@
 step replayed from a CUDA graph (no host cost at all).
 
 Usage: PYTHONPATH=kernels python bench/profile_mlstm.py 96:196 512:196 192:1024 192:4096 [--gate exp] [--table]
-       [--cprofile] [--launch-floor] [--host-split]
+       [--cprofile] [--launch-floor] [--host-split] [--host-timeline]
 
 Per shape it prints: wall ms of one fwd+bwd (do_bench), host ms to issue one step (no synchronisation; if this is
 close to the wall time, the step is launch-bound, not GPU-bound), CUDA-graph replay ms (GPU time alone), and with
@@ -10,6 +10,8 @@ close to the wall time, the step is launch-bound, not GPU-bound), CUDA-graph rep
 first prints the host cost of launching an empty Triton kernel with as many arguments as ours, and of small torch
 calls, on this machine: the floor under any Triton op's host time. --host-split splits one fwd+bwd's host time into the
 Triton launches and everything else (PyTorch glue, allocations, autograd), with SDPA's host time beside it.
+--host-timeline times each Triton launch where it happens inside the step (a launch cost the H200's host about three
+times as much there as re-issued in a loop: bench/results/session11/host_timeline_h200.log).
 """
 
 import argparse
@@ -134,6 +136,68 @@ def host_split(DH: int, S: int, gate: str) -> None:
           f"({names}) | {gpu:.0f} | {sdpa:.0f} |", flush=True)
 
 
+def host_timeline(DH: int, S: int, gate: str) -> None:
+    """Two lines: host us of one eager fwd+bwd (as shipped, and once more with every Triton launch timed where it
+    runs), of the forward alone with and without autograd, with the launches stubbed, and SDPA causal's fwd+bwd;
+    then each kernel's launch us inside the step."""
+    import collections
+
+    from triton.runtime.jit import JITFunction
+
+    B, NH = max(1, round(50_000 / S)), 4
+    q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
+    leaves = (q, k, v, i, f)
+
+    def step():
+        mlstm_triton(q, k, v, i, f, gate=gate).backward(dh)
+
+    def fwd_no_grad():
+        with torch.no_grad():
+            mlstm_triton(q, k, v, i, f, gate=gate)
+
+    for _ in range(5):
+        step()
+    shipped = _median_issue_us(step, leaves, n=30, reps=7)
+    fwd_only = _median_issue_us(lambda: mlstm_triton(q, k, v, i, f, gate=gate), leaves, n=30, reps=7)
+    no_grad = _median_issue_us(fwd_no_grad, (), n=30, reps=7)
+    real_run = JITFunction.run
+    spent, n = collections.defaultdict(float), 30
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = real_run(self, *args, **kwargs)
+        spent[self.fn.__name__] += time.perf_counter() - t0
+        return out
+
+    JITFunction.run = timed
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for x in leaves:
+                x.grad = None
+            step()
+        in_context = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        JITFunction.run = lambda self, *args, **kwargs: None
+        stubbed = _median_issue_us(step, leaves, n=30, reps=7)
+    finally:
+        JITFunction.run = real_run
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+    def sdpa_step():
+        torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(dh)
+
+    for _ in range(3):
+        sdpa_step()
+    sdpa = _median_issue_us(sdpa_step, (qs, ks, vs), n=30, reps=7)
+    print(f"DH {DH} S {S}: host us fwd+bwd {shipped:.0f} (timed-in-context run {in_context:.0f}); fwd with grad "
+          f"{fwd_only:.0f}; fwd no_grad {no_grad:.0f}; launches stubbed {stubbed:.0f}; SDPA fwd+bwd {sdpa:.0f}")
+    per_launch = {name.replace("mlstm_", "").replace("_kernel", ""): us / n * 1e6 for name, us in spent.items()}
+    print("   in-context launch us: " + ", ".join(f"{name} {us:.0f}" for name, us in per_launch.items())
+          + f"; sum {sum(per_launch.values()):.0f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("shapes", nargs="*", default=["96:196"], help="DH:S")
@@ -143,7 +207,14 @@ def main():
     ap.add_argument("--launch-floor", action="store_true", help="first time an empty Triton launch on this machine")
     ap.add_argument("--host-split", action="store_true",
                     help="only the split of the host time: Triton launches vs the rest, per shape (see host_split)")
+    ap.add_argument("--host-timeline", action="store_true",
+                    help="only the host time per launch inside the step, per shape (see host_timeline)")
     args = ap.parse_args()
+    if args.host_timeline:
+        for spec in args.shapes:
+            for gate in args.gate:
+                host_timeline(*map(int, spec.split(":")), gate)
+        return
     if args.launch_floor:
         launch_floor()
     if args.host_split:
