@@ -24,7 +24,11 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from mlstm_bench_utils import cuda_graph_ms, mlstm_inputs
-from tfla.triton import mlstm_triton
+from tfla.triton import launch, mlstm_triton
+
+
+def _short_name(kernel) -> str:
+    return kernel.fn.__name__.replace("mlstm_", "").replace("_kernel", "")
 
 
 @triton.jit
@@ -55,6 +59,8 @@ def launch_floor(n: int = 2000) -> None:
     rows = [
         ("empty Triton kernel, 18 args + 10 constexprs", per_call_us(lambda: _empty_kernel[(4, 1, 1020)](
             *args, **consts, num_warps=4, num_stages=2))),
+        ("the same through tfla's direct_launch", per_call_us(lambda: launch.direct_launch(
+            _empty_kernel, (4, 1, 1020), *args, **consts, num_warps=4, num_stages=2))),
         ("torch.empty(255*4, 196, 96, bf16)", per_call_us(lambda: torch.empty(1020, 196, 96, device="cuda",
                                                                              dtype=torch.bfloat16))),
         ("x.add_(1) on 1024 floats", per_call_us(lambda: x.add_(1))),
@@ -85,8 +91,6 @@ def host_split(DH: int, S: int, gate: str) -> None:
     """One row: host us of fwd+bwd as shipped; the same with every Triton launch replaced by a no-op (what the
     PyTorch side costs); the Triton launches per step and their host cost each (re-issued with the recorded
     arguments); the GPU time (CUDA graph); and SDPA causal's host us for the same fwd+bwd."""
-    from triton.runtime.jit import JITFunction
-
     B, NH = max(1, round(50_000 / S)), 4
     q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
     leaves = (q, k, v, i, f)
@@ -100,27 +104,27 @@ def host_split(DH: int, S: int, gate: str) -> None:
     gpu = cuda_graph_ms(step, leaves) * 1e3
 
     recorded = []
-    real_run = JITFunction.run
+    real_launch = launch.direct_launch
 
-    def record(self, *args, **kwargs):
-        recorded.append((self, args, kwargs))
-        return real_run(self, *args, **kwargs)
+    def record(kernel, grid, *args, **kwargs):
+        recorded.append((kernel, grid, args, kwargs))
+        return real_launch(kernel, grid, *args, **kwargs)
 
-    JITFunction.run = record
+    launch.direct_launch = record
     try:
         step()
     finally:
-        JITFunction.run = real_run
+        launch.direct_launch = real_launch
     torch.cuda.synchronize()
     per_launch = []
-    for fn_, args, kwargs in recorded:
-        per_launch.append(_median_issue_us(lambda: real_run(fn_, *args, **kwargs), (), n=40))
+    for kernel, grid, args, kwargs in recorded:
+        per_launch.append(_median_issue_us(lambda: real_launch(kernel, grid, *args, **kwargs), (), n=40))
 
-    JITFunction.run = lambda self, *args, **kwargs: None
+    launch.direct_launch = lambda *args, **kwargs: None
     try:
         no_launch = _median_issue_us(step, leaves)
     finally:
-        JITFunction.run = real_run
+        launch.direct_launch = real_launch
 
     qs, ks, vs, dhs = (x.detach().clone().requires_grad_(x is not dh) for x in (q, k, v, dh))
 
@@ -130,8 +134,7 @@ def host_split(DH: int, S: int, gate: str) -> None:
     for _ in range(3):
         sdpa_step()
     sdpa = _median_issue_us(sdpa_step, (qs, ks, vs))
-    names = ", ".join(f"{fn_.fn.__name__.replace('mlstm_', '').replace('_kernel', '')} {us:.0f}"
-                      for (fn_, _, _), us in zip(recorded, per_launch))
+    names = ", ".join(f"{_short_name(kernel)} {us:.0f}" for (kernel, _, _, _), us in zip(recorded, per_launch))
     print(f"| {DH} | {S} | {gate} | {shipped:.0f} | {no_launch:.0f} | {len(recorded)} | {sum(per_launch):.0f} "
           f"({names}) | {gpu:.0f} | {sdpa:.0f} |", flush=True)
 
@@ -141,8 +144,6 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
     runs), of the forward alone with and without autograd, with the launches stubbed, and SDPA causal's fwd+bwd;
     then each kernel's launch us inside the step."""
     import collections
-
-    from triton.runtime.jit import JITFunction
 
     B, NH = max(1, round(50_000 / S)), 4
     q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
@@ -160,22 +161,22 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
     shipped = _median_issue_us(step, leaves, n=30, reps=7)
     fwd_only = _median_issue_us(lambda: mlstm_triton(q, k, v, i, f, gate=gate), leaves, n=30, reps=7)
     no_grad = _median_issue_us(fwd_no_grad, (), n=30, reps=7)
-    real_run = JITFunction.run
+    real_launch = launch.direct_launch
     spent, n = collections.defaultdict(float), 30
 
-    def timed(self, *args, **kwargs):
+    def timed(kernel, grid, *args, **kwargs):
         t0 = time.perf_counter()
-        out = real_run(self, *args, **kwargs)
-        spent[self.fn.__name__] += time.perf_counter() - t0
+        out = real_launch(kernel, grid, *args, **kwargs)
+        spent[_short_name(kernel)] += time.perf_counter() - t0
         return out
 
-    JITFunction.run = timed
+    launch.direct_launch = timed
     try:
         in_context = _median_issue_us(step, leaves, n=n, reps=1)  # one pass of n steps: `spent` holds n steps' worth
-        JITFunction.run = lambda self, *args, **kwargs: None
+        launch.direct_launch = lambda *args, **kwargs: None
         stubbed = _median_issue_us(step, leaves, n=30, reps=7)
     finally:
-        JITFunction.run = real_run
+        launch.direct_launch = real_launch
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
 
     def sdpa_step():
@@ -186,7 +187,7 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
     sdpa = _median_issue_us(sdpa_step, (qs, ks, vs), n=30, reps=7)
     print(f"DH {DH} S {S}: host us fwd+bwd {shipped:.0f} (timed-in-context run {in_context:.0f}); fwd with grad "
           f"{fwd_only:.0f}; fwd no_grad {no_grad:.0f}; launches stubbed {stubbed:.0f}; SDPA fwd+bwd {sdpa:.0f}")
-    per_launch = {name.replace("mlstm_", "").replace("_kernel", ""): us / n * 1e6 for name, us in spent.items()}
+    per_launch = {name: us / n * 1e6 for name, us in spent.items()}
     print("   in-context launch us: " + ", ".join(f"{name} {us:.0f}" for name, us in per_launch.items())
           + f"; sum {sum(per_launch.values()):.0f}", flush=True)
 

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 from triton.runtime.errors import OutOfResources
 
+from .direct_launch import direct_launch
 from .kernels import (
     mlstm_bwd_delta_kernel,
     mlstm_bwd_dk_kernel,
@@ -352,7 +353,7 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
     while True:
         try:
             # num_warps / num_stages travel with the constexpr tiles: Triton takes launch options as keywords too.
-            kernel[grid_of(attempt)](*args, **consts, **attempt)
+            direct_launch(kernel, grid_of(attempt), *args, **consts, **attempt)
             break
         except OutOfResources as err:
             smaller = _smaller(attempt) if SHRINK_TILES_THAT_DO_NOT_FIT else None
@@ -388,7 +389,8 @@ def _scan_states(X: torch.Tensor, XN: torch.Tensor, fv, mrow, mst, S: int, lay: 
     """mlstm_state_scan_kernel over a state buffer [BNH, NC + 1, DQK, DHV] and its normaliser part [BNH, NC + 1,
     DQK], in place."""
     n_programs = _cdiv(DQK * DHV, SCAN_BLOCK) + _cdiv(DQK, SCAN_BLOCK)
-    mlstm_state_scan_kernel[(BNH, n_programs)](
+    direct_launch(
+        mlstm_state_scan_kernel, (BNH, n_programs),
         X, XN, fv, mrow, mst, S, lay.L, lay.NC, lay.SP, DQK * DHV, DQK,
         HAS_START=has_start, REVERSE=reverse, BLOCK=SCAN_BLOCK, num_warps=4,
     )
@@ -451,7 +453,8 @@ def mlstm_bwd_delta(h: torch.Tensor, dh: torch.Tensor, lay: ChunkLayout) -> torc
     BNH, S, DHV = h.shape
     delta = torch.zeros(BNH, lay.SP, device=h.device, dtype=torch.float32)
     BT, BV = 64, min(_pow2(DHV), 128)
-    mlstm_bwd_delta_kernel[(_cdiv(S, BT), BNH)](h, dh, delta, S, lay.SP, DHV, BT=BT, BV=BV, NHT=1, num_warps=4)
+    direct_launch(mlstm_bwd_delta_kernel, (_cdiv(S, BT), BNH), h, dh, delta, S, lay.SP, DHV, BT=BT, BV=BV, NHT=1,
+                  num_warps=4)
     return delta
 
 
@@ -674,7 +677,8 @@ def mlstm_gates_fwd(
     mst = torch.empty(*lead, lay.NC + 1, device=i.device, dtype=torch.float32)
     BL = _pow2(lay.L)
     CB = _gate_chunks_per_group(lay, BL)
-    mlstm_gates_fwd_kernel[(BNH,)](
+    direct_launch(
+        mlstm_gates_fwd_kernel, (BNH,),
         i.contiguous(), f.contiguous(), m0.contiguous() if m0 is not None else fv, fv, av, mrow, mst,
         lay.S, lay.L, lay.NC, lay.SP,
         EXP_GATE=exp_gate, HAS_M0=m0 is not None, BL=BL, CB=CB, num_warps=_row_warps(CB * BL),
@@ -700,7 +704,8 @@ def mlstm_bwd_rows(
     rs = torch.empty(*h.shape[:-2], lay.SP, device=h.device, dtype=torch.float32)
     dqn, dm_row = torch.empty_like(rs), torch.empty_like(rs)
     BT, BV = 64, min(_pow2(DHV), 128)
-    mlstm_bwd_rows_kernel[(_cdiv(lay.SP, BT), BNH)](
+    direct_launch(
+        mlstm_bwd_rows_kernel, (_cdiv(lay.SP, BT), BNH),
         h, dh, qn, mrow, rs, dqn, dm_row, S, lay.SP, DHV, eps,
         NORMALIZE=normalize, EXP_GATE=exp_gate, BT=BT, BV=BV, NHT=nht, num_warps=4,
     )
@@ -731,7 +736,8 @@ def mlstm_gates_bwd(
     BL = _pow2(lay.L)
     nparts = A.shape[-1] if A is not None else 1
     CB = _gate_chunks_per_group(lay, BL)
-    mlstm_gates_bwd_kernel[(BNH,)](
+    direct_launch(
+        mlstm_gates_bwd_kernel, (BNH,),
         qdq, kdk, dm_row, fv, av, mst, A if A is not None else fv, dm_final if dm_final is not None else fv,
         i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH, nparts,
         EXP_GATE=exp_gate, HAS_A=A is not None, HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL,

@@ -1,0 +1,134 @@
+"""Kernel launches without the per-call work of Triton's JITFunction.run: `direct_launch(kernel, grid, *args,
+**kwargs)` does what `kernel[grid](*args, **kwargs)` does.
+
+Why: the mLSTM op is host-bound at ViL's shapes (one fwd+bwd at DH 96 / S 196 issues in about 1.06 ms on the H200
+machine against 0.39 ms of GPU time, bench/results/session11/host_timeline_h200.log). JITFunction.run spends most of
+a launch before the launcher runs: it binds every argument into a dict, specialises each one, builds its cache key
+(with a str() of the launch options), reads knobs, checks the kernel's globals and builds launch metadata for the
+profiler hooks. Inside a step each of our launches cost 36-121 us of host time.
+
+How: the first launch of a variant goes through Triton (it compiles, raises OutOfResources, warns as usual) and its
+compiled kernel is kept under a key of everything Triton specialises a compiled kernel on: the constexprs and launch
+options (the keyword arguments), and per positional argument its type, a tensor's dtype and 16-byte alignment, an
+int's 16-divisibility, whether it is 1 and whether it fits in 32 bits; and the current device. Later launches with
+the same key call that kernel's launcher directly on the current stream.
+
+The fallback, kernel[grid], serves every launch that cannot take the direct path: Triton's interpreter (its launches
+return no compiled kernel), profiler launch hooks (knobs.runtime.launch_enter_hook; the direct path would skip them),
+arguments of other types, and DIRECT_LAUNCH = False (TFLA_DIRECT_LAUNCH=0 in the environment).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+
+try:  # Triton 3.4+: launch hooks live in knobs as HookChains, and CompiledKernel.run has the call form used below
+    from triton import knobs as _knobs
+    from triton.knobs import HookChain as _HookChain
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:
+    _knobs = _HookChain = _JITFunction = None
+
+DIRECT_LAUNCH: bool = os.environ.get("TFLA_DIRECT_LAUNCH", "1") != "0" and _knobs is not None
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+class _Uncacheable(Exception):
+    """An argument whose specialisation this module does not model: the launch goes through Triton."""
+
+
+def _arg_key(arg: Any) -> Any:
+    # bool before int: bool is an int subclass, and Triton types it i1.
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or arg is None:
+        return arg
+    if isinstance(arg, int):
+        return int, arg == 1, arg % 16 == 0, _I32_MIN <= arg <= _I32_MAX
+    if isinstance(arg, float):
+        return float
+    raise _Uncacheable(type(arg).__name__)
+
+
+class _Compiled(NamedTuple):
+    """What a direct launch of one compiled variant needs."""
+
+    launcher: Callable  # CompiledKernel.run: (gx, gy, gz, stream, function, packed metadata, metadata, hooks, *args)
+    function: int  # the loaded CUfunction
+    packed_metadata: Any
+    tail: tuple  # the values of the parameters after the positional arguments (constexprs), in signature order
+
+
+# (kernel, keyword items, argument keys, device) -> _Compiled. Variants per process: a few per kernel and shape family.
+_COMPILED: dict[tuple, _Compiled] = {}
+
+
+def _current_device_and_stream() -> tuple[int, int]:
+    """The device and raw stream Triton itself would launch on (triton.backends.driver: torch's current ones)."""
+    device = torch.cuda.current_device()
+    return device, torch._C._cuda_getCurrentRawStream(device)
+
+
+def _profiler_hooks_set() -> bool:
+    hooks = _knobs.runtime.launch_enter_hook
+    # A HookChain is empty unless a profiler (e.g. proton) added a hook; anything else set counts as a hook.
+    return hooks is not None and (not isinstance(hooks, _HookChain) or bool(hooks.calls))
+
+
+def _tail_values(kernel, n_positional: int, kwargs: dict) -> tuple:
+    """The launcher takes every parameter in signature order, constexprs included (it skips them): the keyword
+    values, or the parameter's default."""
+    params = list(inspect.signature(kernel.fn).parameters.values())[n_positional:]
+    values = []
+    for param in params:
+        if param.name in kwargs:
+            values.append(kwargs[param.name])
+        elif param.default is not inspect.Parameter.empty:
+            values.append(param.default)
+        else:
+            raise _Uncacheable(f"parameter {param.name} not given")
+    return tuple(values)
+
+
+def direct_launch(kernel, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
+    """kernel[grid](*args, **kwargs), directly through the compiled kernel's launcher after the first launch of a
+    variant (see the module's docstring). grid: 1 to 3 program counts."""
+    # Under TRITON_INTERPRET=1 kernels are InterpretedFunctions (no compiled kernel, no CUDA device to ask for).
+    if not DIRECT_LAUNCH or not isinstance(kernel, _JITFunction):
+        kernel[grid](*args, **kwargs)
+        return
+    try:
+        device, stream = _current_device_and_stream()
+        key = (kernel, tuple(kwargs.items()), tuple(map(_arg_key, args)), device)
+        compiled = _COMPILED.get(key)
+    except (_Uncacheable, TypeError):  # an argument type not modelled here, an unhashable keyword value
+        compiled = key = None
+    if compiled is None or _profiler_hooks_set():
+        result = kernel[grid](*args, **kwargs)
+        if key is not None and _is_compiled_kernel(result):
+            try:
+                _COMPILED[key] = _Compiled(result.run, result.function, result.packed_metadata,
+                                           _tail_values(kernel, len(args), kwargs))
+            except _Uncacheable:
+                pass
+        return
+    gx = grid[0]
+    gy = grid[1] if len(grid) > 1 else 1
+    gz = grid[2] if len(grid) > 2 else 1
+    compiled.launcher(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+                      *compiled.tail)
+
+
+def _is_compiled_kernel(result: Any) -> bool:
+    # A CompiledKernel after its first launch has its launcher loaded; the interpreter and test doubles return None.
+    return result is not None and getattr(result, "function", None) is not None and hasattr(result, "packed_metadata")
+
+
+def clear_cache() -> None:
+    """Forget the compiled kernels (tests; a kernel redefined at run time)."""
+    _COMPILED.clear()
