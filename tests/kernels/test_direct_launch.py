@@ -45,6 +45,7 @@ def kernel(monkeypatch):
     monkeypatch.setattr(dl, "_COMPILED", {})
     monkeypatch.setattr(dl, "_current_device_and_stream", lambda: (0, 77))
     monkeypatch.setattr(dl, "_profiler_hooks_set", lambda: False)
+    monkeypatch.setattr(dl, "_on_gpu", lambda tensor: tensor.device.type == "cpu")  # CPU tensors stand for GPU ones
     return FakeJIT()
 
 
@@ -58,8 +59,9 @@ def test_second_launch_is_direct_with_the_arguments_triton_passes(kernel):
     dl.direct_launch(kernel, (3, 2), x, out, 48, 0.25, BLOCK=32, num_warps=4)
     assert kinds(kernel) == ["triton", "direct"]
     # grid padded to 3 dims, the current stream, the compiled function and metadata, no launch metadata or hooks,
-    # then every parameter in order: positional arguments, keyword constexprs, defaults (FLAG).
-    assert kernel.launches[1][1] == (3, 2, 1, 77, 1234, ("packed",), None, None, None, x, out, 48, 0.25, 32, True)
+    # then every parameter in order: positional arguments (tensors as addresses), keyword constexprs, defaults (FLAG).
+    assert kernel.launches[1][1] == (3, 2, 1, 77, 1234, ("packed",), None, None, None, x.data_ptr(), out.data_ptr(),
+                                     48, 0.25, 32, True)
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_multiple_of_16", "int64", "constexpr",
@@ -95,13 +97,18 @@ def test_unmodelled_arguments_profiler_hooks_and_switch_off_use_triton(kernel, m
     for _ in range(2):
         dl.direct_launch(kernel, (1,), x, x, 48, [1, 2], BLOCK=32)  # a list: not a type modelled here
     assert kinds(kernel) == ["triton", "triton"]
+    meta = torch.zeros(64, device="meta")  # not a GPU tensor: Triton checks its address every time
+    for _ in range(2):
+        dl.direct_launch(kernel, (1,), meta, x, 48, 0.5, BLOCK=32)
+    assert kinds(kernel) == ["triton"] * 4
+    kernel.launches.clear()
     dl.direct_launch(kernel, (1,), x, x, 48, 0.5, BLOCK=32)
     monkeypatch.setattr(dl, "_profiler_hooks_set", lambda: True)  # a profiler must see every launch
     dl.direct_launch(kernel, (1,), x, x, 48, 0.5, BLOCK=32)
     monkeypatch.setattr(dl, "_profiler_hooks_set", lambda: False)
     monkeypatch.setattr(dl, "DIRECT_LAUNCH", False)
     dl.direct_launch(kernel, (1,), x, x, 48, 0.5, BLOCK=32)
-    assert kinds(kernel) == ["triton"] * 5
+    assert kinds(kernel) == ["triton"] * 3
 
 
 def test_interpreted_kernels_and_failed_launches_are_not_cached(kernel, monkeypatch):

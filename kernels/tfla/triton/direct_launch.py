@@ -5,13 +5,14 @@ Why: the mLSTM op is host-bound at ViL's shapes (one fwd+bwd at DH 96 / S 196 is
 machine against 0.39 ms of GPU time, bench/results/session11/host_timeline_h200.log). JITFunction.run spends most of
 a launch before the launcher runs: it binds every argument into a dict, specialises each one, builds its cache key
 (with a str() of the launch options), reads knobs, checks the kernel's globals and builds launch metadata for the
-profiler hooks. Inside a step each of our launches cost 36-121 us of host time.
+profiler hooks. Inside a step each of our launches cost 55-160 us of host time there, 391-528 us per fwd+bwd
+(bench/results/session12/host_timeline_direct_ab_h200.log).
 
 How: the first launch of a variant goes through Triton (it compiles, raises OutOfResources, warns as usual) and its
 compiled kernel is kept under a key of everything Triton specialises a compiled kernel on: the constexprs and launch
 options (the keyword arguments), and per positional argument its type, a tensor's dtype and 16-byte alignment, an
 int's 16-divisibility, whether it is 1 and whether it fits in 32 bits; and the current device. Later launches with
-the same key call that kernel's launcher directly on the current stream.
+the same key call that kernel's launcher directly on the current stream, with tensors passed as their addresses.
 
 The fallback, kernel[grid], serves every launch that cannot take the direct path: Triton's interpreter (its launches
 return no compiled kernel), profiler launch hooks (knobs.runtime.launch_enter_hook; the direct path would skip them),
@@ -25,15 +26,26 @@ import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
+import triton
 
-try:  # Triton 3.4+: launch hooks live in knobs as HookChains, and CompiledKernel.run has the call form used below
+try:
     from triton import knobs as _knobs
     from triton.knobs import HookChain as _HookChain
     from triton.runtime.jit import JITFunction as _JITFunction
 except ImportError:
     _knobs = _HookChain = _JITFunction = None
 
-DIRECT_LAUNCH: bool = os.environ.get("TFLA_DIRECT_LAUNCH", "1") != "0" and _knobs is not None
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# The launcher's call form used below (CompiledKernel.run(gx, gy, gz, stream, function, packed metadata, launch
+# metadata, enter hook, exit hook, *every parameter)), int addresses for pointers and the launch hooks as HookChains in
+# knobs were read in the sources of Triton 3.6 (the H200 machine's) and 3.8; other versions launch through Triton.
+_LAUNCHER_READ = _knobs is not None and (3, 6) <= _triton_version() <= (3, 8)
+DIRECT_LAUNCH: bool = os.environ.get("TFLA_DIRECT_LAUNCH", "1") != "0" and _LAUNCHER_READ
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
@@ -42,16 +54,27 @@ class _Uncacheable(Exception):
     """An argument whose specialisation this module does not model: the launch goes through Triton."""
 
 
-def _arg_key(arg: Any) -> Any:
+def _on_gpu(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda
+
+
+def _key_and_value(arg: Any) -> tuple[Any, Any]:
+    """What Triton specialises on for one positional argument, and the value the launcher gets for it. A tensor goes
+    to the launcher as its address: Triton's launchers take an int as the pointer itself, where for a tensor they call
+    data_ptr() and ask the driver about the pointer (cuPointerGetAttribute), per tensor and launch. Only GPU tensors
+    take this path; the first launch through Triton has checked that the pointers are the GPU's."""
     # bool before int: bool is an int subclass, and Triton types it i1.
     if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
+        if not _on_gpu(arg):
+            raise _Uncacheable("a tensor not on the GPU")
+        ptr = arg.data_ptr()
+        return (arg.dtype, ptr % 16 == 0), ptr
     if isinstance(arg, bool) or arg is None:
-        return arg
+        return arg, arg
     if isinstance(arg, int):
-        return int, arg == 1, arg % 16 == 0, _I32_MIN <= arg <= _I32_MAX
+        return (int, arg == 1, arg % 16 == 0, _I32_MIN <= arg <= _I32_MAX), arg
     if isinstance(arg, float):
-        return float
+        return float, arg
     raise _Uncacheable(type(arg).__name__)
 
 
@@ -104,7 +127,8 @@ def direct_launch(kernel, grid: Sequence[int], *args: Any, **kwargs: Any) -> Non
         return
     try:
         device, stream = _current_device_and_stream()
-        key = (kernel, tuple(kwargs.items()), tuple(map(_arg_key, args)), device)
+        keys, values = zip(*map(_key_and_value, args)) if args else ((), ())
+        key = (kernel, tuple(kwargs.items()), keys, device)
         compiled = _COMPILED.get(key)
     except (_Uncacheable, TypeError):  # an argument type not modelled here, an unhashable keyword value
         compiled = key = None
@@ -120,7 +144,7 @@ def direct_launch(kernel, grid: Sequence[int], *args: Any, **kwargs: Any) -> Non
     gx = grid[0]
     gy = grid[1] if len(grid) > 1 else 1
     gz = grid[2] if len(grid) > 2 else 1
-    compiled.launcher(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+    compiled.launcher(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None, *values,
                       *compiled.tail)
 
 
