@@ -55,7 +55,7 @@ def kinds(kernel):
 
 def test_second_launch_is_direct_with_the_arguments_triton_passes(kernel):
     x, out = torch.zeros(64), torch.zeros(64)
-    dl.direct_launch(kernel, (3, 2), x, out, 48, 0.5, BLOCK=32, num_warps=4)
+    dl.direct_launch(kernel, (3, 2), x, out, 48, 0.25, BLOCK=32, num_warps=4)
     dl.direct_launch(kernel, (3, 2), x, out, 48, 0.25, BLOCK=32, num_warps=4)
     assert kinds(kernel) == ["triton", "direct"]
     # grid padded to 3 dims, the current stream, the compiled function and metadata, no launch metadata or hooks,
@@ -64,7 +64,8 @@ def test_second_launch_is_direct_with_the_arguments_triton_passes(kernel):
                                      48, 0.25, 32, True)
 
 
-@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_multiple_of_16", "int64", "constexpr",
+# Ints and floats are keyed by value (finer than Triton): 1, multiples of 16, 64-bit ints and other floats all count.
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_multiple_of_16", "int64", "float", "constexpr",
                                     "option", "device"])
 def test_what_triton_specialises_on_goes_back_through_triton(kernel, monkeypatch, change):
     x, out = torch.zeros(64), torch.zeros(64)
@@ -80,6 +81,8 @@ def test_what_triton_specialises_on_goes_back_through_triton(kernel, monkeypatch
         args[2] = 32
     elif change == "int64":
         args[2] = 2**32 + 1
+    elif change == "float":
+        args[3] = 0.25
     elif change == "constexpr":
         kwargs["BLOCK"] = 64
     elif change == "option":

@@ -5,14 +5,15 @@ Why: the mLSTM op is host-bound at ViL's shapes (one fwd+bwd at DH 96 / S 196 is
 machine against 0.39 ms of GPU time, bench/results/session11/host_timeline_h200.log). JITFunction.run spends most of
 a launch before the launcher runs: it binds every argument into a dict, specialises each one, builds its cache key
 (with a str() of the launch options), reads knobs, checks the kernel's globals and builds launch metadata for the
-profiler hooks. Inside a step each of our launches cost 55-160 us of host time there, 391-528 us per fwd+bwd
-(bench/results/session12/host_timeline_direct_ab_h200.log).
+profiler hooks. Inside a step each of our launches cost 35-160 us of host time there; the five launches of a fwd+bwd
+took 338-528 us through Triton and 230-351 us through direct_launch, at DH 96 / S 196, DH 192 / S 196 and DH 96 /
+S 1024 (bench/results/session12/host_timeline_direct_ab*_h200.log, two runs each).
 
 How: the first launch of a variant goes through Triton (it compiles, raises OutOfResources, warns as usual) and its
-compiled kernel is kept under a key of everything Triton specialises a compiled kernel on: the constexprs and launch
-options (the keyword arguments), and per positional argument its type, a tensor's dtype and 16-byte alignment, an
-int's 16-divisibility, whether it is 1 and whether it fits in 32 bits; and the current device. Later launches with
-the same key call that kernel's launcher directly on the current stream, with tensors passed as their addresses.
+compiled kernel is kept under a key that covers everything Triton specialises a compiled kernel on: the constexprs and
+launch options (the keyword arguments), a tensor's dtype and 16-byte alignment, any other argument's value, and the
+current device (_key_and_values). Later launches with the same key call that kernel's launcher directly on the
+current stream, with tensors passed as their addresses.
 
 The fallback, kernel[grid], serves every launch that cannot take the direct path: Triton's interpreter (its launches
 return no compiled kernel), profiler launch hooks (knobs.runtime.launch_enter_hook; the direct path would skip them),
@@ -47,9 +48,6 @@ def _triton_version() -> tuple[int, int]:
 _LAUNCHER_READ = _knobs is not None and (3, 6) <= _triton_version() <= (3, 8)
 DIRECT_LAUNCH: bool = os.environ.get("TFLA_DIRECT_LAUNCH", "1") != "0" and _LAUNCHER_READ
 
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
-
-
 class _Uncacheable(Exception):
     """An argument whose specialisation this module does not model: the launch goes through Triton."""
 
@@ -58,24 +56,34 @@ def _on_gpu(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda
 
 
-def _key_and_value(arg: Any) -> tuple[Any, Any]:
-    """What Triton specialises on for one positional argument, and the value the launcher gets for it. A tensor goes
-    to the launcher as its address: Triton's launchers take an int as the pointer itself, where for a tensor they call
-    data_ptr() and ask the driver about the pointer (cuPointerGetAttribute), per tensor and launch. Only GPU tensors
-    take this path; the first launch through Triton has checked that the pointers are the GPU's."""
-    # bool before int: bool is an int subclass, and Triton types it i1.
-    if isinstance(arg, torch.Tensor):
-        if not _on_gpu(arg):
-            raise _Uncacheable("a tensor not on the GPU")
-        ptr = arg.data_ptr()
-        return (arg.dtype, ptr % 16 == 0), ptr
-    if isinstance(arg, bool) or arg is None:
-        return arg, arg
-    if isinstance(arg, int):
-        return (int, arg == 1, arg % 16 == 0, _I32_MIN <= arg <= _I32_MAX), arg
-    if isinstance(arg, float):
-        return float, arg
-    raise _Uncacheable(type(arg).__name__)
+_Tensor = torch.Tensor
+
+
+def _key_and_values(args: tuple) -> tuple[tuple, list]:
+    """The cache key of the positional arguments, and the values the launcher gets for them.
+
+    Key: per tensor its dtype and whether its address is 16-byte aligned (what Triton specialises a pointer on); any
+    other argument by its value. Values are finer than Triton's specialisation of ints (1, multiples of 16, 32 or 64
+    bits), bools and floats (all fp32), so a new value takes one launch through Triton, which finds its compiled kernel
+    in its own cache, and is then remembered here as well; and the key needs no rules of Triton's that could change
+    between versions. It is built on every launch: about 9 us for 21 arguments on this project's CPU.
+    Values: a tensor goes to the launcher as its address. Triton's launchers take an int as the pointer itself, where
+    for a tensor they call data_ptr() and ask the driver about the pointer (cuPointerGetAttribute), per tensor and
+    launch. Only GPU tensors take this path; the first launch through Triton has checked the key's pointers."""
+    keys, values = [], []
+    for arg in args:
+        if isinstance(arg, _Tensor):
+            if not _on_gpu(arg):
+                raise _Uncacheable("a tensor not on the GPU")
+            ptr = arg.data_ptr()
+            keys.append((arg.dtype, not ptr & 15))
+            values.append(ptr)
+        elif arg is None or isinstance(arg, (int, float)):  # bool is an int
+            keys.append(arg)
+            values.append(arg)
+        else:
+            raise _Uncacheable(type(arg).__name__)
+    return tuple(keys), values
 
 
 class _Compiled(NamedTuple):
@@ -92,8 +100,9 @@ _COMPILED: dict[tuple, _Compiled] = {}
 
 
 def _current_device_and_stream() -> tuple[int, int]:
-    """The device and raw stream Triton itself would launch on (triton.backends.driver: torch's current ones)."""
-    device = torch.cuda.current_device()
+    """The device and raw stream Triton itself would launch on (triton.backends.driver: torch's current ones). The
+    first launch went through Triton, which initialised CUDA: torch.cuda.current_device's lazy-init check is skipped."""
+    device = torch._C._cuda_getDevice()
     return device, torch._C._cuda_getCurrentRawStream(device)
 
 
@@ -127,7 +136,7 @@ def direct_launch(kernel, grid: Sequence[int], *args: Any, **kwargs: Any) -> Non
         return
     try:
         device, stream = _current_device_and_stream()
-        keys, values = zip(*map(_key_and_value, args)) if args else ((), ())
+        keys, values = _key_and_values(args)
         key = (kernel, tuple(kwargs.items()), keys, device)
         compiled = _COMPILED.get(key)
     except (_Uncacheable, TypeError):  # an argument type not modelled here, an unhashable keyword value
