@@ -65,8 +65,8 @@ def test_second_launch_is_direct_with_the_arguments_triton_passes(kernel):
 
 
 # Ints and floats are keyed by value (finer than Triton): 1, multiples of 16, 64-bit ints and other floats all count.
-@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_multiple_of_16", "int64", "float", "constexpr",
-                                    "option", "device"])
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_multiple_of_16", "int64", "float",
+                                    "constexpr", "option", "device"])
 def test_what_triton_specialises_on_goes_back_through_triton(kernel, monkeypatch, change):
     x, out = torch.zeros(64), torch.zeros(64)
     args, kwargs = [x, out, 33, 0.5], dict(BLOCK=32, num_warps=4)  # 33: neither 1 nor a multiple of 16

@@ -672,8 +672,9 @@ def mlstm_gates_fwd(
     launch."""
     lead = i.shape[:-1]
     BNH = _rows_of(i, lay.S)
-    fv = torch.empty(*lead, lay.SP, device=i.device, dtype=torch.float32)
-    av, mrow = torch.empty_like(fv), torch.empty_like(fv)
+    # One allocation for the three per-row vectors: this op is host-bound at ViL's shapes, and an allocation costs
+    # about as much host time as the unbind (5-6 us on the H200 machine, bench/results/session12/launch_floor_h200.log).
+    fv, av, mrow = torch.empty(3, *lead, lay.SP, device=i.device, dtype=torch.float32).unbind(0)
     mst = torch.empty(*lead, lay.NC + 1, device=i.device, dtype=torch.float32)
     BL = _pow2(lay.L)
     CB = _gate_chunks_per_group(lay, BL)
@@ -728,18 +729,18 @@ def mlstm_gates_bwd(
     exp_gate: bool,
     has_init: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """di, df (shaped as i, f, in their dtypes) and dm0 [BNH] (float32, meaningful with has_init), in one launch."""
+    """di, df (shaped as i, f, in their dtypes) and dm0 [BNH] (float32; None without has_init), in one launch."""
     NKO_Q, BNH, _ = qdq.shape
     i, f = i.contiguous(), f.contiguous()
     di, df = torch.empty_like(i), torch.empty_like(f)
-    dm0 = _row_sums(BNH, device=i.device, zeroed=False)  # written for every row when has_init; unread otherwise
+    dm0 = _row_sums(BNH, device=i.device, zeroed=False) if has_init else None  # written for every row when has_init
     BL = _pow2(lay.L)
     nparts = A.shape[-1] if A is not None else 1
     CB = _gate_chunks_per_group(lay, BL)
     direct_launch(
         mlstm_gates_bwd_kernel, (BNH,),
         qdq, kdk, dm_row, fv, av, mst, A if A is not None else fv, dm_final if dm_final is not None else fv,
-        i, f, di, df, dm0, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH, nparts,
+        i, f, di, df, dm0 if has_init else fv, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH, nparts,
         EXP_GATE=exp_gate, HAS_A=A is not None, HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL,
         BP=_pow2(nparts), CB=CB, num_warps=_row_warps(CB * BL),
     )
