@@ -2,7 +2,7 @@
 step replayed from a CUDA graph (no host cost at all).
 
 Usage: PYTHONPATH=kernels python bench/profile_mlstm.py 96:196 512:196 192:1024 192:4096 [--gate exp] [--table]
-       [--cprofile] [--launch-floor] [--host-split] [--host-timeline]
+       [--cprofile] [--launch-floor] [--host-split] [--host-timeline] [--launch-ab]
 
 Per shape it prints: wall ms of one fwd+bwd (do_bench), host ms to issue one step (no synchronisation; if this is
 close to the wall time, the step is launch-bound, not GPU-bound), CUDA-graph replay ms (GPU time alone), and with
@@ -11,7 +11,8 @@ first prints the host cost of launching an empty Triton kernel with as many argu
 calls, on this machine: the floor under any Triton op's host time. --host-split splits one fwd+bwd's host time into the
 Triton launches and everything else (PyTorch glue, allocations, autograd), with SDPA's host time beside it.
 --host-timeline times each Triton launch where it happens inside the step (a launch cost the H200's host about three
-times as much there as re-issued in a loop: bench/results/session11/host_timeline_h200.log).
+times as much there as re-issued in a loop: bench/results/session11/host_timeline_h200.log). --launch-ab compares
+the eager wall time with launches through Triton and through tfla's direct_launch, alternating in one process.
 """
 
 import argparse
@@ -192,6 +193,36 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
           + f"; sum {sum(per_launch.values()):.0f}", flush=True)
 
 
+def launch_ab(DH: int, S: int, gate: str, rounds: int = 5) -> None:
+    """One row: eager fwd+bwd wall ms (do_bench median) with every launch through Triton (kernel[grid]) and through
+    tfla's direct_launch, alternating `rounds` times in this one process, since this host's speed drifts between
+    processes more than the difference (bench/results/session12/host_timeline_direct_ab*_h200.log)."""
+    from tfla.triton import direct_launch
+
+    B, NH = max(1, round(50_000 / S)), 4
+    q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
+    leaves = (q, k, v, i, f)
+
+    def step():
+        mlstm_triton(q, k, v, i, f, gate=gate).backward(dh)
+
+    shipped = direct_launch.DIRECT_LAUNCH
+    walls = {False: [], True: []}
+    try:
+        for _ in range(rounds):
+            for direct in (False, True):
+                direct_launch.DIRECT_LAUNCH = direct
+                for _ in range(3):
+                    step()
+                walls[direct].append(do_bench(step, warmup=20, rep=200, grad_to_none=leaves, return_mode="median"))
+    finally:
+        direct_launch.DIRECT_LAUNCH = shipped
+    triton_ms, direct_ms = (sorted(w)[len(w) // 2] for w in (walls[False], walls[True]))
+    spread = " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(walls[False], walls[True]))
+    print(f"| {DH} | {S} | {B} | {gate} | {triton_ms:.3f} | {direct_ms:.3f} | {triton_ms / direct_ms:.2f} | {spread} |",
+          flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("shapes", nargs="*", default=["96:196"], help="DH:S")
@@ -203,7 +234,16 @@ def main():
                     help="only the split of the host time: Triton launches vs the rest, per shape (see host_split)")
     ap.add_argument("--host-timeline", action="store_true",
                     help="only the host time per launch inside the step, per shape (see host_timeline)")
+    ap.add_argument("--launch-ab", action="store_true",
+                    help="only eager fwd+bwd wall ms with launches through Triton vs direct_launch (see launch_ab)")
     args = ap.parse_args()
+    if args.launch_ab:
+        print("| DH | S | B | gate | wall ms, Triton launches | wall ms, direct_launch | speed-up | each round |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for spec in args.shapes:
+            for gate in args.gate:
+                launch_ab(*map(int, spec.split(":")), gate)
+        return
     if args.host_timeline:
         for spec in args.shapes:
             for gate in args.gate:
