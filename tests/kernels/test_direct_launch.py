@@ -45,7 +45,7 @@ def kernel(monkeypatch):
     monkeypatch.setattr(dl, "_COMPILED", {})
     monkeypatch.setattr(dl, "_current_device_and_stream", lambda: (0, 77))
     monkeypatch.setattr(dl, "_profiler_hooks_set", lambda: False)
-    monkeypatch.setattr(dl, "_on_gpu", lambda tensor: tensor.device.type == "cpu")  # CPU tensors stand for GPU ones
+    monkeypatch.setattr(dl, "_GPU_TENSORS_ONLY", False)  # CPU tensors stand for GPU ones
     return FakeJIT()
 
 
@@ -100,10 +100,11 @@ def test_unmodelled_arguments_profiler_hooks_and_switch_off_use_triton(kernel, m
     for _ in range(2):
         dl.direct_launch(kernel, (1,), x, x, 48, [1, 2], BLOCK=32)  # a list: not a type modelled here
     assert kinds(kernel) == ["triton", "triton"]
-    meta = torch.zeros(64, device="meta")  # not a GPU tensor: Triton checks its address every time
+    monkeypatch.setattr(dl, "_GPU_TENSORS_ONLY", True)  # a CPU tensor: Triton checks its address every time
     for _ in range(2):
-        dl.direct_launch(kernel, (1,), meta, x, 48, 0.5, BLOCK=32)
+        dl.direct_launch(kernel, (1,), x, x, 48, 0.5, BLOCK=32)
     assert kinds(kernel) == ["triton"] * 4
+    monkeypatch.setattr(dl, "_GPU_TENSORS_ONLY", False)
     kernel.launches.clear()
     dl.direct_launch(kernel, (1,), x, x, 48, 0.5, BLOCK=32)
     monkeypatch.setattr(dl, "_profiler_hooks_set", lambda: True)  # a profiler must see every launch
