@@ -9,7 +9,7 @@ Per shape, host microseconds to issue one step without synchronising (median of 
 - direct fwd+bwd: the op's forward and backward functions called directly, no autograd;
 - trivial / trivial 13 args + saves: autograd.Functions that do no work but allocate the gradients, with the op's
   five tensor inputs, and with all 13 inputs and its saved tensors: the floor autograd sets;
-- the same three first rows with every kernel launch stubbed (launch.direct_launch replaced by a no-op);
+- the same three first rows with every kernel launch stubbed (mlstm_bench_utils.no_launch);
 - whether the backward ran on the calling thread (autograd runs CUDA backward on its own device thread).
 --thread instead times the op's backward called directly, in a loop on the main thread and on a second thread, real
 and stubbed, and a one-op torch call, at DH 96 / S 196: whether launches cost more off the main thread.
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from mlstm_bench_utils import mlstm_inputs
-from tfla.triton import direct_launch, function, launch, mlstm_triton
+from mlstm_bench_utils import launches_through, mlstm_inputs, no_launch
+from tfla.triton import direct_launch, function, mlstm_triton
 
 
 def issue_us(fn, leaves=(), n: int = 30, reps: int = 9) -> float:
@@ -114,12 +114,8 @@ def _direct_fns(q, k, v, i, f, dh, S: int):
 
 def _stubbed(rows):
     """Time (name, fn, leaves) rows with every kernel launch replaced by a no-op."""
-    real = launch.direct_launch
-    launch.direct_launch = lambda *args, **kwargs: None
-    try:
+    with launches_through(no_launch):
         return {name: issue_us(fn, leaves) for name, fn, leaves in rows}
-    finally:
-        launch.direct_launch = real
 
 
 def anatomy(DH: int, S: int) -> None:
@@ -178,13 +174,9 @@ def thread_experiment(DH: int = 96, S: int = 196) -> None:
     for rep in range(2):
         times[f"bwd main {rep}"] = issue_us(bwd)
         times[f"bwd thread {rep}"] = _on_second_thread(bwd)
-    real = launch.direct_launch
-    launch.direct_launch = lambda *args, **kwargs: None
-    try:
+    with launches_through(no_launch):
         times["bwd main stubbed"] = issue_us(bwd)
         times["bwd thread stubbed"] = _on_second_thread(bwd)
-    finally:
-        launch.direct_launch = real
     x = torch.zeros(1024, device="cuda")
     times["add_ main"] = issue_us(lambda: x.add_(1))
     times["add_ thread"] = _on_second_thread(lambda: x.add_(1))

@@ -3,7 +3,8 @@ Imported by sibling scripts (`python bench/<script>.py` puts this folder on sys.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from triton.testing import do_bench
@@ -45,3 +46,21 @@ def cuda_graph_ms(step: Callable[[], object], leaves: Sequence[torch.Tensor] = (
     ms = do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
     del graph
     return ms
+
+
+def no_launch(kernel, grid, *args, **kwargs) -> None:
+    """A stand-in for tfla's launch.direct_launch that launches nothing: what the op's host time is without kernels."""
+
+
+@contextlib.contextmanager
+def launches_through(replacement: Callable) -> Iterator[Callable]:
+    """Inside the block every kernel launch of the Triton op calls replacement(kernel, grid, *args, **kwargs) instead
+    of tfla's launch.direct_launch, which the block yields (to time, record or re-issue launches)."""
+    from tfla.triton import launch
+
+    real = launch.direct_launch
+    launch.direct_launch = replacement
+    try:
+        yield real
+    finally:
+        launch.direct_launch = real

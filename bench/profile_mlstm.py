@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from mlstm_bench_utils import cuda_graph_ms, mlstm_inputs
+from mlstm_bench_utils import cuda_graph_ms, launches_through, mlstm_inputs, no_launch
 from tfla.triton import launch, mlstm_triton
 
 
@@ -111,21 +111,15 @@ def host_split(DH: int, S: int, gate: str) -> None:
         recorded.append((kernel, grid, args, kwargs))
         return real_launch(kernel, grid, *args, **kwargs)
 
-    launch.direct_launch = record
-    try:
+    with launches_through(record):
         step()
-    finally:
-        launch.direct_launch = real_launch
     torch.cuda.synchronize()
     per_launch = []
     for kernel, grid, args, kwargs in recorded:
         per_launch.append(_median_issue_us(lambda: real_launch(kernel, grid, *args, **kwargs), (), n=40))
 
-    launch.direct_launch = lambda *args, **kwargs: None
-    try:
-        no_launch = _median_issue_us(step, leaves)
-    finally:
-        launch.direct_launch = real_launch
+    with launches_through(no_launch):
+        stubbed = _median_issue_us(step, leaves)
 
     qs, ks, vs, dhs = (x.detach().clone().requires_grad_(x is not dh) for x in (q, k, v, dh))
 
@@ -136,7 +130,7 @@ def host_split(DH: int, S: int, gate: str) -> None:
         sdpa_step()
     sdpa = _median_issue_us(sdpa_step, (qs, ks, vs))
     names = ", ".join(f"{_short_name(kernel)} {us:.0f}" for (kernel, _, _, _), us in zip(recorded, per_launch))
-    print(f"| {DH} | {S} | {gate} | {shipped:.0f} | {no_launch:.0f} | {len(recorded)} | {sum(per_launch):.0f} "
+    print(f"| {DH} | {S} | {gate} | {shipped:.0f} | {stubbed:.0f} | {len(recorded)} | {sum(per_launch):.0f} "
           f"({names}) | {gpu:.0f} | {sdpa:.0f} |", flush=True)
 
 
@@ -171,13 +165,10 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
         spent[_short_name(kernel)] += time.perf_counter() - t0
         return out
 
-    launch.direct_launch = timed
-    try:
+    with launches_through(timed):
         in_context = _median_issue_us(step, leaves, n=n, reps=1)  # one pass of n steps: `spent` holds n steps' worth
-        launch.direct_launch = lambda *args, **kwargs: None
+    with launches_through(no_launch):
         stubbed = _median_issue_us(step, leaves, n=30, reps=7)
-    finally:
-        launch.direct_launch = real_launch
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
 
     def sdpa_step():

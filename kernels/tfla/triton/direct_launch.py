@@ -48,6 +48,7 @@ def _triton_version() -> tuple[int, int]:
 _LAUNCHER_READ = _knobs is not None and (3, 6) <= _triton_version() <= (3, 8)
 DIRECT_LAUNCH: bool = os.environ.get("TFLA_DIRECT_LAUNCH", "1") != "0" and _LAUNCHER_READ
 
+
 class _Uncacheable(Exception):
     """An argument whose specialisation this module does not model: the launch goes through Triton."""
 
@@ -140,9 +141,9 @@ def direct_launch(kernel, grid: Sequence[int], *args: Any, **kwargs: Any) -> Non
         compiled = _COMPILED.get(key)
     except (_Uncacheable, TypeError):  # an argument type not modelled here, an unhashable keyword value
         compiled = key = None
-    if compiled is None or _profiler_hooks_set():
+    if compiled is None or _profiler_hooks_set():  # a profiler's hooks must see every launch: Triton calls them
         result = kernel[grid](*args, **kwargs)
-        if key is not None and _is_compiled_kernel(result):
+        if compiled is None and key is not None and _is_compiled_kernel(result):
             try:
                 _COMPILED[key] = _Compiled(result.run, result.function, result.packed_metadata,
                                            _tail_values(kernel, len(args), kwargs))
