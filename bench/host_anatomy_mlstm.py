@@ -19,26 +19,15 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 
 import torch
 
-from mlstm_bench_utils import launches_through, mlstm_inputs, no_launch
+from mlstm_bench_utils import launches_through, median_issue_us, mlstm_inputs, no_launch
 from tfla.triton import direct_launch, function, mlstm_triton
 
 
-def issue_us(fn, leaves=(), n: int = 30, reps: int = 9) -> float:
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for x in leaves:
-                x.grad = None
-            fn()
-        times.append((time.perf_counter() - t0) / n * 1e6)
-    torch.cuda.synchronize()
-    return sorted(times)[reps // 2]
+def issue_us(fn, leaves=()) -> float:
+    return median_issue_us(fn, leaves, n=30, reps=9)
 
 
 class Trivial(torch.autograd.Function):

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from mlstm_bench_utils import cuda_graph_ms, launches_through, mlstm_inputs, no_launch
+from mlstm_bench_utils import cuda_graph_ms, launches_through, median_issue_us, mlstm_inputs, no_launch
 from tfla.triton import launch, mlstm_triton
 
 
@@ -72,22 +72,6 @@ def launch_floor(n: int = 2000) -> None:
     print()
 
 
-def _median_issue_us(fn, leaves, n: int = 40, reps: int = 5) -> float:
-    """Host microseconds to issue fn once, without synchronising: median over reps of n calls. n stays small so that
-    the GPU's launch queue does not fill up and turn this into a GPU time."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for x in leaves:
-                x.grad = None
-            fn()
-        times.append((time.perf_counter() - t0) / n * 1e6)
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
-
-
 def host_split(DH: int, S: int, gate: str) -> None:
     """One row: host us of fwd+bwd as shipped; the same with every Triton launch replaced by a no-op (what the
     PyTorch side costs); the Triton launches per step and their host cost each (re-issued with the recorded
@@ -101,7 +85,7 @@ def host_split(DH: int, S: int, gate: str) -> None:
 
     for _ in range(3):
         step()
-    shipped = _median_issue_us(step, leaves)
+    shipped = median_issue_us(step, leaves)
     gpu = cuda_graph_ms(step, leaves) * 1e3
 
     recorded = []
@@ -116,10 +100,10 @@ def host_split(DH: int, S: int, gate: str) -> None:
     torch.cuda.synchronize()
     per_launch = []
     for kernel, grid, args, kwargs in recorded:
-        per_launch.append(_median_issue_us(lambda: real_launch(kernel, grid, *args, **kwargs), (), n=40))
+        per_launch.append(median_issue_us(lambda: real_launch(kernel, grid, *args, **kwargs), (), n=40))
 
     with launches_through(no_launch):
-        stubbed = _median_issue_us(step, leaves)
+        stubbed = median_issue_us(step, leaves)
 
     qs, ks, vs, dhs = (x.detach().clone().requires_grad_(x is not dh) for x in (q, k, v, dh))
 
@@ -128,7 +112,7 @@ def host_split(DH: int, S: int, gate: str) -> None:
 
     for _ in range(3):
         sdpa_step()
-    sdpa = _median_issue_us(sdpa_step, (qs, ks, vs))
+    sdpa = median_issue_us(sdpa_step, (qs, ks, vs))
     names = ", ".join(f"{_short_name(kernel)} {us:.0f}" for (kernel, _, _, _), us in zip(recorded, per_launch))
     print(f"| {DH} | {S} | {gate} | {shipped:.0f} | {stubbed:.0f} | {len(recorded)} | {sum(per_launch):.0f} "
           f"({names}) | {gpu:.0f} | {sdpa:.0f} |", flush=True)
@@ -153,9 +137,9 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
 
     for _ in range(5):
         step()
-    shipped = _median_issue_us(step, leaves, n=30, reps=7)
-    fwd_only = _median_issue_us(lambda: mlstm_triton(q, k, v, i, f, gate=gate), leaves, n=30, reps=7)
-    no_grad = _median_issue_us(fwd_no_grad, (), n=30, reps=7)
+    shipped = median_issue_us(step, leaves, n=30, reps=7)
+    fwd_only = median_issue_us(lambda: mlstm_triton(q, k, v, i, f, gate=gate), leaves, n=30, reps=7)
+    no_grad = median_issue_us(fwd_no_grad, (), n=30, reps=7)
     real_launch = launch.direct_launch
     spent, n = collections.defaultdict(float), 30
 
@@ -166,9 +150,9 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
         return out
 
     with launches_through(timed):
-        in_context = _median_issue_us(step, leaves, n=n, reps=1)  # one pass of n steps: `spent` holds n steps' worth
+        in_context = median_issue_us(step, leaves, n=n, reps=1)  # one pass of n steps: `spent` holds n steps' worth
     with launches_through(no_launch):
-        stubbed = _median_issue_us(step, leaves, n=30, reps=7)
+        stubbed = median_issue_us(step, leaves, n=30, reps=7)
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
 
     def sdpa_step():
@@ -176,7 +160,7 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
 
     for _ in range(3):
         sdpa_step()
-    sdpa = _median_issue_us(sdpa_step, (qs, ks, vs), n=30, reps=7)
+    sdpa = median_issue_us(sdpa_step, (qs, ks, vs), n=30, reps=7)
     print(f"DH {DH} S {S}: host us fwd+bwd {shipped:.0f} (timed-in-context run {in_context:.0f}); fwd with grad "
           f"{fwd_only:.0f}; fwd no_grad {no_grad:.0f}; launches stubbed {stubbed:.0f}; SDPA fwd+bwd {sdpa:.0f}")
     per_launch = {name: us / n * 1e6 for name, us in spent.items()}
@@ -228,26 +212,26 @@ def main():
     ap.add_argument("--launch-ab", action="store_true",
                     help="only eager fwd+bwd wall ms with launches through Triton vs direct_launch (see launch_ab)")
     args = ap.parse_args()
+
+    def per_shape_and_gate(measure) -> None:
+        for spec in args.shapes:
+            for gate in args.gate:
+                measure(*map(int, spec.split(":")), gate)
+
     if args.launch_ab:
         print("| DH | S | B | gate | wall ms, Triton launches | wall ms, direct_launch | speed-up | each round |\n"
               "|---|---|---|---|---|---|---|---|")
-        for spec in args.shapes:
-            for gate in args.gate:
-                launch_ab(*map(int, spec.split(":")), gate)
+        per_shape_and_gate(launch_ab)
         return
     if args.host_timeline:
-        for spec in args.shapes:
-            for gate in args.gate:
-                host_timeline(*map(int, spec.split(":")), gate)
+        per_shape_and_gate(host_timeline)
         return
     if args.launch_floor:
         launch_floor()
     if args.host_split:
         print("| DH | S | gate | host us fwd+bwd | host us, Triton launches stubbed | Triton launches | their host us "
               "(each) | GPU us (CUDA graph) | SDPA causal host us |\n|---|---|---|---|---|---|---|---|---|")
-        for spec in args.shapes:
-            for gate in args.gate:
-                host_split(*map(int, spec.split(":")), gate)
+        per_shape_and_gate(host_split)
         return
     print("| DH | S | B | gate | wall fwd+bwd ms | host issue ms | CUDA-graph replay ms | kernels' CUDA ms |")
     print("|---|---|---|---|---|---|---|---|")
@@ -266,7 +250,7 @@ def main():
             torch.cuda.synchronize()
             wall = do_bench(step, warmup=20, rep=200, grad_to_none=leaves, return_mode="median")
 
-            host = _median_issue_us(step, leaves) / 1e3
+            host = median_issue_us(step, leaves) / 1e3
 
             replay = cuda_graph_ms(step, leaves)
 
