@@ -160,8 +160,3 @@ def direct_launch(kernel, grid: Sequence[int], *args: Any, **kwargs: Any) -> Non
 def _is_compiled_kernel(result: Any) -> bool:
     # A CompiledKernel after its first launch has its launcher loaded; the interpreter and test doubles return None.
     return result is not None and getattr(result, "function", None) is not None and hasattr(result, "packed_metadata")
-
-
-def clear_cache() -> None:
-    """Forget the compiled kernels (tests; a kernel redefined at run time)."""
-    _COMPILED.clear()

@@ -672,8 +672,8 @@ def mlstm_gates_fwd(
     launch."""
     lead = i.shape[:-1]
     BNH = _rows_of(i, lay.S)
-    # One allocation for the three per-row vectors: this op is host-bound at ViL's shapes, and an allocation costs
-    # about as much host time as the unbind (5-6 us on the H200 machine, bench/results/session12/launch_floor_h200.log).
+    # One allocation and an unbind for the three per-row vectors: this op is host-bound at ViL's shapes, and an
+    # allocation costs 5-6 us of host time on the H200 machine (bench/results/session12/launch_floor_h200.log).
     fv, av, mrow = torch.empty(3, *lead, lay.SP, device=i.device, dtype=torch.float32).unbind(0)
     mst = torch.empty(*lead, lay.NC + 1, device=i.device, dtype=torch.float32)
     BL = _pow2(lay.L)
