@@ -326,3 +326,41 @@ else:
         assert not function._fused_gates(launch.chunk_layout(too_long, too_long))
         monkeypatch.setattr(function, "FUSED_KERNELS", False)
         assert not function._fused_gates(launch.chunk_layout(196, 196))
+
+    @pytest.mark.parametrize("mode", ["one_pass", "split"])
+    @pytest.mark.parametrize("gate", ["exp", "sig"])
+    def test_gate_gradients_folded_into_the_dkdv_kernel(fused, monkeypatch, fresh_tiles, mode, gate):
+        """One chunk without states: the last dk + dv pass writes di and df (launch.FOLD_GATES), one launch less
+        than with mlstm_gates_bwd_kernel, and every output and gradient is bitwise what the separate launch gives.
+        S = 150 in 64-row key tiles: three programs per row take tickets, and only the last may compute the row's
+        gate gradients (an earlier one would read the poisoned k.dk of tiles not yet done)."""
+        monkeypatch.setattr(launch, "SPLIT_DKDV", mode == "split")
+        monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
+        monkeypatch.setattr(launch, "TILE_OVERRIDES", {"dkdv": dict(BS=64, BT=32), "dkdv_k": dict(BS=64, BT=32),
+                                                       "dkdv_v": dict(BS=64, BT=32)})
+        xs = _inputs(2, 2, 150, 24, 16, torch.float32, 5, False)
+        real_launch = launch.direct_launch
+        launched = []
+
+        def record(kernel, grid, *args, **kwargs):
+            launched.append(kernel.fn.__name__)
+            real_launch(kernel, grid, *args, **kwargs)
+
+        monkeypatch.setattr(launch, "direct_launch", record)
+        results = {}
+        for fold in (False, True):
+            monkeypatch.setattr(launch, "FOLD_GATES", fold)
+            launched.clear()
+            launch.POISON_OUTPUTS = True
+            try:
+                results[fold] = _run(mlstm_triton, xs, gate, True, False, 5)
+            finally:
+                launch.POISON_OUTPUTS = False
+            assert ("mlstm_gates_bwd_kernel" in launched) != fold, launched
+            assert launched.count("mlstm_bwd_dkdv_kernel") == (2 if mode == "split" else 1), launched
+        (outs0, grads0), (outs1, grads1) = results[False], results[True]
+        for name, a, b in zip(["h"] + NAMES, outs0[:1] + grads0, outs1[:1] + grads1):
+            if a is None:
+                assert b is None, name
+                continue
+            assert torch.isfinite(b).all() and torch.equal(a, b), name

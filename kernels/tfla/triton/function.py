@@ -358,9 +358,14 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
         rs, dqn, dm_row = launch.mlstm_bwd_rows(_in_layout(h, token_major), dh, qn, mrow, lay, exp_gate=exp_gate,
                                                 normalize=normalize, eps=eps)
         row_terms = None
-    else:  # the dq kernel computes them for its rows: one launch less
-        rs, dqn, dm_row = launch._row_sums(3, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
+    else:  # the dq kernel computes them for its rows: one launch less (a fourth row holds the gate tickets)
+        rs, dqn, dm_row, tickets = launch._row_sums(4, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
         row_terms = launch.RowTermInputs(_in_layout(h, token_major), qn, dm_row, normalize, exp_gate, eps)
+    gate_grads = None
+    if row_terms is not None and launch.folds_gate_grads(DQK, DHV, launch.gpu_arch(q.device), lay,
+                                                         state_pass=state_pass, has_final_grad=has_final_grad):
+        i, f = i.contiguous(), f.contiguous()
+        gate_grads = launch.GateGradsInDkdv(i, f, mst, torch.empty_like(i), torch.empty_like(f), tickets, exp_gate)
     # The sequential state kernel writes every boundary of the state gradients and the shares of A_c (below).
     kernel_states = state_pass and not launch.PARALLEL_CHUNK_STATES
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad,
@@ -370,8 +375,10 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     dq, dk, dv, qdq, kdk, A = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
-        row_terms_from=row_terms, state_dots=True,
+        row_terms_from=row_terms, state_dots=True, gate_grads=gate_grads,
     )
+    if gate_grads is not None:  # the dk + dv kernel wrote di and df (no initial state here, so no dm0)
+        return dq, dk, dv, gate_grads.di, gate_grads.df, None, None, None
     if A is None and dCst is not None and keeps:  # no sequential state pass: A_c in PyTorch, as one share
         A = ((Cf * dCst).sum((-2, -1)) + (nf * dnst).sum(-1)).unsqueeze(-1)  # [BNH, NC+1, 1]
     dm_final = _flat(dm[:, :, lay.NC]).float().contiguous() if dm is not None else None

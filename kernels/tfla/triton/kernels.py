@@ -19,8 +19,10 @@ Layout shared by every kernel (see function.py for how the vectors are made):
   tl.exp would add a multiply and a four-instruction denormal fix-up per element. The kernels wait on the latency of
   this elementwise chain, with the tensor cores 12-33 % busy (bench/results/ncu_mlstm_h100.md). Rows past the
   sequence's end get r_t = -inf in the key-side kernels, so their weights vanish without a per-element mask.
-Matrix products take operands in the input dtype and accumulate in float32. No atomics: every output element is
-written by exactly one program, so results are identical run to run.
+Matrix products take operands in the input dtype and accumulate in float32. Every output element is written by
+exactly one program, with a fixed order of arithmetic, so results are identical run to run. The one atomic is a
+ticket counter that picks which program computes a row's gate gradients (mlstm_bwd_dkdv_kernel's GATES_BWD), not
+what it computes.
 """
 
 import triton
@@ -597,20 +599,22 @@ def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV
 
 @triton.jit
 def mlstm_bwd_dq_kernel(
-    Q, K, V, DH, FV, AV, MROW, RS, DQN, CST, NST, MST, DQ, QDQ, H, QN, DMROW,
+    Q, K, V, DH, FV, AV, MROW, RS, DQN, CST, NST, MST, DQ, QDQ, H, QN, DMROW, TICKETS,
     S, L, NC, SP, scale, eps,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     BKO: tl.constexpr, BKO2: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
     ROW_TERMS: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
-    NHT: tl.constexpr,
+    NHT: tl.constexpr, ZERO_TICKETS: tl.constexpr = False,
 ):
     """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn.
     BT is a multiple of BS, as in the forward. BV2 / BKO2 > 0: dh and dq in two head-dim pieces (_scores); with BKO2
     one program covers all of dq's columns.
     ROW_TERMS (one chunk, no states: nothing before this kernel needs them): rs and dqn are computed here from h, dh,
     qn and the max state (_row_terms) and written, with dm, for the kernels after it, instead of by a
-    mlstm_bwd_rows_kernel launch; dh's tile is already resident, so h is the only extra read."""
+    mlstm_bwd_rows_kernel launch; dh's tile is already resident, so h is the only extra read.
+    ZERO_TICKETS: set the ticket counter TICKETS[bh * SP] of mlstm_bwd_dkdv_kernel's GATES_BWD to zero (one program
+    per row), so the counter needs no fill launch of its own."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_t = tl.program_id(0)
@@ -650,6 +654,9 @@ def mlstm_bwd_dq_kernel(
         tl.store(RS + vec + t_loc, rs_t, mask=t_ok & first)
         tl.store(DQN + vec + t_loc, dqn_t, mask=t_ok & first)
         tl.store(DMROW + vec + t_loc, dm_t, mask=t_ok & first)
+        if ZERO_TICKETS:
+            if (pid_t == 0) & first:
+                tl.store(TICKETS + vec, 0.0)
     else:
         rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
         dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
@@ -744,7 +751,12 @@ def mlstm_bwd_dk_kernel(
     NHT: tl.constexpr,
 ):
     """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1}).
-    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
+    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not.
+    GATES_BWD (one chunk without states, the last pass): the gate gradients di, df of a (batch, head) row need k.dk
+    of all its key tiles, so the program that finishes its row's last key tile computes them (_gates_bwd_row),
+    instead of a mlstm_gates_bwd_kernel launch after this one. Programs of a row take tickets from a counter
+    TICKETS[bh * SP] (float32, zeroed by the dq kernel before); the ticket's order varies from run to run, the
+    arithmetic of whoever holds the last one does not, so results stay bitwise deterministic."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
@@ -1058,12 +1070,24 @@ def mlstm_gates_bwd_kernel(
     EXP_GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_DMF: tl.constexpr, HAS_INIT: tl.constexpr,
     BL: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr,
 ):
-    """One (batch, head) row, chunks in reverse: route dm through the cummax argmax and the chunk max states, add
-    the state-transition terms A_c, reverse-cumsum dF inside each chunk, and write di, df (and dm0).
+    """One (batch, head) row per program: _gates_bwd_row."""
+    _gates_bwd_row(tl.program_id(0).to(tl.int64), QDQ, KDK, DMROW, FV, AV, MST, ACST, DMF, IG, FG, DI, DF, DM0,
+                   S, L, NC, SP, NKO_Q, NKO_K, BNH, NPART, EXP_GATE, HAS_A, HAS_DMF, HAS_INIT, BL, BP, CB)
+
+
+@triton.jit
+def _gates_bwd_row(
+    bh, QDQ, KDK, DMROW, FV, AV, MST, ACST, DMF, IG, FG, DI, DF, DM0,
+    S, L, NC, SP, NKO_Q, NKO_K, BNH, NPART,
+    EXP_GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_DMF: tl.constexpr, HAS_INIT: tl.constexpr,
+    BL: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr,
+):
+    """The gate gradients of (batch, head) row bh, chunks in reverse: route dm through the cummax argmax and the
+    chunk max states, add the state-transition terms A_c, reverse-cumsum dF inside each chunk, and write di, df (and
+    dm0). Run by mlstm_gates_bwd_kernel, or at the end of mlstm_bwd_dkdv_kernel (GATES_BWD).
     CB chunks at once, as mlstm_gates_fwd_kernel: position k of a group holds chunk g_hi - k (descending), so the
     max-state gradient that enters each chunk from the chunks after it comes from a forward scan over the group's
     chunk maps carry_out = s_c + g_c carry_in (_affine_then); only that scalar is carried from group to group."""
-    bh = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BL)[None, :]
     cidx = tl.arange(0, CB)
     offs2 = tl.broadcast_to(offs, (CB, BL))
@@ -1186,11 +1210,13 @@ def _key_tile_and_acc(base, s_loc, s_ok, D: tl.constexpr, ROWSTRIDE: tl.constexp
 @triton.jit
 def mlstm_bwd_dkdv_kernel(
     Q, K, V, DH, FV, AV, MROW, RS, DQN, DCST, DNST, DK, DV, KDK,
-    S, L, NC, SP, scale,
+    QDQ, DMROW, MST, IG, FG, DI, DF, TICKETS,
+    S, L, NC, SP, scale, NKO_Q, BNH,
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
     BV: tl.constexpr, BV2: tl.constexpr, SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
     NHT: tl.constexpr, DO_K: tl.constexpr = True, DO_V: tl.constexpr = True,
+    GATES_BWD: tl.constexpr = False, EXP_GATE: tl.constexpr = True, BL: tl.constexpr = 16,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK + BK2, BV + BV2: one program covers them), both
     accumulators live:
@@ -1201,7 +1227,12 @@ def mlstm_bwd_dkdv_kernel(
     DO_K / DO_V: compute only dk (with k.dk) or only dv, for a split pass of two launches (launch.dkdv_mode). Each
     then holds one accumulator, which lets wide head dims take 64-row key tiles (Hopper's wgmma) where both
     accumulators would spill; the launches read q and dh twice but do no extra products.
-    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
+    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not.
+    GATES_BWD (one chunk without states, the last pass): the gate gradients di, df of a (batch, head) row need k.dk
+    of all its key tiles, so the program that finishes its row's last key tile computes them (_gates_bwd_row),
+    instead of a mlstm_gates_bwd_kernel launch after this one. Programs of a row take tickets from a counter
+    TICKETS[bh * SP] (float32, zeroed by the dq kernel before); the ticket's order varies from run to run, the
+    arithmetic of whoever holds the last one does not, so results stay bitwise deterministic."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
@@ -1303,3 +1334,12 @@ def mlstm_bwd_dkdv_kernel(
         if BV2 > 0:
             tl.store(dv_base + s_loc[:, None] * RHV + offs_v2[None, :], acc_v2.to(DV.dtype.element_ty),
                      mask=s_ok[:, None] & v2_ok[None, :])
+    if GATES_BWD:
+        # Release: every thread's k.dk stores are issued before the ticket (a scalar atomic, one thread of the
+        # program); acquire: the last ticket's holder then sees every other program's k.dk (the pattern of
+        # CUTLASS's semaphore: barrier, then one thread's acq_rel atomic at GPU scope).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TICKETS + vec, 1.0, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
+            _gates_bwd_row(bh, QDQ, KDK, DMROW, FV, AV, MST, FV, FV, IG, FG, DI, DF, FV, S, L, NC, SP, NKO_Q, 1, BNH,
+                           1, EXP_GATE, False, False, False, BL, 1, 1)

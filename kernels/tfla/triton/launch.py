@@ -470,6 +470,35 @@ class RowTermInputs(NamedTuple):
     eps: float
 
 
+# One-chunk calls without states (ViL at 224-512 px) compute the gate gradients inside the dk + dv kernel's last pass
+# (kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of in a mlstm_gates_bwd_kernel launch after it: one launch, and
+# its host time, less per backward; such calls are bound by the host (bench/results/session12/). FOLD_GATES = False,
+# or TFLA_FOLD_GATES=0 in the environment, keeps the separate launch.
+FOLD_GATES: bool = os.environ.get("TFLA_FOLD_GATES", "1") != "0"
+
+
+class GateGradsInDkdv(NamedTuple):
+    """What mlstm_bwd's dk + dv kernel needs to write the gate gradients di, df (shaped as i, f) itself: the gate
+    pre-activations, the max states, the outputs, and a float32 ticket counter per row ([BNH, SP] with the counter at
+    column 0, written by the dq kernel). dm_row comes from row_terms_from."""
+
+    i: torch.Tensor
+    f: torch.Tensor
+    mst: torch.Tensor
+    di: torch.Tensor
+    df: torch.Tensor
+    tickets: torch.Tensor
+    exp_gate: bool
+
+
+def folds_gate_grads(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, state_pass: bool,
+                     has_final_grad: bool) -> bool:
+    """Whether mlstm_bwd can take GateGradsInDkdv: one chunk, no state pass, no final-state gradient (the gate
+    gradients then need no state terms), and dk, dv from mlstm_bwd_dkdv_kernel (not the sliced dk and dv kernels)."""
+    return (FOLD_GATES and lay.NC == 1 and not state_pass and not has_final_grad
+            and dkdv_mode(DQK, DHV, arch) != "slices")
+
+
 def mlstm_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -493,6 +522,7 @@ def mlstm_bwd(
     fused_dkdv: bool = False,
     row_terms_from: Optional[RowTermInputs] = None,
     state_dots: bool = False,
+    gate_grads: Optional[GateGradsInDkdv] = None,
 ) -> tuple:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
@@ -504,7 +534,9 @@ def mlstm_bwd(
     did not run (no state pass, or PARALLEL_CHUNK_STATES): the caller then computes A itself.
     dCst / dnst: every boundary is written by the sequential state kernel (index NC is read instead when
     has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
-    pass need them zeroed."""
+    pass need them zeroed.
+    gate_grads (where folds_gate_grads says so, with row_terms_from): the dk + dv kernel's last pass also writes di
+    and df into gate_grads' buffers, in place of a mlstm_gates_bwd launch by the caller."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -547,26 +579,37 @@ def mlstm_bwd(
     rows = row_terms_from
     if rows is not None and (state_pass or lay.NC != 1):
         raise ValueError("row_terms_from needs one chunk without a state pass (which reads rs and dqn first)")
+    gates = gate_grads
+    mode = dkdv_mode(DQK, DHV, arch, with_states=has_final) if fused_dkdv else "slices"
+    if gates is not None and (rows is None or has_final or mode == "slices"):
+        raise ValueError("gate_grads needs row_terms_from, no final-state gradient and the dk + dv kernel "
+                         "(folds_gate_grads)")
     _launch_tiled(
         mlstm_bwd_dq_kernel, lambda t: (_cdiv(lay.L, t["BT"]), nko, BNH * lay.NC), cfg,
         q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
         rows.h if rows else dummy, rows.qn if rows else dummy, rows.dm_row if rows else dummy,
+        gates.tickets if gates else dummy,
         S, lay.L, lay.NC, lay.SP, scale, rows.eps if rows else 0.0, HAS_INIT=Cst is not None,
         ROW_TERMS=rows is not None, NORMALIZE=bool(rows and rows.normalize), EXP_GATE=bool(rows and rows.exp_gate),
-        **common,
+        ZERO_TICKETS=gates is not None, **common,
     )
-    mode = dkdv_mode(DQK, DHV, arch, with_states=has_final) if fused_dkdv else "slices"
     if mode != "slices":
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-        for name, do_k, do_v in _DKDV_PASSES[mode]:
+        passes = _DKDV_PASSES[mode]
+        for n_pass, (name, do_k, do_v) in enumerate(passes):
             cfg = tiles(name, DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay))
+            fold = gates is not None and n_pass == len(passes) - 1  # k.dk is complete only in the last pass
+            gate_consts = dict(GATES_BWD=True, EXP_GATE=gates.exp_gate, BL=_pow2(lay.L)) if fold else {}
             _launch_tiled(
                 mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
                 q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
-                S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]),
-                DO_K=do_k, DO_V=do_v, **common,
+                qdq, rows.dm_row if fold else dummy, gates.mst if fold else dummy, gates.i if fold else dummy,
+                gates.f if fold else dummy, gates.di if fold else dummy, gates.df if fold else dummy,
+                gates.tickets if fold else dummy,
+                S, lay.L, lay.NC, lay.SP, scale, nko, BNH, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]),
+                DO_K=do_k, DO_V=do_v, **gate_consts, **common,
             )
         out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
         return (*out, apart) if state_dots else out

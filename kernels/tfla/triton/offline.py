@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import kernels as K
+from . import launch
 
 # Half-precision tensors of each kernel (the rest of the pointers are float32 per-row vectors or states).
 _HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV"}
@@ -39,14 +40,19 @@ KERNELS = {
 
 def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int = 90, dtype: str = "bf16",
                    fast_exp2: bool = True):
-    """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states."""
+    """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states:
+    the variant such a call launches (with launch.FOLD_GATES, the dq kernel zeroes the gate tickets and the last
+    dk + dv pass computes the gate gradients)."""
     fn = KERNELS[name]
     consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=1)  # NHT: tiles may set it
+    gates = dict(GATES_BWD=launch.FOLD_GATES, EXP_GATE=True, BL=launch._pow2(S))
+    no_gates = dict(GATES_BWD=False, EXP_GATE=True, BL=16)
     flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True),
-             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True),
-             "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True),  # defaults are not constexprs to ASTSource
-             "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False),
-             "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True)}
+             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True, ZERO_TICKETS=launch.FOLD_GATES),
+             # defaults are not constexprs to ASTSource
+             "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True, **gates),
+             "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False, **no_gates),
+             "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True, **gates)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
@@ -54,7 +60,7 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     consts.update({k: v for k, v in tiles.items() if k not in options})
     if name.startswith("dkdv"):
         consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
-    return compile_launch(fn, consts, dict(S=S, L=S, NC=1, SP=S), options, arch=arch, dtype=dtype)
+    return compile_launch(fn, consts, dict(S=S, L=S, NC=1, SP=S, NKO_Q=1, BNH=1024), options, arch=arch, dtype=dtype)
 
 
 def compile_launch(fn, consts: dict, ints: dict, options: dict, arch: int = 90, dtype: str = "bf16"):
