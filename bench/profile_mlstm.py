@@ -2,7 +2,7 @@
 step replayed from a CUDA graph (no host cost at all).
 
 Usage: PYTHONPATH=kernels python bench/profile_mlstm.py 96:196 512:196 192:1024 192:4096 [--gate exp] [--table]
-       [--cprofile] [--launch-floor] [--host-split] [--host-timeline] [--launch-ab]
+       [--cprofile] [--launch-floor] [--host-split] [--host-timeline] [--launch-ab] [--ab SWITCH]
 
 Per shape it prints: wall ms of one fwd+bwd (do_bench), host ms to issue one step (no synchronisation; if this is
 close to the wall time, the step is launch-bound, not GPU-bound), CUDA-graph replay ms (GPU time alone), and with
@@ -12,7 +12,8 @@ calls, on this machine: the floor under any Triton op's host time. --host-split 
 Triton launches and everything else (PyTorch glue, allocations, autograd), with SDPA's host time beside it.
 --host-timeline times each Triton launch where it happens inside the step (a launch cost the H200's host about three
 times as much there as re-issued in a loop: bench/results/session11/host_timeline_h200.log). --launch-ab compares
-the eager wall time with launches through Triton and through tfla's direct_launch, alternating in one process.
+the eager wall time with launches through Triton and through tfla's direct_launch, alternating in one process; --ab
+does the same for another switch of the op (--ab fold_gates: the gate kernels folded into the matrix kernels or not).
 """
 
 import argparse
@@ -168,12 +169,19 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
           + f"; sum {sum(per_launch.values()):.0f}", flush=True)
 
 
-def launch_ab(DH: int, S: int, gate: str, rounds: int = 5) -> None:
-    """One row: eager fwd+bwd wall ms (do_bench median) with every launch through Triton (kernel[grid]) and through
-    tfla's direct_launch, alternating `rounds` times in this one process, since this host's speed drifts between
-    processes more than the difference (bench/results/session12/host_timeline_direct_ab*_h200.log)."""
+def _ab_switches() -> dict:
+    """--ab's switches: name -> (module, attribute), each a bool the op reads on every call."""
     from tfla.triton import direct_launch
 
+    return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates": (launch, "FOLD_GATES")}
+
+
+def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
+    """One row: eager fwd+bwd wall ms (do_bench median) with a switch of the op off and on (direct_launch: every
+    launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates: launch.FOLD_GATES), alternating `rounds`
+    times in this one process, since this host's speed drifts between processes more than the difference
+    (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a CUDA-graph replay)."""
+    module, attribute = _ab_switches()[switch]
     B, NH = max(1, round(50_000 / S)), 4
     q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
     leaves = (q, k, v, i, f)
@@ -181,21 +189,25 @@ def launch_ab(DH: int, S: int, gate: str, rounds: int = 5) -> None:
     def step():
         mlstm_triton(q, k, v, i, f, gate=gate).backward(dh)
 
-    shipped = direct_launch.DIRECT_LAUNCH
+    shipped = getattr(module, attribute)
     walls = {False: [], True: []}
+    graphs = {}
     try:
         for _ in range(rounds):
-            for direct in (False, True):
-                direct_launch.DIRECT_LAUNCH = direct
+            for on in (False, True):
+                setattr(module, attribute, on)
                 for _ in range(3):
                     step()
-                walls[direct].append(do_bench(step, warmup=20, rep=200, grad_to_none=leaves, return_mode="median"))
+                walls[on].append(do_bench(step, warmup=20, rep=200, grad_to_none=leaves, return_mode="median"))
+        for on in (False, True):
+            setattr(module, attribute, on)
+            graphs[on] = cuda_graph_ms(step, leaves)
     finally:
-        direct_launch.DIRECT_LAUNCH = shipped
-    triton_ms, direct_ms = (sorted(w)[len(w) // 2] for w in (walls[False], walls[True]))
+        setattr(module, attribute, shipped)
+    off_ms, on_ms = (sorted(w)[len(w) // 2] for w in (walls[False], walls[True]))
     spread = " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(walls[False], walls[True]))
-    print(f"| {DH} | {S} | {B} | {gate} | {triton_ms:.3f} | {direct_ms:.3f} | {triton_ms / direct_ms:.2f} | {spread} |",
-          flush=True)
+    print(f"| {DH} | {S} | {B} | {gate} | {off_ms:.3f} | {on_ms:.3f} | {off_ms / on_ms:.2f} | {graphs[False]:.3f} | "
+          f"{graphs[True]:.3f} | {spread} |", flush=True)
 
 
 def main():
@@ -209,8 +221,9 @@ def main():
                     help="only the split of the host time: Triton launches vs the rest, per shape (see host_split)")
     ap.add_argument("--host-timeline", action="store_true",
                     help="only the host time per launch inside the step, per shape (see host_timeline)")
-    ap.add_argument("--launch-ab", action="store_true",
-                    help="only eager fwd+bwd wall ms with launches through Triton vs direct_launch (see launch_ab)")
+    ap.add_argument("--ab", choices=sorted(_ab_switches()),
+                    help="only eager fwd+bwd wall ms with this switch off and on, alternating (see switch_ab)")
+    ap.add_argument("--launch-ab", action="store_true", help="--ab direct_launch (launches through Triton or not)")
     args = ap.parse_args()
 
     def per_shape_and_gate(measure) -> None:
@@ -218,10 +231,11 @@ def main():
             for gate in args.gate:
                 measure(*map(int, spec.split(":")), gate)
 
-    if args.launch_ab:
-        print("| DH | S | B | gate | wall ms, Triton launches | wall ms, direct_launch | speed-up | each round |\n"
-              "|---|---|---|---|---|---|---|---|")
-        per_shape_and_gate(launch_ab)
+    switch = "direct_launch" if args.launch_ab else args.ab
+    if switch:
+        print(f"| DH | S | B | gate | wall ms, {switch} off | wall ms, on | speed-up | GPU ms off | GPU ms on | "
+              "each round (off/on) |\n|---|---|---|---|---|---|---|---|---|---|")
+        per_shape_and_gate(lambda DH, S, gate: switch_ab(switch, DH, S, gate))
         return
     if args.host_timeline:
         per_shape_and_gate(host_timeline)

@@ -166,14 +166,19 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     token_major = _token_major(q, lay)
     q, k, v = (_in_layout(t, token_major) for t in (q, k, v))
     fused = _fused_gates(lay)
-    if fused:
+    keeps_states = _keeps_states(lay, has_init, return_state)
+    gates_from = None
+    if fused and launch.folds_gate_vectors(lay, keeps_states=keeps_states):  # the fwd_h kernel writes them
+        fv, av, mrow, mst = launch.gate_vector_buffers(i, lay)
+        gates_from = (i.contiguous(), f.contiguous())
+    elif fused:
         fv, av, mrow, mst = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
     else:
         fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
                                                  exp_gate, lay)
         mst = mst.view(B, NH, lay.NC + 1)
     Cst = nst = None
-    if _keeps_states(lay, has_init, return_state):
+    if keeps_states:
         Cst = torch.empty(B, NH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
         nst = torch.empty(B, NH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
         if launch.POISON_OUTPUTS:
@@ -183,7 +188,7 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
             Cst[:, :, 0] = C0.float()
             nst[:, :, 0] = n0.float()
     h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
-                      has_init=has_init)
+                      has_init=has_init, gates_from=gates_from)
     return (h, Cst, nst, mst, qn), ((fv, av, mrow, mst) if fused else None)
 
 

@@ -412,8 +412,11 @@ def mlstm_fwd(
     normalize: bool,
     eps: float,
     has_init: bool,
+    gates_from: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns h (shaped as v) and qn [*lead, SP]; fills Cst/nst[:, 1:] (chunk states) when given."""
+    """Returns h (shaped as v) and qn [*lead, SP]; fills Cst/nst[:, 1:] (chunk states) when given.
+    gates_from (i, f), contiguous (where folds_gate_vectors says so): fv, av, mrow and mst are outputs, written by the
+    fwd_h kernel from the gates (kernels.mlstm_fwd_h_kernel's GATES_FWD), in place of a mlstm_gates_fwd launch."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -437,14 +440,17 @@ def mlstm_fwd(
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
+    if gates_from is not None and (Cst is not None or lay.NC != 1):
+        raise ValueError("gates_from needs one chunk without states (folds_gate_vectors)")
     _launch_tiled(
         mlstm_fwd_h_kernel, lambda t: (_cdiv(lay.L, t["BT"]), _cdiv(DHV, t["BV"] + t["BV2"]), BNH * lay.NC),
         tiles("fwd_h", DQK, DHV, gpu_arch(q.device), with_states=Cst is not None, rows=_one_chunk_rows(lay)),
         q, k, v, h, fv, av, mrow, qn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst,
+        *(gates_from if gates_from is not None else (dummy, dummy)),
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
         HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=_fast_exp2(q),
-        NHT=nht,
+        NHT=nht, **({"GATES_FWD": True} if gates_from is not None else {}),
     )
     return h, qn
 
@@ -470,10 +476,12 @@ class RowTermInputs(NamedTuple):
     eps: float
 
 
-# One-chunk calls without states (ViL at 224-512 px) compute the gate gradients inside the dk + dv kernel's last pass
-# (kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of in a mlstm_gates_bwd_kernel launch after it: one launch, and
-# its host time, less per backward; such calls are bound by the host (bench/results/session12/). FOLD_GATES = False,
-# or TFLA_FOLD_GATES=0 in the environment, keeps the separate launch.
+# One-chunk calls without states (ViL at 224-512 px) fold the two gate kernels into the matrix kernels: the fwd_h
+# kernel forms the gate vectors itself (kernels.mlstm_fwd_h_kernel, GATES_FWD) instead of reading them from a
+# mlstm_gates_fwd_kernel launch before it, and the dk + dv kernel's last pass computes the gate gradients
+# (kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of a mlstm_gates_bwd_kernel launch after it. Two launches, and
+# their host time, less per fwd+bwd; such calls are bound by the host (bench/results/session12/). FOLD_GATES = False,
+# or TFLA_FOLD_GATES=0 in the environment, keeps the separate launches.
 FOLD_GATES: bool = os.environ.get("TFLA_FOLD_GATES", "1") != "0"
 
 
@@ -703,6 +711,24 @@ def _gate_chunks_per_group(lay: ChunkLayout, BL: int) -> int:
     return max(1, min(_pow2(lay.NC, lo=1), GATE_GROUP_ROWS // BL))
 
 
+def folds_gate_vectors(lay: ChunkLayout, *, keeps_states: bool) -> bool:
+    """Whether mlstm_fwd can take gates_from: one chunk, no initial or kept state (see FOLD_GATES)."""
+    return FOLD_GATES and lay.NC == 1 and not keeps_states
+
+
+def gate_vector_buffers(i: torch.Tensor, lay: ChunkLayout) -> tuple[torch.Tensor, ...]:
+    """Uninitialised fv, av, mrow [*lead, SP] and mst [*lead, NC+1] (lead: i's leading dims)."""
+    lead = i.shape[:-1]
+    # One allocation and an unbind for the three per-row vectors: this op is host-bound at ViL's shapes, and an
+    # allocation costs 5-6 us of host time on the H200 machine (bench/results/session12/launch_floor_h200.log).
+    rows = torch.empty(3, *lead, lay.SP, device=i.device, dtype=torch.float32)
+    mst = torch.empty(*lead, lay.NC + 1, device=i.device, dtype=torch.float32)
+    if POISON_OUTPUTS:
+        rows.fill_(float("nan"))
+        mst.fill_(float("nan"))
+    return (*rows.unbind(0), mst)
+
+
 def mlstm_gates_fwd(
     i: torch.Tensor,  # [BNH, S] input-gate pre-activations
     f: torch.Tensor,  # [BNH, S] forget-gate pre-activations
@@ -713,12 +739,8 @@ def mlstm_gates_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fv, av, mrow [*lead, SP] and mst [*lead, NC+1] (lead: i's leading dims), as function._gate_vectors, in one
     launch."""
-    lead = i.shape[:-1]
     BNH = _rows_of(i, lay.S)
-    # One allocation and an unbind for the three per-row vectors: this op is host-bound at ViL's shapes, and an
-    # allocation costs 5-6 us of host time on the H200 machine (bench/results/session12/launch_floor_h200.log).
-    fv, av, mrow = torch.empty(3, *lead, lay.SP, device=i.device, dtype=torch.float32).unbind(0)
-    mst = torch.empty(*lead, lay.NC + 1, device=i.device, dtype=torch.float32)
+    fv, av, mrow, mst = gate_vector_buffers(i, lay)
     BL = _pow2(lay.L)
     CB = _gate_chunks_per_group(lay, BL)
     direct_launch(
