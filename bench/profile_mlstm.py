@@ -13,7 +13,7 @@ Triton launches and everything else (PyTorch glue, allocations, autograd), with 
 --host-timeline times each Triton launch where it happens inside the step (a launch cost the H200's host about three
 times as much there as re-issued in a loop: bench/results/session11/host_timeline_h200.log). --launch-ab compares
 the eager wall time with launches through Triton and through tfla's direct_launch, alternating in one process; --ab
-does the same for another switch of the op (--ab fold_gates: the gate kernels folded into the matrix kernels or not).
+does the same for another switch of the op (--ab fold_gates_fwd / fold_gates_bwd: a gate kernel folded into a matrix kernel or not).
 """
 
 import argparse
@@ -173,12 +173,13 @@ def _ab_switches() -> dict:
     """--ab's switches: name -> (module, attribute), each a bool the op reads on every call."""
     from tfla.triton import direct_launch
 
-    return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates": (launch, "FOLD_GATES")}
+    return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates_fwd": (launch, "FOLD_GATES_FWD"),
+            "fold_gates_bwd": (launch, "FOLD_GATES_BWD")}
 
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     """One row: eager fwd+bwd wall ms (do_bench median) with a switch of the op off and on (direct_launch: every
-    launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates: launch.FOLD_GATES), alternating `rounds`
+    launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates_fwd / _bwd: launch.FOLD_GATES_FWD / _BWD), alternating `rounds`
     times in this one process, since this host's speed drifts between processes more than the difference
     (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a CUDA-graph replay)."""
     module, attribute = _ab_switches()[switch]

@@ -146,9 +146,9 @@ def fwd(x, S):
 
 def bwd(x, saved, S):
     q, k, v, i, f, dh = x
-    h, Cst, nst, mst, qn = saved
-    return function.mlstm_bwd_op(dh, None, None, None, q, k, v, i, f, None, None, None, h, Cst, nst, qn, True, True,
-                                 function.default_chunk_size(S), 1e-6)
+    h, Cst, nst, mst, qn, gate_rows = saved
+    return function.mlstm_bwd_op(dh, None, None, None, q, k, v, i, f, None, None, None, h, Cst, nst, qn, mst, gate_rows,
+                                 True, True, function.default_chunk_size(S), 1e-6)
 
 
 def gpu_ms(step) -> float:

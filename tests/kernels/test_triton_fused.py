@@ -330,13 +330,14 @@ else:
     @pytest.mark.parametrize("mode", ["one_pass", "split"])
     @pytest.mark.parametrize("gate", ["exp", "sig"])
     def test_gate_kernels_folded_into_the_matrix_kernels(fused, monkeypatch, fresh_tiles, mode, gate):
-        """One chunk without states (launch.FOLD_GATES): fwd_h forms the gate vectors itself and the last dk + dv
+        """One chunk without states (launch.FOLD_GATES_FWD / _BWD): fwd_h forms the gate vectors itself and the last dk + dv
         pass writes di and df, two launches less than with the gate kernels, with the same results. S = 150 in
         32-row query tiles (fwd_h carries F and the cummax across five tiles) and 64-row key tiles in the backward
         (three programs per row take tickets, and only the last may compute the row's gate gradients: an earlier one
-        would read the poisoned k.dk of tiles not yet done)."""
+        would read the poisoned k.dk of tiles not yet done). fwd_h's walk over the gates takes 64-row steps here."""
         monkeypatch.setattr(launch, "SPLIT_DKDV", mode == "split")
         monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
+        monkeypatch.setattr(launch, "GATE_TILE_ROWS", 64)
         keys = dict(BS=64, BT=32)
         monkeypatch.setattr(launch, "TILE_OVERRIDES", {"fwd_h": dict(BT=32, BS=16), "dkdv": keys, "dkdv_k": keys,
                                                        "dkdv_v": keys})
@@ -351,7 +352,8 @@ else:
         monkeypatch.setattr(launch, "direct_launch", record)
         results, gate_vectors = {}, {}
         for fold in (False, True):
-            monkeypatch.setattr(launch, "FOLD_GATES", fold)
+            monkeypatch.setattr(launch, "FOLD_GATES_FWD", fold)
+            monkeypatch.setattr(launch, "FOLD_GATES_BWD", fold)
             launched.clear()
             launch.POISON_OUTPUTS = True
             try:

@@ -169,9 +169,10 @@ else:
                        torch.randn(B, NH, generator=g)) if init else (None, None, None))
         fwd_args = (q, k, v, i, f, C0, n0, m0, True, True, 8, 1e-6, True)
         torch.library.opcheck(mlstm_fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
-        h, Cst, nst, mst, qn = mlstm_fwd_op(*fwd_args)
+        h, Cst, nst, mst, qn, gate_rows = mlstm_fwd_op(*fwd_args)
         dh = torch.randn(B, S, NH, DH, generator=g).transpose(1, 2)
-        bwd_args = (dh, None, None, None, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, True, True, 8, 1e-6)
+        bwd_args = (dh, None, None, None, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, True, True, 8,
+                    1e-6)
         torch.library.opcheck(mlstm_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
     def test_compiled_graph_uses_the_custom_op_and_matches_eager():

@@ -125,19 +125,22 @@ def _new_in_layout(like: torch.Tensor, shape, token_major: bool) -> torch.Tensor
 _LIB = torch.library.Library("tfla", "DEF")
 _LIB.define(
     "mlstm_fwd(Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, Tensor? C0, Tensor? n0, Tensor? m0, bool exp_gate, "
-    "bool normalize, SymInt chunk_size, float eps, bool return_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool normalize, SymInt chunk_size, float eps, bool return_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 _LIB.define(
     "mlstm_bwd(Tensor dh, Tensor? dC, Tensor? dn, Tensor? dm, Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, "
-    "Tensor? C0, Tensor? n0, Tensor? m0, Tensor h, Tensor Cst, Tensor nst, Tensor qn, bool exp_gate, bool normalize, "
-    "SymInt chunk_size, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? C0, Tensor? n0, Tensor? m0, Tensor h, Tensor Cst, Tensor nst, Tensor qn, Tensor mst, Tensor gate_rows, "
+    "bool exp_gate, bool normalize, SymInt chunk_size, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 
 
 def _mlstm_fwd_kernels(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
-    """h [B,NH,S,DHV]; states C [B,NH,NC+1,DQK,DHV], n [B,NH,NC+1,DQK], m [B,NH,NC+1] (empty when not kept); qn."""
+    """h [B,NH,S,DHV]; states C [B,NH,NC+1,DQK,DHV], n [B,NH,NC+1,DQK], m [B,NH,NC+1] (empty when not kept); qn;
+    the gate vectors F, a, m [3,B,NH,SP] for the backward (empty on the unfused path, whose backward makes its own)."""
     return _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
 
 
@@ -146,17 +149,18 @@ def _keeps_states(lay: ChunkLayout, has_init: bool, return_state: bool) -> bool:
 
 
 def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
-    h, Cst, nst, mst, qn = _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps,
-                                           return_state)[0]
+    (h, Cst, nst, mst, qn), gates = _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps,
+                                                    return_state)
     if Cst is None:  # the op's schema returns tensors: empty ones stand for states that were not kept
         Cst, nst = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return h, Cst, nst, mst, qn
+    gate_rows = gates.rows if gates is not None else q.new_empty(0, dtype=torch.float32)
+    return h, Cst, nst, mst, qn, gate_rows
 
 
 def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
     """The op's outputs (with None for the states C, n when they are not kept; _fwd_impl gives the op empty tensors
-    there), and the gate vectors (fv, av, mrow, mst) where the fused backward can reuse them (else None): the eager
-    path keeps them instead of recomputing them in the backward (one launch less).
+    there), and the gate vectors (launch.GateVectors) where the fused backward can reuse them (else None): both paths
+    keep them for the backward (one launch less there, and the backward sees the forward's own vectors).
     Tensors keep their [B, NH, ...] shape on the fused path: the launch wrappers take any leading dims, and every
     reshape is one more dispatch of host time (this op is host-bound at ViL-T's shapes, bench/results)."""
     B, NH, S, DQK = q.shape
@@ -168,11 +172,14 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     fused = _fused_gates(lay)
     keeps_states = _keeps_states(lay, has_init, return_state)
     gates_from = None
+    gates = None
     if fused and launch.folds_gate_vectors(lay, keeps_states=keeps_states):  # the fwd_h kernel writes them
-        fv, av, mrow, mst = launch.gate_vector_buffers(i, lay)
+        gates = launch.gate_vector_buffers(i, lay)
         gates_from = (i.contiguous(), f.contiguous())
     elif fused:
-        fv, av, mrow, mst = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
+        gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
+    if fused:
+        fv, av, mrow, mst = gates[:4]
     else:
         fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,
                                                  exp_gate, lay)
@@ -189,7 +196,7 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
             nst[:, :, 0] = n0.float()
     h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
                       has_init=has_init, gates_from=gates_from)
-    return (h, Cst, nst, mst, qn), ((fv, av, mrow, mst) if fused else None)
+    return (h, Cst, nst, mst, qn), gates
 
 
 @torch.library.register_fake("tfla::mlstm_fwd", lib=_LIB)
@@ -206,13 +213,16 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
         nst = q.new_empty(0, **f32)
     mst = q.new_empty(B, NH, lay.NC + 1, **f32)
     h = _new_in_layout(v, (B, NH, S, DHV), _token_major(q, lay))
-    return h, Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32)
+    gate_rows = q.new_empty(3, B, NH, lay.SP, **f32) if _fused_gates(lay) else q.new_empty(0, **f32)
+    return h, Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32), gate_rows
 
 
-def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
-                       eps):
+def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, exp_gate, normalize,
+                       chunk_size, eps):
     """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state), all contiguous."""
-    grads = _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
+    gates = launch.GateVectors(*gate_rows.unbind(0), mst, gate_rows) if gate_rows.numel() else None
+    grads = _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps,
+                     gates=gates)
     return tuple(q.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
 
 
@@ -344,7 +354,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
                     eps, gates=None):
     """_bwd_impl with the gate bookkeeping in kernels (the default, see FUSED_KERNELS): same math, same dq, dk, dv
     kernels. Tensors keep their [B, NH, ...] shape (see _fwd_with_gates); the state terms work on [B*NH, ...] views.
-    gates: the forward's (fv, av, mrow, mst) when it kept them; recomputed otherwise."""
+    gates: the forward's launch.GateVectors when it kept them; recomputed otherwise."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
     BNH = B * NH
@@ -356,7 +366,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     dh = _in_layout(dh.to(v.dtype), token_major)
     if gates is None:
         gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)
-    fv, av, mrow, mst = gates
+    fv, av, mrow, mst = gates[:4]
     keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
     if state_pass:  # the state pass reads rs and dqn before the dq kernel runs
@@ -399,7 +409,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
 
 
 @torch.library.register_fake("tfla::mlstm_bwd", lib=_LIB)
-def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps):
+def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, exp_gate, normalize, chunk_size, eps):
     f32 = dict(dtype=torch.float32)
     if C0 is not None:
         dC0, dn0, dm0 = C0.new_empty(C0.shape, **f32), n0.new_empty(n0.shape, **f32), m0.new_empty(m0.shape, **f32)
@@ -424,8 +434,8 @@ mlstm_bwd_op = torch.ops.tfla.mlstm_bwd.default
 
 def _setup_context(ctx, inputs, output):
     q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state = inputs
-    h, Cst, nst, mst, qn = output
-    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn)
+    h, Cst, nst, mst, qn, gate_rows = output
+    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows)
     ctx.cfg = (exp_gate, normalize, chunk_size, eps)
     ctx.init_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
     ctx.return_state = return_state
@@ -434,8 +444,15 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dh, dCst, dnst, dmst, dqn):
-    return _input_grads(ctx, ctx.saved_tensors, dh, dCst, dnst, dmst, mlstm_bwd_op)
+def _backward(ctx, dh, dCst, dnst, dmst, dqn, dgate_rows):
+    *saved, mst, gate_rows = ctx.saved_tensors
+    return _input_grads(ctx, saved, dh, dCst, dnst, dmst, functools.partial(_bwd_op, mst=mst, gate_rows=gate_rows))
+
+
+def _bwd_op(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps, *, mst,
+            gate_rows):
+    return mlstm_bwd_op(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, exp_gate, normalize,
+                        chunk_size, eps)
 
 
 def _input_grads(ctx, saved, dh, dCst, dnst, dmst, bwd):
@@ -521,7 +538,7 @@ def mlstm_triton(
         C0, n0, m0 = initial_state
     args = (q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
     if torch.compiler.is_compiling():
-        h, Cst, nst, mst, _ = mlstm_fwd_op(*args)
+        h, Cst, nst, mst, _, _ = mlstm_fwd_op(*args)
     elif return_state:
         h, Cst, nst, mst = _EagerMLSTM.apply(*args)
     else:

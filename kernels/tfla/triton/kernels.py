@@ -189,19 +189,16 @@ def _gate_tile(IG, FG, g_base, rows, ok, F_before, EXP_GATE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_h_tile(acc, acc2, qn, F_before, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, IG, FG, g_base, t_loc,
-                t_ok, r_t, Lc, offs_v, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
+                DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                 BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
                 BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
-                FAST_EXP2: tl.constexpr, GATES_FWD: tl.constexpr, EXP_GATE: tl.constexpr):
+                FAST_EXP2: tl.constexpr):
     # DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
-    if GATES_FWD:  # the key tile's gate terms from the gates themselves, F carried along the key tiles
-        f_s, a_s, F_before = _gate_tile(IG, FG, g_base, s_loc, s_ok, F_before, EXP_GATE)
-    else:
-        f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
-        a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
+    f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
+    a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
     sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, RQK, BK, BK2, True, DIAG, PREC)
     w = sc * _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
@@ -209,7 +206,7 @@ def _fwd_h_tile(acc, acc2, qn, F_before, q_res, q_res2, j0, q_base, k_base, v_ba
         w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
     qn += tl.sum(w, 1)
     acc, acc2 = _product_into_pieces(acc, acc2, w, v_base, s_loc, s_ok, offs_v, DHV, RHV, BV, BV2, DIAG, PREC)
-    return acc, acc2, qn, F_before
+    return acc, acc2, qn
 
 
 @triton.jit
@@ -220,16 +217,17 @@ def mlstm_fwd_h_kernel(
     HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-    NHT: tl.constexpr, GATES_FWD: tl.constexpr = False,
+    NHT: tl.constexpr, GATES_FWD: tl.constexpr = False, GT: tl.constexpr = 16,
 ):
     """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised.
     BT is a multiple of BS: key tiles before the query tile's first row need no mask, those from it on do.
     BK2 / BV2 > 0: q and h in two head-dim pieces (_scores); with BV2 one program covers all of h's columns.
     GATES_FWD (one chunk, no states): the gate vectors come from the gates IG, FG [BNH, S] here instead of from a
-    mlstm_gates_fwd_kernel launch before: a first walk over the key tiles before the query tile gives F and the
-    cummax of a - F entering it (so m_t is known before any product, as with the vectors), the key loop forms each
-    key tile's terms again as it goes, and the programs of h's first column slice write F, a, m and the max states
-    for the backward."""
+    mlstm_gates_fwd_kernel launch before. Each program first walks the rows up to its query tile's end in GT-row
+    tiles from the chunk's start, writes F and a there (every program that writes a row writes the same bits: a
+    row's value depends only on the rows before it and the fixed tiling), and takes the max of a - F before its query
+    tile; after a barrier the key loops read the vectors as without GATES_FWD. The programs of h's first column
+    slice write m for their rows and the max states, for the backward."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_t = tl.program_id(0)
@@ -248,31 +246,32 @@ def mlstm_fwd_h_kernel(
     k_base = _rows_base(K, bh, row0, S, DQK, NHT)
     v_base = _rows_base(V, bh, row0, S, DHV, NHT)
     vec = bh * SP + row0
-    g_base = bh * S + row0
-    F_before = tl.sum(tl.zeros((BS,), dtype=tl.float32), 0)  # a tensor: the key loops carry it
     if GATES_FWD:
-        M_before = tl.max(tl.full((BS,), -float("inf"), tl.float32), 0)
-        for j0 in range(0, t_lo, BS):  # F and the cummax of a - F over the rows before the query tile
-            f_s, a_s, F_before = _gate_tile(IG, FG, g_base, j0 + tl.arange(0, BS), j0 + tl.arange(0, BS) < Lc,
-                                            F_before, EXP_GATE)
-            M_before = tl.maximum(M_before, tl.max(a_s - f_s, 0))
-        f_t, a_t, _ = _gate_tile(IG, FG, g_base, t_loc, t_ok, F_before, EXP_GATE)
+        g_base = bh * S + row0
+        t_hi = tl.minimum(t_lo + BT, Lc)
+        F_before = tl.sum(tl.zeros((GT,), dtype=tl.float32), 0)  # tensors: the loop carries them
+        M_before = tl.max(tl.full((GT,), -float("inf"), tl.float32), 0)
+        for j0 in range(0, t_hi, GT):
+            rows = j0 + tl.arange(0, GT)
+            ok = rows < t_hi
+            f_g, a_g, F_before = _gate_tile(IG, FG, g_base, rows, ok, F_before, EXP_GATE)
+            tl.store(FV + vec + rows, f_g, mask=ok)
+            tl.store(AV + vec + rows, a_g, mask=ok)
+            M_before = tl.maximum(M_before, tl.max(tl.where(rows < t_lo, a_g - f_g, -float("inf")), 0))
+        tl.debug_barrier()  # the vectors this program wrote, for all of its threads
+        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
         if EXP_GATE:  # m_t = F_t + max_{j <= t} (a_j - F_j): no initial state, so no entering max state
+            a_t = tl.load(AV + vec + t_loc, mask=t_ok, other=0.0)
             m_t = f_t + tl.maximum(M_before, tl.associative_scan(a_t - f_t, 0, _maximum))
+            m_entering = -float("inf")
         else:
             m_t = tl.zeros((BT,), dtype=tl.float32)
+            m_entering = 0.0
         if pid_v == 0:
-            tl.store(FV + vec + t_loc, f_t, mask=t_ok)
-            tl.store(AV + vec + t_loc, a_t, mask=t_ok)
             tl.store(MROW + vec + t_loc, m_t, mask=t_ok)
-            if EXP_GATE:
-                m_entering = -float("inf")
-            else:
-                m_entering = 0.0
             if pid_t == 0:
                 tl.store(MST + bh * 2, m_entering)
             tl.store(MST + bh * 2 + 1 + t_loc * 0, m_t, mask=t_loc == Lc - 1)  # the final max state
-        F_before = tl.sum(tl.zeros((BS,), dtype=tl.float32), 0)  # the key loops walk the rows from the start again
     else:
         f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
         m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
@@ -283,15 +282,13 @@ def mlstm_fwd_h_kernel(
     acc2 = _acc_piece(BT, BV2)
     qn = tl.zeros((BT,), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
-        acc, acc2, qn, F_before = _fwd_h_tile(
-            acc, acc2, qn, F_before, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, IG, FG, g_base, t_loc,
-            t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, False, PREC, FAST_EXP2, GATES_FWD,
-            EXP_GATE)
+        acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, False, PREC,
+                                    FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
-        acc, acc2, qn, F_before = _fwd_h_tile(
-            acc, acc2, qn, F_before, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, IG, FG, g_base, t_loc,
-            t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, True, PREC, FAST_EXP2, GATES_FWD,
-            EXP_GATE)
+        acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, True, PREC,
+                                    FAST_EXP2)
     offs_v2 = _piece_cols(BV, BV2)
     v2_ok = offs_v2 < DHV
 

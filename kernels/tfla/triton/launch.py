@@ -450,7 +450,7 @@ def mlstm_fwd(
         *(gates_from if gates_from is not None else (dummy, dummy)),
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
         HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=_fast_exp2(q),
-        NHT=nht, **({"GATES_FWD": True} if gates_from is not None else {}),
+        NHT=nht, **(dict(GATES_FWD=True, GT=min(GATE_TILE_ROWS, _pow2(lay.L))) if gates_from is not None else {}),
     )
     return h, qn
 
@@ -476,13 +476,16 @@ class RowTermInputs(NamedTuple):
     eps: float
 
 
-# One-chunk calls without states (ViL at 224-512 px) fold the two gate kernels into the matrix kernels: the fwd_h
-# kernel forms the gate vectors itself (kernels.mlstm_fwd_h_kernel, GATES_FWD) instead of reading them from a
-# mlstm_gates_fwd_kernel launch before it, and the dk + dv kernel's last pass computes the gate gradients
-# (kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of a mlstm_gates_bwd_kernel launch after it. Two launches, and
-# their host time, less per fwd+bwd; such calls are bound by the host (bench/results/session12/). FOLD_GATES = False,
-# or TFLA_FOLD_GATES=0 in the environment, keeps the separate launches.
-FOLD_GATES: bool = os.environ.get("TFLA_FOLD_GATES", "1") != "0"
+# One-chunk calls without states (ViL at 224-512 px) may fold the two gate kernels into the matrix kernels: the fwd_h
+# kernel forms the gate vectors itself (FOLD_GATES_FWD; kernels.mlstm_fwd_h_kernel, GATES_FWD) instead of reading them
+# from a mlstm_gates_fwd_kernel launch before it, and the dk + dv kernel's last pass computes the gate gradients
+# (FOLD_GATES_BWD; kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of a mlstm_gates_bwd_kernel launch after it. Each
+# is one launch, and its host time, less; such calls are bound by the host (bench/results/session12/), but each fold
+# adds GPU work (every fwd_h program walks the gates up to its rows; the last dk + dv program of a row does its gate
+# gradients). TFLA_FOLD_GATES_FWD / TFLA_FOLD_GATES_BWD = 0 or 1 in the environment set them.
+FOLD_GATES_FWD: bool = os.environ.get("TFLA_FOLD_GATES_FWD", "1") != "0"
+FOLD_GATES_BWD: bool = os.environ.get("TFLA_FOLD_GATES_BWD", "1") != "0"
+GATE_TILE_ROWS = 256  # rows per step of fwd_h's walk over the gates (GATES_FWD's GT)
 
 
 class GateGradsInDkdv(NamedTuple):
@@ -503,7 +506,7 @@ def folds_gate_grads(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, state_p
                      has_final_grad: bool) -> bool:
     """Whether mlstm_bwd can take GateGradsInDkdv: one chunk, no state pass, no final-state gradient (the gate
     gradients then need no state terms), and dk, dv from mlstm_bwd_dkdv_kernel (not the sliced dk and dv kernels)."""
-    return (FOLD_GATES and lay.NC == 1 and not state_pass and not has_final_grad
+    return (FOLD_GATES_BWD and lay.NC == 1 and not state_pass and not has_final_grad
             and dkdv_mode(DQK, DHV, arch) != "slices")
 
 
@@ -712,12 +715,23 @@ def _gate_chunks_per_group(lay: ChunkLayout, BL: int) -> int:
 
 
 def folds_gate_vectors(lay: ChunkLayout, *, keeps_states: bool) -> bool:
-    """Whether mlstm_fwd can take gates_from: one chunk, no initial or kept state (see FOLD_GATES)."""
-    return FOLD_GATES and lay.NC == 1 and not keeps_states
+    """Whether mlstm_fwd can take gates_from: one chunk, no initial or kept state (see FOLD_GATES_FWD)."""
+    return FOLD_GATES_FWD and lay.NC == 1 and not keeps_states
 
 
-def gate_vector_buffers(i: torch.Tensor, lay: ChunkLayout) -> tuple[torch.Tensor, ...]:
-    """Uninitialised fv, av, mrow [*lead, SP] and mst [*lead, NC+1] (lead: i's leading dims)."""
+class GateVectors(NamedTuple):
+    """The gate vectors of a call: fv (F), av (a), mrow (m) [*lead, SP], views of rows [3, *lead, SP] (one
+    allocation, which the registered op saves for its backward whole), and the max states mst [*lead, NC+1]."""
+
+    fv: torch.Tensor
+    av: torch.Tensor
+    mrow: torch.Tensor
+    mst: torch.Tensor
+    rows: torch.Tensor
+
+
+def gate_vector_buffers(i: torch.Tensor, lay: ChunkLayout) -> GateVectors:
+    """Uninitialised gate vectors for i's leading dims."""
     lead = i.shape[:-1]
     # One allocation and an unbind for the three per-row vectors: this op is host-bound at ViL's shapes, and an
     # allocation costs 5-6 us of host time on the H200 machine (bench/results/session12/launch_floor_h200.log).
@@ -726,7 +740,7 @@ def gate_vector_buffers(i: torch.Tensor, lay: ChunkLayout) -> tuple[torch.Tensor
     if POISON_OUTPUTS:
         rows.fill_(float("nan"))
         mst.fill_(float("nan"))
-    return (*rows.unbind(0), mst)
+    return GateVectors(*rows.unbind(0), mst, rows)
 
 
 def mlstm_gates_fwd(
@@ -736,11 +750,12 @@ def mlstm_gates_fwd(
     lay: ChunkLayout,
     *,
     exp_gate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> GateVectors:
     """fv, av, mrow [*lead, SP] and mst [*lead, NC+1] (lead: i's leading dims), as function._gate_vectors, in one
     launch."""
     BNH = _rows_of(i, lay.S)
-    fv, av, mrow, mst = gate_vector_buffers(i, lay)
+    gates = gate_vector_buffers(i, lay)
+    fv, av, mrow, mst = gates[:4]
     BL = _pow2(lay.L)
     CB = _gate_chunks_per_group(lay, BL)
     direct_launch(
@@ -749,7 +764,7 @@ def mlstm_gates_fwd(
         lay.S, lay.L, lay.NC, lay.SP,
         EXP_GATE=exp_gate, HAS_M0=m0 is not None, BL=BL, CB=CB, num_warps=_row_warps(CB * BL),
     )
-    return fv, av, mrow, mst
+    return gates
 
 
 def mlstm_bwd_rows(

@@ -41,14 +41,15 @@ KERNELS = {
 def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int = 90, dtype: str = "bf16",
                    fast_exp2: bool = True):
     """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states:
-    the variant such a call launches (with launch.FOLD_GATES, fwd_h forms the gate vectors, the dq kernel zeroes the
+    the variant such a call launches (with launch.FOLD_GATES_FWD / _BWD, fwd_h forms the gate vectors, the dq kernel zeroes the
     gate tickets and the last dk + dv pass computes the gate gradients)."""
     fn = KERNELS[name]
     consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=1)  # NHT: tiles may set it
-    gates = dict(GATES_BWD=launch.FOLD_GATES, EXP_GATE=True, BL=launch._pow2(S))
+    gates = dict(GATES_BWD=launch.FOLD_GATES_BWD, EXP_GATE=True, BL=launch._pow2(S))
     no_gates = dict(GATES_BWD=False, EXP_GATE=True, BL=16)
-    flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True, GATES_FWD=launch.FOLD_GATES),
-             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True, ZERO_TICKETS=launch.FOLD_GATES),
+    flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True, GATES_FWD=launch.FOLD_GATES_FWD,
+                           GT=min(launch.GATE_TILE_ROWS, launch._pow2(S))),
+             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True, ZERO_TICKETS=launch.FOLD_GATES_BWD),
              # defaults are not constexprs to ASTSource
              "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True, **gates),
              "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False, **no_gates),
