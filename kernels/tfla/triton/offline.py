@@ -41,8 +41,8 @@ KERNELS = {
 def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int = 90, dtype: str = "bf16",
                    fast_exp2: bool = True):
     """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states:
-    the variant such a call launches (with launch.FOLD_GATES_FWD / _BWD, fwd_h forms the gate vectors, the dq kernel zeroes the
-    gate tickets and the last dk + dv pass computes the gate gradients)."""
+    the variant such a call launches (with launch.FOLD_GATES_FWD / _BWD, fwd_h forms the gate vectors, the dq kernel
+    zeroes the gate tickets and the one-pass dk + dv kernel computes the gate gradients)."""
     fn = KERNELS[name]
     consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=1)  # NHT: tiles may set it
     gates = dict(GATES_BWD=launch.FOLD_GATES_BWD, EXP_GATE=True, BL=launch._pow2(S))
@@ -53,7 +53,7 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
              # defaults are not constexprs to ASTSource
              "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True, **gates),
              "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False, **no_gates),
-             "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True, **gates)}
+             "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True, **no_gates)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
