@@ -376,3 +376,30 @@ else:
                 assert b is None, name
                 continue
             assert torch.isfinite(b).all() and _rel(b, a) < TOL_VS_DEFAULT[torch.float32], name
+
+    def test_gate_folds_apply_to_one_chunk_calls_without_states(monkeypatch, fresh_tiles):
+        """Where the folds apply (launch.folds_gate_vectors / folds_gate_grads): on by default; one chunk only, no
+        kept state, no state pass or final-state gradient, and the gradient fold on the one-pass dk + dv only."""
+        import os
+
+        for name in ("FOLD_GATES_FWD", "FOLD_GATES_BWD"):
+            assert getattr(launch, name) or os.environ.get("TFLA_" + name) == "0", name
+        monkeypatch.setattr(launch, "FOLD_GATES_FWD", True)
+        monkeypatch.setattr(launch, "FOLD_GATES_BWD", True)
+        one, chunked = launch.chunk_layout(196, 196), launch.chunk_layout(4096, 256)
+        assert launch.folds_gate_vectors(one, keeps_states=False)
+        assert not launch.folds_gate_vectors(one, keeps_states=True)
+        assert not launch.folds_gate_vectors(chunked, keeps_states=True)
+        arch = "cpu"
+        for split, want in ((False, True), (True, False)):
+            monkeypatch.setattr(launch, "SPLIT_DKDV", split)
+            monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
+            launch.reset_tile_caches()
+            assert launch.folds_gate_grads(96, 96, arch, one, state_pass=False, has_final_grad=False) == want
+        monkeypatch.setattr(launch, "SPLIT_DKDV", False)
+        launch.reset_tile_caches()
+        assert not launch.folds_gate_grads(96, 96, arch, one, state_pass=True, has_final_grad=False)
+        assert not launch.folds_gate_grads(96, 96, arch, one, state_pass=False, has_final_grad=True)
+        assert not launch.folds_gate_grads(96, 96, arch, chunked, state_pass=True, has_final_grad=False)
+        monkeypatch.setattr(launch, "FOLD_GATES_BWD", False)
+        assert not launch.folds_gate_grads(96, 96, arch, one, state_pass=False, has_final_grad=False)

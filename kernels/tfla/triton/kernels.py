@@ -798,12 +798,7 @@ def mlstm_bwd_dk_kernel(
     NHT: tl.constexpr,
 ):
     """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1}).
-    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not.
-    GATES_BWD (one chunk without states, one pass): the gate gradients di, df of a (batch, head) row need k.dk
-    of all its key tiles, so the program that finishes its row's last key tile computes them (_gates_bwd_row),
-    instead of a mlstm_gates_bwd_kernel launch after this one. Programs of a row take tickets from a counter
-    TICKETS[bh * SP] (float32, zeroed by the dq kernel before); the ticket's order varies from run to run, the
-    arithmetic of whoever holds the last one does not, so results stay bitwise deterministic."""
+    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
