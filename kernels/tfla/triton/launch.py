@@ -478,9 +478,8 @@ class RowTermInputs(NamedTuple):
 
 # One-chunk calls without states (ViL at 224-512 px) may fold the two gate kernels into the matrix kernels: the fwd_h
 # kernel forms the gate vectors itself (FOLD_GATES_FWD; kernels.mlstm_fwd_h_kernel, GATES_FWD) instead of reading them
-# from a mlstm_gates_fwd_kernel launch before it, and the dk + dv kernel's last pass computes the gate gradients
-# (FOLD_GATES_BWD, one-pass dk + dv only; kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of a mlstm_gates_bwd_kernel
-# launch after it. Each is one launch, and its host time, less; such calls are bound by the host
+# from a mlstm_gates_fwd_kernel launch before it, and the one-pass dk + dv kernel computes the gate gradients
+# (FOLD_GATES_BWD; kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of a mlstm_gates_bwd_kernel launch after it. Each is one launch, and its host time, less; such calls are bound by the host
 # (bench/results/session12/), but each fold adds GPU work (every fwd_h program walks the gates up to its rows; the last
 # dk + dv program of a row does its gate gradients): 1-2 % of the GPU time on the H200, for 1.10-1.20x (forward fold)
 # and up to 1.06x (backward fold) in eager wall time at DH 96 / 192 (bench/results/session13/fold_gates_*_ab_h200.log).
@@ -551,8 +550,8 @@ def mlstm_bwd(
     dCst / dnst: every boundary is written by the sequential state kernel (index NC is read instead when
     has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
     pass need them zeroed.
-    gate_grads (where folds_gate_grads says so, with row_terms_from): the dk + dv kernel's last pass also writes di
-    and df into gate_grads' buffers, in place of a mlstm_gates_bwd launch by the caller."""
+    gate_grads (where folds_gate_grads says so, with row_terms_from): the one-pass dk + dv kernel also writes di and
+    df into gate_grads' buffers, in place of a mlstm_gates_bwd launch by the caller."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -613,10 +612,10 @@ def mlstm_bwd(
     if mode != "slices":
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
+        fold = gates is not None  # one pass: k.dk of a row is complete once its programs are done
+        gate_consts = dict(GATES_BWD=True, EXP_GATE=gates.exp_gate, BL=_pow2(lay.L)) if fold else {}
         for name, do_k, do_v in _DKDV_PASSES[mode]:
             cfg = tiles(name, DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay))
-            fold = gates is not None  # one pass (k.dk of a row is complete once its programs are done)
-            gate_consts = dict(GATES_BWD=True, EXP_GATE=gates.exp_gate, BL=_pow2(lay.L)) if fold else {}
             _launch_tiled(
                 mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
                 q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
