@@ -390,6 +390,9 @@ else:
         assert launch.folds_gate_vectors(one, keeps_states=False)
         assert not launch.folds_gate_vectors(one, keeps_states=True)
         assert not launch.folds_gate_vectors(chunked, keeps_states=True)
+        long_chunk = launch.chunk_layout(launch.FOLD_GATES_MAX_CHUNK + 1, launch.FOLD_GATES_MAX_CHUNK + 1)
+        assert not launch.folds_gate_vectors(long_chunk, keeps_states=False)
+        assert not launch.folds_gate_grads(96, 96, "cpu", long_chunk, state_pass=False, has_final_grad=False)
         arch = "cpu"
         for split, want in ((False, True), (True, False)):
             monkeypatch.setattr(launch, "SPLIT_DKDV", split)

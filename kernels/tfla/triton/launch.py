@@ -487,6 +487,9 @@ class RowTermInputs(NamedTuple):
 FOLD_GATES_FWD: bool = os.environ.get("TFLA_FOLD_GATES_FWD", "1") != "0"
 FOLD_GATES_BWD: bool = os.environ.get("TFLA_FOLD_GATES_BWD", "1") != "0"
 GATE_TILE_ROWS = 256  # rows per step of fwd_h's walk over the gates (GATES_FWD's GT)
+# Longest chunk the folds take: what the GPU checks covered (S 196 and 1024). The gate-gradient code in the dk + dv
+# kernel holds whole rows of pow2(L) entries in that kernel's 4 warps, where the gate kernel takes 8 above 1024.
+FOLD_GATES_MAX_CHUNK = 1024
 
 
 class GateGradsInDkdv(NamedTuple):
@@ -505,13 +508,13 @@ class GateGradsInDkdv(NamedTuple):
 
 def folds_gate_grads(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, state_pass: bool,
                      has_final_grad: bool) -> bool:
-    """Whether mlstm_bwd can take GateGradsInDkdv: one chunk, no state pass, no final-state gradient (the gate
-    gradients then need no state terms), and dk, dv from one pass of mlstm_bwd_dkdv_kernel. Not the split pass: where
-    it runs (DH 192 on the H200) the backward is bound by the GPU, and the fold cost 2 % of GPU time and no host time
-    that showed (0.773 -> 0.788 ms, wall 0.780 -> 0.794 at DH 192 / S 196; at DH 96, one pass, GPU 0.391 -> 0.396, wall
+    """Whether mlstm_bwd can take GateGradsInDkdv: one chunk (of at most FOLD_GATES_MAX_CHUNK rows), no state pass,
+    no final-state gradient (the gate gradients then need no state terms), and dk, dv from one pass of
+    mlstm_bwd_dkdv_kernel. Not the split pass: where it runs (DH 192 on the H200) the backward is bound by the GPU, and
+    the fold cost 2 % of GPU time and no host time that showed (0.773 -> 0.788 ms, wall 0.780 -> 0.794 at DH 192 / S 196; at DH 96, one pass, GPU 0.391 -> 0.396, wall
     0.630 -> 0.592: bench/results/session13/fold_gates_bwd_ab_h200.log)."""
-    return (FOLD_GATES_BWD and lay.NC == 1 and not state_pass and not has_final_grad
-            and dkdv_mode(DQK, DHV, arch) == "one_pass")
+    return (FOLD_GATES_BWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not state_pass
+            and not has_final_grad and dkdv_mode(DQK, DHV, arch) == "one_pass")
 
 
 def mlstm_bwd(
@@ -718,8 +721,9 @@ def _gate_chunks_per_group(lay: ChunkLayout, BL: int) -> int:
 
 
 def folds_gate_vectors(lay: ChunkLayout, *, keeps_states: bool) -> bool:
-    """Whether mlstm_fwd can take gates_from: one chunk, no initial or kept state (see FOLD_GATES_FWD)."""
-    return FOLD_GATES_FWD and lay.NC == 1 and not keeps_states
+    """Whether mlstm_fwd can take gates_from: one chunk of at most FOLD_GATES_MAX_CHUNK rows, no initial or kept
+    state (see FOLD_GATES_FWD)."""
+    return FOLD_GATES_FWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not keeps_states
 
 
 class GateVectors(NamedTuple):
