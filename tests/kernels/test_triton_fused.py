@@ -387,11 +387,14 @@ else:
         monkeypatch.setattr(launch, "FOLD_GATES_FWD", True)
         monkeypatch.setattr(launch, "FOLD_GATES_BWD", True)
         one, chunked = launch.chunk_layout(196, 196), launch.chunk_layout(4096, 256)
-        assert launch.folds_gate_vectors(one, keeps_states=False)
-        assert not launch.folds_gate_vectors(one, keeps_states=True)
-        assert not launch.folds_gate_vectors(chunked, keeps_states=True)
+        assert launch.folds_gate_vectors(96, 96, "cpu", one, keeps_states=False)
+        assert not launch.folds_gate_vectors(96, 96, "cpu", one, keeps_states=True)
+        assert not launch.folds_gate_vectors(96, 96, "cpu", chunked, keeps_states=True)
+        # several column slices of h per row tile (DH 384 / 512 on the H200): no fold
+        assert launch.folds_gate_vectors(192, 192, "sm90", one, keeps_states=False)
+        assert not launch.folds_gate_vectors(384, 384, "sm90", one, keeps_states=False)
         long_chunk = launch.chunk_layout(launch.FOLD_GATES_MAX_CHUNK + 1, launch.FOLD_GATES_MAX_CHUNK + 1)
-        assert not launch.folds_gate_vectors(long_chunk, keeps_states=False)
+        assert not launch.folds_gate_vectors(96, 96, "cpu", long_chunk, keeps_states=False)
         assert not launch.folds_gate_grads(96, 96, "cpu", long_chunk, state_pass=False, has_final_grad=False)
         arch = "cpu"
         for split, want in ((False, True), (True, False)):

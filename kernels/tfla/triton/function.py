@@ -173,7 +173,8 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     keeps_states = _keeps_states(lay, has_init, return_state)
     gates_from = None
     gates = None
-    if fused and launch.folds_gate_vectors(lay, keeps_states=keeps_states):  # the fwd_h kernel writes them
+    if fused and launch.folds_gate_vectors(DQK, DHV, launch.gpu_arch(q.device), lay, keeps_states=keeps_states):
+        # the fwd_h kernel writes them
         gates = launch.gate_vector_buffers(i, lay)
         gates_from = (i.contiguous(), f.contiguous())
     elif fused:

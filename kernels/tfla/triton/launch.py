@@ -720,10 +720,15 @@ def _gate_chunks_per_group(lay: ChunkLayout, BL: int) -> int:
     return max(1, min(_pow2(lay.NC, lo=1), GATE_GROUP_ROWS // BL))
 
 
-def folds_gate_vectors(lay: ChunkLayout, *, keeps_states: bool) -> bool:
+def folds_gate_vectors(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, keeps_states: bool) -> bool:
     """Whether mlstm_fwd can take gates_from: one chunk of at most FOLD_GATES_MAX_CHUNK rows, no initial or kept
-    state (see FOLD_GATES_FWD)."""
-    return FOLD_GATES_FWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not keeps_states
+    state (see FOLD_GATES_FWD), and fwd_h's tiles cover h's columns in one program per row tile. Wider heads (DH 384 /
+    512 on the H200) take several, each of which would walk the gates again; they are bound by the GPU, where the fold
+    saves nothing, and the GPU checks of the fold covered DH 96 and 192 only."""
+    if not (FOLD_GATES_FWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not keeps_states):
+        return False
+    cfg = tiles("fwd_h", DQK, DHV, arch, rows=_one_chunk_rows(lay))
+    return cfg["BV"] + cfg["BV2"] >= DHV
 
 
 class GateVectors(NamedTuple):
