@@ -13,7 +13,8 @@ Triton launches and everything else (PyTorch glue, allocations, autograd), with 
 --host-timeline times each Triton launch where it happens inside the step (a launch cost the H200's host about three
 times as much there as re-issued in a loop: bench/results/session11/host_timeline_h200.log). --launch-ab compares
 the eager wall time with launches through Triton and through tfla's direct_launch, alternating in one process; --ab
-does the same for another switch of the op (--ab fold_gates_fwd / fold_gates_bwd: a gate kernel folded into a matrix kernel or not).
+does the same for another switch of the op (fold_gates_fwd / fold_gates_bwd: a gate kernel folded into a matrix
+kernel or not).
 """
 
 import argparse
@@ -179,9 +180,10 @@ def _ab_switches() -> dict:
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     """One row: eager fwd+bwd wall ms (do_bench median) with a switch of the op off and on (direct_launch: every
-    launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates_fwd / _bwd: launch.FOLD_GATES_FWD / _BWD), alternating `rounds`
-    times in this one process, since this host's speed drifts between processes more than the difference
-    (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a CUDA-graph replay)."""
+    launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates_fwd / _bwd: launch.FOLD_GATES_FWD /
+    _BWD), alternating `rounds` times in this one process, since this host's speed drifts between processes more than
+    the difference (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a
+    CUDA-graph replay)."""
     module, attribute = _ab_switches()[switch]
     B, NH = max(1, round(50_000 / S)), 4
     q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)

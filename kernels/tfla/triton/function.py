@@ -171,15 +171,13 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     q, k, v = (_in_layout(t, token_major) for t in (q, k, v))
     fused = _fused_gates(lay)
     keeps_states = _keeps_states(lay, has_init, return_state)
-    gates_from = None
-    gates = None
-    if fused and launch.folds_gate_vectors(DQK, DHV, launch.gpu_arch(q.device), lay, keeps_states=keeps_states):
-        # the fwd_h kernel writes them
-        gates = launch.gate_vector_buffers(i, lay)
-        gates_from = (i.contiguous(), f.contiguous())
-    elif fused:
-        gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
+    gates = gates_from = None
     if fused:
+        if launch.folds_gate_vectors(DQK, DHV, launch.gpu_arch(q.device), lay, keeps_states=keeps_states):
+            gates = launch.gate_vector_buffers(i, lay)  # the fwd_h kernel writes them, from the gates
+            gates_from = (i.contiguous(), f.contiguous())
+        else:
+            gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
         fv, av, mrow, mst = gates[:4]
     else:
         fv, av, mrow, mst, _, _, _ = _gate_vectors(_flat(i), _flat(f), _flat(m0) if m0 is not None else None,

@@ -479,10 +479,11 @@ class RowTermInputs(NamedTuple):
 # One-chunk calls without states (ViL at 224-512 px) may fold the two gate kernels into the matrix kernels: the fwd_h
 # kernel forms the gate vectors itself (FOLD_GATES_FWD; kernels.mlstm_fwd_h_kernel, GATES_FWD) instead of reading them
 # from a mlstm_gates_fwd_kernel launch before it, and the one-pass dk + dv kernel computes the gate gradients
-# (FOLD_GATES_BWD; kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of a mlstm_gates_bwd_kernel launch after it. Each is one launch, and its host time, less; such calls are bound by the host
-# (bench/results/session12/), but each fold adds GPU work (every fwd_h program walks the gates up to its rows; the last
-# dk + dv program of a row does its gate gradients): 1-2 % of the GPU time on the H200, for 1.10-1.20x (forward fold)
-# and up to 1.06x (backward fold) in eager wall time at DH 96 / 192 (bench/results/session13/fold_gates_*_ab_h200.log).
+# (FOLD_GATES_BWD; kernels.mlstm_bwd_dkdv_kernel, GATES_BWD) instead of a mlstm_gates_bwd_kernel launch after it.
+# Each is one launch, and its host time, less; such calls are bound by the host (bench/results/session12/), but each
+# fold adds GPU work (every fwd_h program walks the gates up to its rows; the last dk + dv program of a row does its
+# gate gradients): 1-2 % of the GPU time on the H200, for 1.10-1.20x (forward fold) and up to 1.06x (backward fold)
+# in eager wall time at DH 96 / 192 (bench/results/session13/fold_gates_*_ab_h200.log).
 # TFLA_FOLD_GATES_FWD / TFLA_FOLD_GATES_BWD = 0 or 1 in the environment set them.
 FOLD_GATES_FWD: bool = os.environ.get("TFLA_FOLD_GATES_FWD", "1") != "0"
 FOLD_GATES_BWD: bool = os.environ.get("TFLA_FOLD_GATES_BWD", "1") != "0"
@@ -510,9 +511,10 @@ def folds_gate_grads(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, state_p
                      has_final_grad: bool) -> bool:
     """Whether mlstm_bwd can take GateGradsInDkdv: one chunk (of at most FOLD_GATES_MAX_CHUNK rows), no state pass,
     no final-state gradient (the gate gradients then need no state terms), and dk, dv from one pass of
-    mlstm_bwd_dkdv_kernel. Not the split pass: where it runs (DH 192 on the H200) the backward is bound by the GPU, and
-    the fold cost 2 % of GPU time and no host time that showed (0.773 -> 0.788 ms, wall 0.780 -> 0.794 at DH 192 / S 196; at DH 96, one pass, GPU 0.391 -> 0.396, wall
-    0.630 -> 0.592: bench/results/session13/fold_gates_bwd_ab_h200.log)."""
+    mlstm_bwd_dkdv_kernel. Not the split pass: where it runs (DH 192 on the H200) the backward is bound by the GPU,
+    and the fold cost 2 % of GPU time and no host time that showed (0.773 -> 0.788 ms, wall 0.780 -> 0.794 at
+    DH 192 / S 196; at DH 96, one pass, GPU 0.391 -> 0.396, wall 0.630 -> 0.592:
+    bench/results/session13/fold_gates_bwd_ab_h200.log)."""
     return (FOLD_GATES_BWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not state_pass
             and not has_final_grad and dkdv_mode(DQK, DHV, arch) == "one_pass")
 
@@ -597,9 +599,8 @@ def mlstm_bwd(
     rows = row_terms_from
     if rows is not None and (state_pass or lay.NC != 1):
         raise ValueError("row_terms_from needs one chunk without a state pass (which reads rs and dqn first)")
-    gates = gate_grads
     mode = dkdv_mode(DQK, DHV, arch, with_states=has_final) if fused_dkdv else "slices"
-    if gates is not None and (rows is None or has_final or mode != "one_pass"):
+    if gate_grads is not None and (rows is None or has_final or mode != "one_pass"):
         raise ValueError("gate_grads needs row_terms_from, no final-state gradient and the one-pass dk + dv kernel "
                          "(folds_gate_grads)")
     _launch_tiled(
@@ -607,24 +608,26 @@ def mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn,
         Cst if Cst is not None else dummy, nst if nst is not None else dummy, mst, dq, qdq,
         rows.h if rows else dummy, rows.qn if rows else dummy, rows.dm_row if rows else dummy,
-        gates.tickets if gates else dummy,
+        gate_grads.tickets if gate_grads is not None else dummy,
         S, lay.L, lay.NC, lay.SP, scale, rows.eps if rows else 0.0, HAS_INIT=Cst is not None,
         ROW_TERMS=rows is not None, NORMALIZE=bool(rows and rows.normalize), EXP_GATE=bool(rows and rows.exp_gate),
-        ZERO_TICKETS=gates is not None, **common,
+        ZERO_TICKETS=gate_grads is not None, **common,
     )
     if mode != "slices":
         dk, dv = _new(k), _new(v)
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-        fold = gates is not None  # one pass: k.dk of a row is complete once its programs are done
-        gate_consts = dict(GATES_BWD=True, EXP_GATE=gates.exp_gate, BL=_pow2(lay.L)) if fold else {}
+        gates = gate_grads  # one pass: k.dk of a row is complete once its programs are done
+        if gates is not None:
+            gate_args = (rows.dm_row, gates.mst, gates.i, gates.f, gates.di, gates.df, gates.tickets)
+            gate_consts = dict(GATES_BWD=True, EXP_GATE=gates.exp_gate, BL=_pow2(lay.L))
+        else:
+            gate_args, gate_consts = (dummy,) * 7, {}
         for name, do_k, do_v in _DKDV_PASSES[mode]:
             cfg = tiles(name, DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay))
             _launch_tiled(
                 mlstm_bwd_dkdv_kernel, lambda t: (_cdiv(lay.L, t["BS"]), BNH * lay.NC), cfg,
                 q, k, v, dh, fv, av, mrow, rs, dqn, dcst, dnst_, dk, dv, kdk,
-                qdq, rows.dm_row if fold else dummy, gates.mst if fold else dummy, gates.i if fold else dummy,
-                gates.f if fold else dummy, gates.di if fold else dummy, gates.df if fold else dummy,
-                gates.tickets if fold else dummy,
+                qdq, *gate_args,
                 S, lay.L, lay.NC, lay.SP, scale, nko, BNH, HAS_FINAL=has_final, SL=min(64, cfg["BK"], cfg["BV"]),
                 DO_K=do_k, DO_V=do_v, **gate_consts, **common,
             )

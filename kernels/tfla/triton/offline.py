@@ -49,7 +49,8 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     no_gates = dict(GATES_BWD=False, EXP_GATE=True, BL=16)
     flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True, GATES_FWD=launch.FOLD_GATES_FWD,
                            GT=min(launch.GATE_TILE_ROWS, launch._pow2(S))),
-             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True, ZERO_TICKETS=launch.FOLD_GATES_BWD),
+             "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True,
+                        ZERO_TICKETS=launch.FOLD_GATES_BWD),
              # defaults are not constexprs to ASTSource
              "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True, **gates),
              "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False, **no_gates),
