@@ -189,12 +189,12 @@ def _gate_tile(IG, FG, g_base, rows, ok, F_before, EXP_GATE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
-                DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
-                BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
-                BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
-                FAST_EXP2: tl.constexpr):
-    # DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
+def _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK: tl.constexpr,
+                 RQK: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, DIAG: tl.constexpr,
+                 PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
+    """The forward's weights (q_t.k_j) exp(D_tj - m_t)/sqrt(d) [BT, BS] (float32) of the key tile at j0, zero above
+    the diagonal and past the chunk's end, with the key rows and their mask. r_t: the row term, log2(scale) included.
+    DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks."""
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
@@ -204,9 +204,30 @@ def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV
     w = sc * _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     if DIAG:
         w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
+    return w, s_loc, s_ok
+
+
+@triton.jit
+def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
+                DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+                BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
+                BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
+                FAST_EXP2: tl.constexpr):
+    w, s_loc, s_ok = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK, BS,
+                                  BK, BK2, DIAG, PREC, FAST_EXP2)
     qn += tl.sum(w, 1)
     acc, acc2 = _product_into_pieces(acc, acc2, w, v_base, s_loc, s_ok, offs_v, DHV, RHV, BV, BV2, DIAG, PREC)
     return acc, acc2, qn
+
+
+@triton.jit
+def _denominator(qn, m_t, eps, EXP_GATE: tl.constexpr):
+    """The normaliser's denominator max(|qn_t|, exp(-m_t)) + eps (the floor is 1 for gate="sig")."""
+    if EXP_GATE:
+        lower = tl.exp(-m_t)
+    else:
+        lower = tl.full(qn.shape, 1.0, tl.float32)
+    return tl.maximum(tl.abs(qn), lower) + eps
 
 
 @triton.jit
@@ -317,11 +338,7 @@ def mlstm_fwd_h_kernel(
         qn += g * qn_c
 
     if NORMALIZE:
-        if EXP_GATE:
-            lower = tl.exp(-m_t)
-        else:
-            lower = tl.full((BT,), 1.0, tl.float32)
-        denom = tl.maximum(tl.abs(qn), lower) + eps
+        denom = _denominator(qn, m_t, eps, EXP_GATE)
         acc = acc / denom[:, None]
         acc2 = acc2 / denom[:, None]
     h_base = _rows_base(H, bh, row0, S, DHV, NHT)

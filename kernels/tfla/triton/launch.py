@@ -30,6 +30,12 @@ from .kernels import (
     mlstm_gates_bwd_kernel,
     mlstm_gates_fwd_kernel,
 )
+from .score_kernels import (
+    mlstm_score_cols_kernel,
+    mlstm_score_rows_kernel,
+    mlstm_scores_bwd_kernel,
+    mlstm_scores_fwd_kernel,
+)
 
 
 # Set by bench/check_mlstm_gpu.py: outputs start as NaN instead of uninitialised memory, so an unwritten tile shows.
@@ -154,6 +160,12 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
         wide = max(DQK, DHV) > 128
         cfg = dict(BT=32, BS=64, BK=_pow2(DQK), BK2=0, BV=_pow2(DHV), BV2=0)
         return dict(cfg, num_warps=4, num_stages=2 if wide else 3)
+    if kernel == "scores_fwd":  # score_kernels.py: BK / BV slice the products' head dims
+        return dict(BT=64, BS=64, BK=_dim_block(DQK, 128), num_warps=4, num_stages=3)
+    if kernel == "scores_bwd":
+        return dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BV=_dim_block(DHV, 128), num_warps=4, num_stages=3)
+    if kernel in ("score_rows", "score_cols"):  # BO: the output slice (score_rows: h or dq, score_cols: dk or dv)
+        return dict(BT=64, BS=64, BO=min(_pow2(max(DQK, DHV)), 128), num_warps=4, num_stages=3)
     raise KeyError(kernel)
 
 
@@ -220,7 +232,7 @@ _tuned_cache: dict[str, dict] = {}
 _tiles_cache: dict[tuple, object] = {}
 # Set by bench/tune_mlstm.py and by tests to try other tiles: kernel -> entries that win over everything else.
 TILE_OVERRIDES: dict[str, dict] = {}
-_QUERY_SIDE = ("fwd_h", "dq")
+_QUERY_SIDE = ("fwd_h", "dq", "scores_fwd", "scores_bwd", "score_rows")
 # The chunk-state kernels (chunked calls only): their row tile (BS / BT) is a loop step, not a causal tile.
 _STATE_KERNELS = ("fwd_state", "bwd_state")
 
@@ -437,6 +449,8 @@ def mlstm_fwd(
                 k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
                 HAS_INIT=has_init, PREC=prec, NHT=nht,
             )
+    if Cst is None and gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=False):
+        return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps)
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
@@ -453,6 +467,113 @@ def mlstm_fwd(
         NHT=nht, **(dict(GATES_FWD=True, GT=min(GATE_TILE_ROWS, _pow2(lay.L))) if gates_from is not None else {}),
     )
     return h, qn
+
+
+# The score-matrix path (score_kernels.py): for one chunk without states, the weights are formed once and stored
+# (lower triangle, in the input dtype) instead of once per output column slice. By default where the matrix kernels
+# slice their outputs because a row tile of the whole head dim does not fit a program: padded head dims above
+# ONE_PASS_DKDV_MAX_HEAD_DIM (DH 384 / 512), where a fwd+bwd formed the causal products 16-20 times and takes 7 here.
+# SCORE_MATRIX (TFLA_SCORE_MATRIX=1 / 0 in the environment) forces it on or off for every one-chunk call without
+# states (tests, benchmarks). Memory: two such matrices live in the backward, B*NH*S*S/2 elements each (plus up to
+# one row block), about as much as q at DH = S/2.
+SCORE_MATRIX: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_SCORE_MATRIX", ""))
+SCORE_MATRIX_MAX_CHUNK = 1024
+SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of every row tile of its kernels
+
+
+def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
+    if lay.NC != 1 or keeps_states or lay.L > SCORE_MATRIX_MAX_CHUNK:
+        return False
+    if SCORE_MATRIX is not None:
+        return SCORE_MATRIX
+    return max(_pow2(DQK), _pow2(DHV)) > ONE_PASS_DKDV_MAX_HEAD_DIM
+
+
+def _score_matrix(like: torch.Tensor, BNH: int, S: int) -> tuple[torch.Tensor, int]:
+    """An uninitialised packed lower-triangular [S, S] matrix per (batch, head) in like's dtype, and its elements per
+    (batch, head)."""
+    blocks = _cdiv(S, SCORE_PACK_ROWS)
+    per_head = SCORE_PACK_ROWS * SCORE_PACK_ROWS * blocks * (blocks + 1) // 2
+    buf = torch.empty(BNH * per_head, device=like.device, dtype=like.dtype)
+    if POISON_OUTPUTS:
+        buf.fill_(float("nan"))
+    return buf, per_head
+
+
+def _score_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
+    cfg = tiles(kernel, DQK, DHV, arch)
+    if max(cfg["BT"], cfg["BS"]) > SCORE_PACK_ROWS:
+        raise ValueError(f"{kernel} tiles {cfg}: row tiles must divide SCORE_PACK_ROWS = {SCORE_PACK_ROWS}")
+    return cfg
+
+
+def _apply_scores(kernel, name: str, m: torch.Tensor, per_head: int, x: torch.Tensor, out: torch.Tensor,
+                  y: Optional[torch.Tensor], lay: ChunkLayout, BNH: int, nht: int, prec: str, *tail,
+                  **consts) -> Optional[torch.Tensor]:
+    """One product over a stored score matrix (mlstm_score_rows_kernel or mlstm_score_cols_kernel) into out; with y,
+    also the row sums y.out per output slice, returned as [slices, BNH, SP]. tail: the kernel's arguments after
+    the matrix's size (the rows kernel's qn, m and eps)."""
+    D = x.shape[-1]
+    cfg = _score_tiles(name, D, D, gpu_arch(x.device))
+    cfg["BO"] = min(cfg["BO"], _pow2(D))
+    n_slices = _cdiv(D, cfg["BO"])
+    rsum = _row_sums(n_slices, BNH, lay.SP, device=x.device, zeroed=False) if y is not None else None
+    outer = "BT" if name == "score_rows" else "BS"
+    _launch_tiled(
+        kernel, lambda t: (_cdiv(lay.S, t[outer]), n_slices, BNH), cfg,
+        m, x, out, y if y is not None else x, rsum if rsum is not None else m, lay.S, lay.SP, per_head, *tail,
+        D=D, PREC=prec, NHT=nht, PACK=SCORE_PACK_ROWS, ROW_DOT=y is not None, **consts,
+    )
+    return rsum
+
+
+def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate: bool, normalize: bool,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mlstm_fwd for one chunk without states through the stored weights (uses_score_matrix): h and qn."""
+    S, DQK = q.shape[-2:]
+    DHV = v.shape[-1]
+    BNH = _rows_of(q, S, DQK)
+    nht = heads_per_row(q, k, v)
+    prec = _precision(q.dtype)
+    arch = gpu_arch(q.device)
+    w, per_head = _score_matrix(q, BNH, S)
+    qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=False)
+    _launch_tiled(
+        mlstm_scores_fwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), _score_tiles("scores_fwd", DQK, DHV, arch),
+        q, k, fv, av, mrow, qn, w, S, lay.SP, per_head, 1.0 / math.sqrt(DQK),
+        DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
+    )
+    h = _new(v)
+    _apply_scores(mlstm_score_rows_kernel, "score_rows", w, per_head, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,
+                  NORMALIZE=normalize, EXP_GATE=exp_gate)
+    return h, qn
+
+
+def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: RowTermInputs, rs, dqn,
+                           lay: ChunkLayout) -> tuple[torch.Tensor, ...]:
+    """mlstm_bwd for one chunk without states through stored score matrices (uses_score_matrix): dq, dk, dv and the
+    row sums q.dq, k.dk per output slice ([slices, BNH, SP]); rs, dqn and rows.dm_row are written here."""
+    S, DQK = q.shape[-2:]
+    DHV = v.shape[-1]
+    BNH = _rows_of(q, S, DQK)
+    nht = heads_per_row(q, k, v, dh, rows.h)
+    prec = _precision(q.dtype)
+    arch = gpu_arch(q.device)
+    ds, per_head = _score_matrix(q, BNH, S)
+    wr, _ = _score_matrix(q, BNH, S)
+    _launch_tiled(
+        mlstm_scores_bwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), _score_tiles("scores_bwd", DQK, DHV, arch),
+        q, k, v, dh, rows.h, fv, av, mrow, rows.qn, rs, dqn, rows.dm_row, ds, wr,
+        S, lay.SP, per_head, 1.0 / math.sqrt(DQK), rows.eps,
+        DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
+        NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate,
+    )
+    dq, dk, dv = _new(q), _new(k), _new(v)
+    qdq = _apply_scores(mlstm_score_rows_kernel, "score_rows", ds, per_head, k, dq, q, lay, BNH, nht, prec, rows.qn,
+                        mrow, rows.eps, NORMALIZE=False, EXP_GATE=rows.exp_gate)
+    kdk = _apply_scores(mlstm_score_cols_kernel, "score_cols", ds, per_head, q, dk, k, lay, BNH, nht, prec)
+    _apply_scores(mlstm_score_cols_kernel, "score_cols", wr, per_head, dh, dv, None, lay, BNH, nht, prec)
+    return dq, dk, dv, qdq, kdk
 
 
 def mlstm_bwd_delta(h: torch.Tensor, dh: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
@@ -516,7 +637,8 @@ def folds_gate_grads(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, state_p
     DH 192 / S 196; at DH 96, one pass, GPU 0.391 -> 0.396, wall 0.630 -> 0.592:
     bench/results/session13/fold_gates_bwd_ab_h200.log)."""
     return (FOLD_GATES_BWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not state_pass
-            and not has_final_grad and dkdv_mode(DQK, DHV, arch) == "one_pass")
+            and not has_final_grad and dkdv_mode(DQK, DHV, arch) == "one_pass"
+            and not uses_score_matrix(DQK, DHV, lay, keeps_states=False))
 
 
 def mlstm_bwd(
@@ -589,6 +711,11 @@ def mlstm_bwd(
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
+    if (row_terms_from is not None and gate_grads is None and not has_final and not state_pass
+            and uses_score_matrix(DQK, DHV, lay, keeps_states=False)):
+        dq, dk, dv, qdq, kdk = mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, row_terms_from, rs, dqn, lay)
+        out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
+        return (*out, None) if state_dots else out
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
     common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
 
@@ -729,6 +856,8 @@ def folds_gate_vectors(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, keeps
     512 on the H200) take several, each of which would walk the gates again; they are bound by the GPU, where the fold
     saves nothing, and the GPU checks of the fold covered DH 96 and 192 only."""
     if not (FOLD_GATES_FWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not keeps_states):
+        return False
+    if uses_score_matrix(DQK, DHV, lay, keeps_states=keeps_states):
         return False
     cfg = tiles("fwd_h", DQK, DHV, arch, rows=_one_chunk_rows(lay))
     return cfg["BV"] + cfg["BV2"] >= DHV

@@ -1,0 +1,234 @@
+"""The score-matrix path for wide heads: raw Triton kernels (launch wrappers: launch.py, mlstm_fwd_score_matrix and
+mlstm_bwd_score_matrix). One chunk without states only.
+
+Why: where a head is too wide for one program to hold a row tile of h (or dq, dk, dv) in registers (DH 384 / 512 on
+the H200: 64-row tiles of [64, 128] float32), the matrix kernels of kernels.py split the output into column slices,
+and every slice forms the tile's scores again, a product over the whole other head dim. At DH 512 that is 20 passes
+over the S x S / 2 causal products per fwd+bwd where 8 would do (fwd_h 4 x (1 + 1/4), dq, dk, dv 5 each). The
+weights are cheap to keep instead: a bf16 weight costs 2 bytes to write and 2 to read, against 2 x DH flops to form
+again. So here one kernel forms each weight once, in the input dtype (the same rounding the matrix kernels apply
+before their products), and the products that use it are plain matrix products over the stored weights:
+
+    forward:  W = (q k^T) exp(D - m)/sqrt(d)                      mlstm_scores_fwd_kernel (with qn = rowsum W)
+              h = (W v) / denominator                             mlstm_score_rows_kernel
+    backward: dS = (dh v^T rs + dqn) exp(D - m)/sqrt(d),
+              Wr = W rs                                           mlstm_scores_bwd_kernel (with rs, dqn, dm)
+              dq = dS k                                           mlstm_score_rows_kernel
+              dk = dS^T q,  dv = Wr^T dh                          mlstm_score_cols_kernel
+
+The stored matrices hold the lower triangle only, in row blocks of PACK rows: block i (rows [i PACK, (i+1) PACK))
+keeps columns [0, (i+1) PACK), row-major, after the blocks before it (_tri_ptrs). A row tile never crosses a block
+(PACK is a multiple of every row tile). Kernels that form a matrix write every element on or below the diagonal of
+the rows before S; the kernels that read one mask the diagonal tiles (so nothing above the diagonal is read) and, on
+the key side, the rows past S. Rows past S of off-diagonal query-side tiles are read but never reach a stored output
+(a row of a product depends on that row alone).
+"""
+
+import triton
+import triton.language as tl
+
+from .kernels import LOG2E, _exp2, _load_rows, _resident, _row_dot, _row_terms, _rows_base, _scores, _weight_tile
+from .kernels import _denominator
+
+
+@triton.jit
+def _tri_ptrs(M, bh, TRI, t_lo, t_loc, s_loc, PACK: tl.constexpr):
+    """Addresses of the elements [t_loc, s_loc] of (batch, head) bh's packed lower-triangular matrix (TRI elements
+    each; see the module docstring). t_lo: the row tile's first row, which fixes the row block."""
+    blk = t_lo // PACK
+    base = M + bh * TRI + PACK * PACK * (blk * (blk + 1) // 2)
+    return base + (t_loc[:, None] - blk * PACK) * ((blk + 1) * PACK) + s_loc[None, :]
+
+
+@triton.jit
+def _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale):
+    """The row term of the decay, r_t = (F_t - m_t) log2(e) + log2(scale) (kernels.py's docstring)."""
+    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+    return (f_t - m_t) * LOG2E + tl.log2(scale)
+
+
+@triton.jit
+def mlstm_scores_fwd_kernel(
+    Q, K, FV, AV, MROW, QN, W,
+    S, SP, TRI, scale,
+    DQK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
+):
+    """W[t, j] for one query tile (the weights of kernels._weight_tile, in W's dtype; zeros above the diagonal of the
+    diagonal tiles) and qn_t = sum_j W[t, j] of the float32 weights. BT is a multiple of BS."""
+    RQK = NHT * DQK
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t_lo = pid_t * BT
+    t_loc = t_lo + tl.arange(0, BT)
+    t_ok = t_loc < S
+    q_base = _rows_base(Q, bh, 0, S, DQK, NHT)
+    k_base = _rows_base(K, bh, 0, S, DQK, NHT)
+    vec = bh * SP
+    r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
+    q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
+    qn = tl.zeros((BT,), dtype=tl.float32)
+    for j0 in range(0, t_lo, BS):
+        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, S, DQK, RQK, BS,
+                                   BK, 0, False, PREC, FAST_EXP2)
+        qn += tl.sum(w, 1)
+        tl.store(_tri_ptrs(W, bh, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, S), BS):
+        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, S, DQK, RQK, BS,
+                                   BK, 0, True, PREC, FAST_EXP2)
+        qn += tl.sum(w, 1)
+        tl.store(_tri_ptrs(W, bh, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
+    tl.store(QN + vec + t_loc, qn, mask=t_ok)
+
+
+@triton.jit
+def mlstm_scores_bwd_kernel(
+    Q, K, V, DH, H, FV, AV, MROW, QN, RS, DQN, DMROW, DS, WR,
+    S, SP, TRI, scale, eps,
+    DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
+    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
+):
+    """For one query tile: the per-row terms rs, dqn, dm (from delta = dh.h, as the dq kernel's ROW_TERMS), then
+    dS[t, j] = (dh_t.v_j rs_t + dqn_t) exp(D_tj - m_t)/sqrt(d) and Wr[t, j] = (q_t.k_j) exp(D_tj - m_t)/sqrt(d) rs_t,
+    in the input dtype (what the dq, dk and dv kernels of kernels.py cast the same values to before their
+    products). BT is a multiple of BS."""
+    RQK = NHT * DQK
+    RHV = NHT * DHV
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t_lo = pid_t * BT
+    t_loc = t_lo + tl.arange(0, BT)
+    t_ok = t_loc < S
+    q_base = _rows_base(Q, bh, 0, S, DQK, NHT)
+    k_base = _rows_base(K, bh, 0, S, DQK, NHT)
+    v_base = _rows_base(V, bh, 0, S, DHV, NHT)
+    dh_base = _rows_base(DH, bh, 0, S, DHV, NHT)
+    vec = bh * SP
+    delta = _row_dot(H, DH, bh, t_loc, t_ok, S, DHV, BV, NHT)
+    rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + t_loc, t_ok, eps, NORMALIZE, EXP_GATE)
+    tl.store(RS + vec + t_loc, rs_t, mask=t_ok)
+    tl.store(DQN + vec + t_loc, dqn_t, mask=t_ok)
+    tl.store(DMROW + vec + t_loc, dm_t, mask=t_ok)
+    r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
+    q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
+    dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, RHV, BV, 0, DH.dtype.element_ty)
+    for j0 in range(0, t_lo, BS):
+        _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI,
+                        vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK, DHV, RQK, RHV, BS, BK, BV, False, PREC,
+                        FAST_EXP2, PACK)
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, S), BS):
+        _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI,
+                        vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK, DHV, RQK, RHV, BS, BK, BV, True, PREC,
+                        FAST_EXP2, PACK)
+
+
+@triton.jit
+def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI, vec,
+                    t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr,
+                    RHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DIAG: tl.constexpr,
+                    PREC: tl.constexpr, FAST_EXP2: tl.constexpr, PACK: tl.constexpr):
+    s_loc = j0 + tl.arange(0, BS)
+    s_ok = s_loc < S
+    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+    p = _exp2(r_t[:, None] + ((a_s - f_s) * LOG2E)[None, :], FAST_EXP2)
+    dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, RHV, BV, 0, True, DIAG, PREC)
+    ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
+    sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, RQK, BK, 0, True, DIAG, PREC)
+    wr = sc * (p * rs_t[:, None])
+    if DIAG:
+        keep = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
+        ds = tl.where(keep, ds, 0.0)
+        wr = tl.where(keep, wr, 0.0)
+    tl.store(_tri_ptrs(DS, bh, TRI, t_lo, t_loc, s_loc, PACK), ds.to(DS.dtype.element_ty), mask=t_ok[:, None])
+    tl.store(_tri_ptrs(WR, bh, TRI, t_lo, t_loc, s_loc, PACK), wr.to(WR.dtype.element_ty), mask=t_ok[:, None])
+
+
+@triton.jit
+def mlstm_score_rows_kernel(
+    M, X, OUT, Y, RSUM,
+    S, SP, TRI, QN, MROW, eps,
+    D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr,
+    PREC: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
+    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, ROW_DOT: tl.constexpr,
+):
+    """out[t, o-slice] = sum_{j <= t} M[t, j] x[j, o-slice] for one query tile and output slice: h = W v in the
+    forward (NORMALIZE: divided by the denominator from qn and m), dq = dS k in the backward (ROW_DOT: with the row
+    sums y.out of this slice, y = q, stored at RSUM[pid_o]). BT is a multiple of BS."""
+    R = NHT * D
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    t_lo = pid_t * BT
+    t_loc = t_lo + tl.arange(0, BT)
+    t_ok = t_loc < S
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    x_base = _rows_base(X, bh, 0, S, D, NHT)
+    acc = tl.zeros((BT, BO), dtype=tl.float32)
+    for j0 in range(0, t_lo, BS):
+        s_loc = j0 + tl.arange(0, BS)
+        m = tl.load(_tri_ptrs(M, bh, TRI, t_lo, t_loc, s_loc, PACK))
+        x = _load_rows(x_base, s_loc, s_loc < S, offs_o, D, R, False, D % BO != 0)
+        acc += tl.dot(m, x, input_precision=PREC)
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, S), BS):
+        s_loc = j0 + tl.arange(0, BS)
+        s_ok = s_loc < S
+        m = tl.load(_tri_ptrs(M, bh, TRI, t_lo, t_loc, s_loc, PACK),
+                    mask=(s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], other=0.0)
+        x = _load_rows(x_base, s_loc, s_ok, offs_o, D, R, True, D % BO != 0)
+        acc += tl.dot(m, x, input_precision=PREC)
+    vec = bh * SP
+    if NORMALIZE:
+        qn = tl.load(QN + vec + t_loc, mask=t_ok, other=0.0)
+        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+        acc = acc / _denominator(qn, m_t, eps, EXP_GATE)[:, None]
+    out_ok = t_ok[:, None] & (offs_o[None, :] < D)
+    out_base = _rows_base(OUT, bh, 0, S, D, NHT)
+    tl.store(out_base + t_loc[:, None] * R + offs_o[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
+    if ROW_DOT:
+        y = tl.load(_rows_base(Y, bh, 0, S, D, NHT) + t_loc[:, None] * R + offs_o[None, :], mask=out_ok, other=0.0)
+        tl.store(RSUM + pid_o * tl.num_programs(2) * SP + vec + t_loc, tl.sum(y.to(tl.float32) * acc, 1), mask=t_ok)
+
+
+@triton.jit
+def mlstm_score_cols_kernel(
+    M, X, OUT, Y, RSUM,
+    S, SP, TRI,
+    D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr,
+    PREC: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr, ROW_DOT: tl.constexpr,
+):
+    """out[j, o-slice] = sum_{t >= j} M[t, j] x[t, o-slice] for one key tile and output slice: dk = dS^T q and
+    dv = Wr^T dh in the backward (ROW_DOT: with the row sums y.out of this slice, y = k, stored at RSUM[pid_o]).
+    BS is a multiple of BT: the query tiles inside the key tile's rows take the causal mask."""
+    R = NHT * D
+    pid_s = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    s_lo = pid_s * BS
+    s_loc = s_lo + tl.arange(0, BS)
+    s_ok = s_loc < S
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    x_base = _rows_base(X, bh, 0, S, D, NHT)
+    acc = tl.zeros((BS, BO), dtype=tl.float32)
+    for t0 in range(s_lo, tl.minimum(s_lo + BS, S), BT):
+        t_loc = t0 + tl.arange(0, BT)
+        t_ok = t_loc < S
+        m = tl.load(_tri_ptrs(M, bh, TRI, t0, t_loc, s_loc, PACK),
+                    mask=(s_loc[None, :] <= t_loc[:, None]) & t_ok[:, None], other=0.0)
+        x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
+        acc += tl.dot(tl.trans(m), x, input_precision=PREC)
+    for t0 in range(s_lo + BS, S, BT):
+        t_loc = t0 + tl.arange(0, BT)
+        t_ok = t_loc < S
+        m = tl.load(_tri_ptrs(M, bh, TRI, t0, t_loc, s_loc, PACK), mask=t_ok[:, None], other=0.0)
+        x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
+        acc += tl.dot(tl.trans(m), x, input_precision=PREC)
+    out_ok = s_ok[:, None] & (offs_o[None, :] < D)
+    out_base = _rows_base(OUT, bh, 0, S, D, NHT)
+    tl.store(out_base + s_loc[:, None] * R + offs_o[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
+    if ROW_DOT:
+        y = tl.load(_rows_base(Y, bh, 0, S, D, NHT) + s_loc[:, None] * R + offs_o[None, :], mask=out_ok, other=0.0)
+        tl.store(RSUM + pid_o * tl.num_programs(2) * SP + bh * SP + s_loc, tl.sum(y.to(tl.float32) * acc, 1),
+                 mask=s_ok)
