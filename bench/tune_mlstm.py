@@ -32,6 +32,10 @@ sequential over the chunks) at a chunked --seq, from the shipped table; winners 
 dims) where they beat the shipped tiles:
     PYTHONPATH=kernels python bench/tune_mlstm.py --state-kernels --dh 96 192 384 512 --seq 4096 --write
 
+--score-matrix tunes the kernels of the score-matrix path (launch.uses_score_matrix: wide heads in one chunk), forced
+on, from the shipped table; winners go under "scores_fwd:512:512"-style entries (padded dims):
+    PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 512 384 --seq 1024 --write
+
 --short tunes the kernels of one short chunk (--seq <= launch.SHORT_CHUNK_ROWS, no states: ViL's 197 tokens) from
 the shipped table and writes the winners as "dkdv:96:96:short"-style entries, which only such calls read:
     PYTHONPATH=kernels python bench/tune_mlstm.py --short --dh 96 192 --seq 196 --write
@@ -200,13 +204,18 @@ def merge_into_table(arch: str, tuned: dict, one_pass: dict | None = None, choic
 MIN_GAIN = 0.01
 
 
-def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256, cands=None):
+def tune_kernel(kernel, dh, S, x, current, budget_s, log, max_output_slice=256, cands=None, phase=None):
     """Coordinate step: best candidate for one kernel with the others at `current` (from `cands`, or candidates());
-    returns (best cfg or None where none beat the current by MIN_GAIN, its ms, the best ms, table rows)."""
+    returns (best cfg or None where none beat the current by MIN_GAIN, its ms, the best ms, table rows).
+    phase: what is timed, "fwd", "bwd" or "both" (a kernel that runs in both); by default the forward for the
+    forward's kernels, else the backward."""
     launch.TILE_OVERRIDES.clear()
     launch.TILE_OVERRIDES.update(current)
-    if kernel in ("fwd_h", "fwd_state"):
+    phase = phase or ("fwd" if kernel in ("fwd_h", "fwd_state") else "bwd")
+    if phase == "fwd":
         step = lambda: fwd(x, S)  # noqa: E731
+    elif phase == "both":
+        step = lambda: bwd(x, fwd(x, S), S)  # noqa: E731
     else:  # the backward's inputs come from the forward at the current tiles, which do fit (or were shrunk)
         shrink = launch.SHRINK_TILES_THAT_DO_NOT_FIT
         launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
@@ -276,8 +285,12 @@ def main():
                     help="tune the tiles of one short chunk (--seq <= 256) against the shipped table (see above)")
     ap.add_argument("--state-kernels", action="store_true",
                     help="tune the chunk-state kernels fwd_state and bwd_state (see above)")
+    ap.add_argument("--score-matrix", action="store_true",
+                    help="tune the score-matrix path's kernels, with the path forced on (see above)")
     args = ap.parse_args()
     MIN_GAIN = args.min_gain
+    if args.score_matrix:
+        return tune_score_matrix(args)
     if args.states:
         return tune_states(args)
     if args.split:
@@ -533,6 +546,59 @@ def tune_short(args) -> None:
     if not (function.default_chunk_size(S) >= S and S <= launch.SHORT_CHUNK_ROWS):
         raise SystemExit(f"--short tunes one chunk of at most {launch.SHORT_CHUNK_ROWS} rows; got --seq {S}")
     _tune_shipped_kernels(args, log, S, B, arch, result, "short-chunk tiles", ":short")
+
+# The score-matrix path (tfla/triton/score_kernels.py). (BT, BS, head-dim slice, num_warps, num_stages); the slice is
+# the reduction's BK (BK = BV for scores_bwd) or the output slice BO. Query-side kernels need BT % BS == 0, the key
+# side (score_cols) BS % BT == 0, and every row tile must divide launch.SCORE_PACK_ROWS (128).
+SCORE_CANDIDATES = {
+    "scores_fwd": [(64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (64, 64, 64, 4, 2), (128, 64, 64, 8, 3),
+                   (128, 64, 128, 8, 2), (64, 32, 128, 4, 3), (128, 128, 64, 8, 2), (64, 64, 128, 8, 2)],
+    "scores_bwd": [(64, 64, 64, 4, 3), (64, 64, 128, 4, 2), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3),
+                   (128, 64, 128, 8, 2), (64, 64, 64, 8, 3), (64, 32, 128, 4, 3)],
+    "score_rows": [(64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 256, 8, 3), (128, 64, 256, 8, 2),
+                   (128, 128, 128, 8, 2), (64, 128, 128, 4, 2), (64, 32, 128, 4, 4), (128, 32, 256, 8, 3)],
+    "score_cols": [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 64, 256, 8, 3), (64, 128, 256, 8, 2),
+                   (128, 128, 128, 8, 2), (32, 64, 128, 4, 3), (32, 128, 256, 8, 3)],
+}
+# Which step times each kernel: score_rows makes h in the forward and dq in the backward.
+SCORE_PHASES = {"scores_fwd": "fwd", "score_rows": "both", "scores_bwd": "bwd", "score_cols": "bwd"}
+
+
+def score_candidates(kernel: str) -> list[dict]:
+    slice_key = {"scores_fwd": ("BK",), "scores_bwd": ("BK", "BV")}.get(kernel, ("BO",))
+    return [dict({key: width for key in slice_key}, BT=bt, BS=bs, num_warps=w, num_stages=st)
+            for bt, bs, width, w, st in SCORE_CANDIDATES[kernel]]
+
+
+def tune_score_matrix(args) -> None:
+    """--score-matrix: the four kernels of the score-matrix path at one chunk (--seq <= 1024), coordinate descent
+    from the shipped table with launch.SCORE_MATRIX forced on; winners under "scores_fwd:512:512" (padded dims)."""
+    log, S, B, arch, result = _start_from_shipped(args, "score-matrix path")
+    if function.default_chunk_size(S) < S or S > launch.SCORE_MATRIX_MAX_CHUNK:
+        raise SystemExit(f"--score-matrix tunes one chunk of at most {launch.SCORE_MATRIX_MAX_CHUNK} rows")
+    shipped_switch = launch.SCORE_MATRIX
+    launch.SCORE_MATRIX = True
+    launch.SHRINK_TILES_THAT_DO_NOT_FIT = False
+    tuned = {}
+    try:
+        for dh in args.dh:
+            x = mlstm_inputs(B, args.heads, S, dh)
+            current, entry = {}, {}
+            for kernel, phase in SCORE_PHASES.items():
+                best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log,
+                                                           cands=score_candidates(kernel), phase=phase)
+                if best is not None:
+                    current[kernel] = best
+                entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
+            result["dims"][dh] = entry
+            for kernel, cfg in current.items():
+                tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}"] = cfg
+    finally:
+        launch.SCORE_MATRIX = shipped_switch
+        launch.SHRINK_TILES_THAT_DO_NOT_FIT = True
+    log(f"score-matrix tiles for {arch}: " + json.dumps(tuned, indent=1))
+    _report(args, log, arch, result, tuned)
+
 
 if __name__ == "__main__":
     main()

@@ -22,10 +22,11 @@ from triton.compiler import ASTSource
 
 from . import kernels as K
 from . import launch
+from . import score_kernels as SK
 
 # Half-precision tensors of each kernel (the rest of the pointers are float32 per-row vectors or states).
-_HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV"}
-_INTS = ("S", "L", "NC", "SP")
+_HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV", "W", "DS", "WR", "M", "X", "OUT", "Y"}
+_INTS = ("S", "L", "NC", "SP", "TRI")
 _FLOATS = ("scale", "eps")
 KERNELS = {
     "fwd_h": K.mlstm_fwd_h_kernel,
@@ -35,6 +36,11 @@ KERNELS = {
     "dkdv": K.mlstm_bwd_dkdv_kernel,
     "dkdv_k": K.mlstm_bwd_dkdv_kernel,  # the split pass's two launches (launch.dkdv_mode)
     "dkdv_v": K.mlstm_bwd_dkdv_kernel,
+    # the score-matrix path (launch.uses_score_matrix); "score_rows" as it makes h, "score_cols" as it makes dk
+    "scores_fwd": SK.mlstm_scores_fwd_kernel,
+    "scores_bwd": SK.mlstm_scores_bwd_kernel,
+    "score_rows": SK.mlstm_score_rows_kernel,
+    "score_cols": SK.mlstm_score_cols_kernel,
 }
 
 
@@ -54,7 +60,11 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
              # defaults are not constexprs to ASTSource
              "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True, **gates),
              "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False, **no_gates),
-             "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True, **no_gates)}
+             "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True, **no_gates),
+             "scores_fwd": dict(PACK=launch.SCORE_PACK_ROWS),
+             "scores_bwd": dict(PACK=launch.SCORE_PACK_ROWS, NORMALIZE=True, EXP_GATE=True),
+             "score_rows": dict(PACK=launch.SCORE_PACK_ROWS, D=DHV, NORMALIZE=True, EXP_GATE=True, ROW_DOT=False),
+             "score_cols": dict(PACK=launch.SCORE_PACK_ROWS, D=DQK, ROW_DOT=True)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
@@ -62,7 +72,11 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     consts.update({k: v for k, v in tiles.items() if k not in options})
     if name.startswith("dkdv"):
         consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
-    return compile_launch(fn, consts, dict(S=S, L=S, NC=1, SP=S, NKO_Q=1, BNH=1024), options, arch=arch, dtype=dtype)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # the score kernels take one head dim or none
+    blocks = launch._cdiv(S, launch.SCORE_PACK_ROWS)
+    tri = launch.SCORE_PACK_ROWS ** 2 * blocks * (blocks + 1) // 2
+    return compile_launch(fn, consts, dict(S=S, L=S, NC=1, SP=S, NKO_Q=1, BNH=1024, TRI=tri), options, arch=arch,
+                          dtype=dtype)
 
 
 def compile_launch(fn, consts: dict, ints: dict, options: dict, arch: int = 90, dtype: str = "bf16"):
