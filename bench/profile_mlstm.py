@@ -175,7 +175,8 @@ def _ab_switches() -> dict:
     from tfla.triton import direct_launch
 
     return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates_fwd": (launch, "FOLD_GATES_FWD"),
-            "fold_gates_bwd": (launch, "FOLD_GATES_BWD"), "score_matrix": (launch, "SCORE_MATRIX")}
+            "fold_gates_bwd": (launch, "FOLD_GATES_BWD"), "score_matrix": (launch, "SCORE_MATRIX"),
+            "split_scores_bwd": (launch, "SPLIT_SCORES_BWD")}
 
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:

@@ -426,6 +426,8 @@ else:
         "24x16 exp S1": ((1, 3, 1, 24, 16, "exp", torch.float32), dict(pack=32, tiles=SMALL_SCORE_TILES)),
         "24x16 exp S70 token-major": ((2, 3, 70, 24, 16, "exp", torch.float32),
                                       dict(pack=32, tiles=SMALL_SCORE_TILES, token_major=True)),
+        "40x33 sig S97 split dS / Wr": ((1, 2, 97, 40, 33, "sig", torch.float32),
+                                        dict(pack=32, tiles=SMALL_SCORE_TILES, split=True)),
     }
 
     @pytest.mark.parametrize("case", list(SCORE_CASES), ids=list(SCORE_CASES))
@@ -438,6 +440,7 @@ else:
         monkeypatch.setattr(launch, "SCORE_PACK_ROWS", kw["pack"])
         monkeypatch.setattr(launch, "TILE_OVERRIDES", kw["tiles"])
         monkeypatch.setattr(function, "TOKEN_MAJOR_IN_PLACE", True)
+        monkeypatch.setattr(launch, "SPLIT_SCORES_BWD", kw.get("split", False))
         normalize = kw.get("normalize", True)
         xs = _inputs(B, NH, S, DQK, DHV, dtype, 11, False)
         real_launch = launch.direct_launch
@@ -463,9 +466,10 @@ else:
                               "mlstm_bwd_dk_kernel", "mlstm_bwd_dv_kernel"}
             if on:
                 assert sorted(launched) == sorted(["mlstm_gates_fwd_kernel", "mlstm_scores_fwd_kernel",
-                                                   "mlstm_score_rows_kernel", "mlstm_scores_bwd_kernel",
-                                                   "mlstm_score_rows_kernel", "mlstm_score_cols_kernel",
-                                                   "mlstm_score_cols_kernel", "mlstm_gates_bwd_kernel"]), launched
+                                                   "mlstm_score_rows_kernel", "mlstm_score_rows_kernel",
+                                                   "mlstm_score_cols_kernel", "mlstm_score_cols_kernel",
+                                                   "mlstm_gates_bwd_kernel"]
+                                                  + ["mlstm_scores_bwd_kernel"] * (2 if kw.get("split") else 1)), launched
             else:
                 assert not score_kernels & set(launched) and matrix_kernels & set(launched), launched
         (outs0, grads0), (outs1, grads1) = results[False], results[True]

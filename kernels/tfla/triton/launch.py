@@ -479,6 +479,8 @@ def mlstm_fwd(
 SCORE_MATRIX: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_SCORE_MATRIX", ""))
 SCORE_MATRIX_MAX_CHUNK = 1024
 SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of every row tile of its kernels
+# dS and Wr in two launches of mlstm_scores_bwd_kernel (one [BT, BS] product each, fewer registers) or in one.
+SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
 
 
 def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
@@ -561,13 +563,15 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: RowTermInputs, rs, d
     arch = gpu_arch(q.device)
     ds, per_head = _score_matrix(q, BNH, S)
     wr, _ = _score_matrix(q, BNH, S)
-    _launch_tiled(
-        mlstm_scores_bwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), _score_tiles("scores_bwd", DQK, DHV, arch),
-        q, k, v, dh, rows.h, fv, av, mrow, rows.qn, rs, dqn, rows.dm_row, ds, wr,
-        S, lay.SP, per_head, 1.0 / math.sqrt(DQK), rows.eps,
-        DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
-        NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate,
-    )
+    passes = ((True, False), (False, True)) if SPLIT_SCORES_BWD else ((True, True),)
+    for do_ds, do_wr in passes:  # dS first: it writes the row terms that the Wr pass reads
+        _launch_tiled(
+            mlstm_scores_bwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), _score_tiles("scores_bwd", DQK, DHV, arch),
+            q, k, v, dh, rows.h, fv, av, mrow, rows.qn, rs, dqn, rows.dm_row, ds, wr,
+            S, lay.SP, per_head, 1.0 / math.sqrt(DQK), rows.eps,
+            DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
+            NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate, DO_DS=do_ds, DO_WR=do_wr,
+        )
     dq, dk, dv = _new(q), _new(k), _new(v)
     qdq = _apply_scores(mlstm_score_rows_kernel, "score_rows", ds, per_head, k, dq, q, lay, BNH, nht, prec, rows.qn,
                         mrow, rows.eps, NORMALIZE=False, EXP_GATE=rows.exp_gate)

@@ -62,7 +62,7 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
              "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False, **no_gates),
              "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True, **no_gates),
              "scores_fwd": dict(PACK=launch.SCORE_PACK_ROWS),
-             "scores_bwd": dict(PACK=launch.SCORE_PACK_ROWS, NORMALIZE=True, EXP_GATE=True),
+             "scores_bwd": dict(PACK=launch.SCORE_PACK_ROWS, NORMALIZE=True, EXP_GATE=True, DO_DS=True, DO_WR=True),
              "score_rows": dict(PACK=launch.SCORE_PACK_ROWS, D=DHV, NORMALIZE=True, EXP_GATE=True, ROW_DOT=False),
              "score_cols": dict(PACK=launch.SCORE_PACK_ROWS, D=DQK, ROW_DOT=True)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))

@@ -88,12 +88,13 @@ def mlstm_scores_bwd_kernel(
     S, SP, TRI, scale, eps,
     DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
-    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
+    NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, DO_DS: tl.constexpr = True, DO_WR: tl.constexpr = True,
 ):
     """For one query tile: the per-row terms rs, dqn, dm (from delta = dh.h, as the dq kernel's ROW_TERMS), then
     dS[t, j] = (dh_t.v_j rs_t + dqn_t) exp(D_tj - m_t)/sqrt(d) and Wr[t, j] = (q_t.k_j) exp(D_tj - m_t)/sqrt(d) rs_t,
     in the input dtype (what the dq, dk and dv kernels of kernels.py cast the same values to before their
-    products). BT is a multiple of BS."""
+    products). BT is a multiple of BS. DO_DS / DO_WR: only one of the two (launch.SPLIT_SCORES_BWD: two launches,
+    one accumulator each); the row terms come with dS, and a launch without it reads rs."""
     RQK = NHT * DQK
     RHV = NHT * DHV
     pid_t = tl.program_id(0)
@@ -106,44 +107,52 @@ def mlstm_scores_bwd_kernel(
     v_base = _rows_base(V, bh, 0, S, DHV, NHT)
     dh_base = _rows_base(DH, bh, 0, S, DHV, NHT)
     vec = bh * SP
-    delta = _row_dot(H, DH, bh, t_loc, t_ok, S, DHV, BV, NHT)
-    rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + t_loc, t_ok, eps, NORMALIZE, EXP_GATE)
-    tl.store(RS + vec + t_loc, rs_t, mask=t_ok)
-    tl.store(DQN + vec + t_loc, dqn_t, mask=t_ok)
-    tl.store(DMROW + vec + t_loc, dm_t, mask=t_ok)
+    if DO_DS:
+        delta = _row_dot(H, DH, bh, t_loc, t_ok, S, DHV, BV, NHT)
+        rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + t_loc, t_ok, eps, NORMALIZE, EXP_GATE)
+        tl.store(RS + vec + t_loc, rs_t, mask=t_ok)
+        tl.store(DQN + vec + t_loc, dqn_t, mask=t_ok)
+        tl.store(DMROW + vec + t_loc, dm_t, mask=t_ok)
+    else:
+        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+        dqn_t = rs_t
     r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
     dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, RHV, BV, 0, DH.dtype.element_ty)
     for j0 in range(0, t_lo, BS):
         _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI,
                         vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK, DHV, RQK, RHV, BS, BK, BV, False, PREC,
-                        FAST_EXP2, PACK)
+                        FAST_EXP2, PACK, DO_DS, DO_WR)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, S), BS):
         _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI,
                         vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK, DHV, RQK, RHV, BS, BK, BV, True, PREC,
-                        FAST_EXP2, PACK)
+                        FAST_EXP2, PACK, DO_DS, DO_WR)
 
 
 @triton.jit
 def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI, vec,
                     t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr,
                     RHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DIAG: tl.constexpr,
-                    PREC: tl.constexpr, FAST_EXP2: tl.constexpr, PACK: tl.constexpr):
+                    PREC: tl.constexpr, FAST_EXP2: tl.constexpr, PACK: tl.constexpr, DO_DS: tl.constexpr,
+                    DO_WR: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < S
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
     p = _exp2(r_t[:, None] + ((a_s - f_s) * LOG2E)[None, :], FAST_EXP2)
-    dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, RHV, BV, 0, True, DIAG, PREC)
-    ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
-    sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, RQK, BK, 0, True, DIAG, PREC)
-    wr = sc * (p * rs_t[:, None])
-    if DIAG:
-        keep = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
-        ds = tl.where(keep, ds, 0.0)
-        wr = tl.where(keep, wr, 0.0)
-    tl.store(_tri_ptrs(DS, bh, TRI, t_lo, t_loc, s_loc, PACK), ds.to(DS.dtype.element_ty), mask=t_ok[:, None])
-    tl.store(_tri_ptrs(WR, bh, TRI, t_lo, t_loc, s_loc, PACK), wr.to(WR.dtype.element_ty), mask=t_ok[:, None])
+    keep = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
+    if DO_DS:
+        dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, RHV, BV, 0, True, DIAG, PREC)
+        ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
+        if DIAG:
+            ds = tl.where(keep, ds, 0.0)
+        tl.store(_tri_ptrs(DS, bh, TRI, t_lo, t_loc, s_loc, PACK), ds.to(DS.dtype.element_ty), mask=t_ok[:, None])
+    if DO_WR:
+        sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, RQK, BK, 0, True, DIAG, PREC)
+        wr = sc * (p * rs_t[:, None])
+        if DIAG:
+            wr = tl.where(keep, wr, 0.0)
+        tl.store(_tri_ptrs(WR, bh, TRI, t_lo, t_loc, s_loc, PACK), wr.to(WR.dtype.element_ty), mask=t_ok[:, None])
 
 
 @triton.jit
