@@ -328,6 +328,18 @@ else:
         monkeypatch.setattr(function, "FUSED_KERNELS", False)
         assert not function._fused_gates(launch.chunk_layout(196, 196))
 
+    def _record_launches(monkeypatch) -> list:
+        """The names of the kernels launch.py launches from now on, in order (the list fills as they run)."""
+        real_launch = launch.direct_launch
+        launched = []
+
+        def record(kernel, grid, *args, **kwargs):
+            launched.append(kernel.fn.__name__)
+            real_launch(kernel, grid, *args, **kwargs)
+
+        monkeypatch.setattr(launch, "direct_launch", record)
+        return launched
+
     @pytest.mark.parametrize("mode", ["one_pass", "split"])
     @pytest.mark.parametrize("gate", ["exp", "sig"])
     def test_gate_kernels_folded_into_the_matrix_kernels(fused, monkeypatch, fresh_tiles, mode, gate):
@@ -344,14 +356,7 @@ else:
         monkeypatch.setattr(launch, "TILE_OVERRIDES", {"fwd_h": dict(BT=32, BS=16), "dkdv": keys, "dkdv_k": keys,
                                                        "dkdv_v": keys})
         xs = _inputs(2, 2, 150, 24, 16, torch.float32, 5, False)
-        real_launch = launch.direct_launch
-        launched = []
-
-        def record(kernel, grid, *args, **kwargs):
-            launched.append(kernel.fn.__name__)
-            real_launch(kernel, grid, *args, **kwargs)
-
-        monkeypatch.setattr(launch, "direct_launch", record)
+        launched = _record_launches(monkeypatch)
         results, gate_vectors = {}, {}
         for fold in (False, True):
             monkeypatch.setattr(launch, "FOLD_GATES_FWD", fold)
@@ -443,14 +448,7 @@ else:
         monkeypatch.setattr(launch, "SPLIT_SCORES_BWD", kw.get("split", False))
         normalize = kw.get("normalize", True)
         xs = _inputs(B, NH, S, DQK, DHV, dtype, 11, False)
-        real_launch = launch.direct_launch
-        launched = []
-
-        def record(kernel, grid, *args, **kwargs):
-            launched.append(kernel.fn.__name__)
-            real_launch(kernel, grid, *args, **kwargs)
-
-        monkeypatch.setattr(launch, "direct_launch", record)
+        launched = _record_launches(monkeypatch)
         results = {}
         score_kernels = {"mlstm_scores_fwd_kernel", "mlstm_scores_bwd_kernel", "mlstm_score_rows_kernel",
                          "mlstm_score_cols_kernel"}

@@ -156,6 +156,20 @@ def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, 
 
 
 @triton.jit
+def _store_slice(OUT, Y, RSUM, acc, bh, pid_o, rows, r_ok, offs_o, S, SP, D: tl.constexpr, NHT: tl.constexpr,
+                 ROW_DOT: tl.constexpr):
+    """Store an output slice [rows, offs_o] of the products kernels; with ROW_DOT also sum_o y[row, o] out[row, o]
+    (float32) at RSUM[pid_o, bh, row] ([slices, BNH, SP]: the gate gradients add the slices up)."""
+    R = NHT * D
+    out_ok = r_ok[:, None] & (offs_o[None, :] < D)
+    tl.store(_rows_base(OUT, bh, 0, S, D, NHT) + rows[:, None] * R + offs_o[None, :], acc.to(OUT.dtype.element_ty),
+             mask=out_ok)
+    if ROW_DOT:
+        y = tl.load(_rows_base(Y, bh, 0, S, D, NHT) + rows[:, None] * R + offs_o[None, :], mask=out_ok, other=0.0)
+        tl.store(RSUM + (pid_o * tl.num_programs(2) + bh) * SP + rows, tl.sum(y.to(tl.float32) * acc, 1), mask=r_ok)
+
+
+@triton.jit
 def mlstm_score_rows_kernel(
     M, X, OUT, Y, RSUM,
     S, SP, TRI, QN, MROW, eps,
@@ -193,12 +207,7 @@ def mlstm_score_rows_kernel(
         qn = tl.load(QN + vec + t_loc, mask=t_ok, other=0.0)
         m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
         acc = acc / _denominator(qn, m_t, eps, EXP_GATE)[:, None]
-    out_ok = t_ok[:, None] & (offs_o[None, :] < D)
-    out_base = _rows_base(OUT, bh, 0, S, D, NHT)
-    tl.store(out_base + t_loc[:, None] * R + offs_o[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
-    if ROW_DOT:
-        y = tl.load(_rows_base(Y, bh, 0, S, D, NHT) + t_loc[:, None] * R + offs_o[None, :], mask=out_ok, other=0.0)
-        tl.store(RSUM + pid_o * tl.num_programs(2) * SP + vec + t_loc, tl.sum(y.to(tl.float32) * acc, 1), mask=t_ok)
+    _store_slice(OUT, Y, RSUM, acc, bh, pid_o, t_loc, t_ok, offs_o, S, SP, D, NHT, ROW_DOT)
 
 
 @triton.jit
@@ -234,10 +243,4 @@ def mlstm_score_cols_kernel(
         m = tl.load(_tri_ptrs(M, bh, TRI, t0, t_loc, s_loc, PACK), mask=t_ok[:, None], other=0.0)
         x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
         acc += tl.dot(tl.trans(m), x, input_precision=PREC)
-    out_ok = s_ok[:, None] & (offs_o[None, :] < D)
-    out_base = _rows_base(OUT, bh, 0, S, D, NHT)
-    tl.store(out_base + s_loc[:, None] * R + offs_o[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
-    if ROW_DOT:
-        y = tl.load(_rows_base(Y, bh, 0, S, D, NHT) + s_loc[:, None] * R + offs_o[None, :], mask=out_ok, other=0.0)
-        tl.store(RSUM + pid_o * tl.num_programs(2) * SP + bh * SP + s_loc, tl.sum(y.to(tl.float32) * acc, 1),
-                 mask=s_ok)
+    _store_slice(OUT, Y, RSUM, acc, bh, pid_o, s_loc, s_ok, offs_o, S, SP, D, NHT, ROW_DOT)
