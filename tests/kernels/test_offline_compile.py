@@ -86,3 +86,19 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
     compiled = compile_launch(K.mlstm_bwd_state_kernel, consts, dict(S=S, L=L, NC=lay.NC, SP=lay.SP, DQK=96, DHV=96),
                               dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]))
     assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK
+
+
+@pytest.mark.parametrize("DH", [384, 512])
+def test_score_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH):
+    """The score-matrix path's kernels (launch.uses_score_matrix: DH 384 / 512 in one chunk) at their shipped tiles:
+    products on the tensor cores' wgmma, within the shared memory, the decay's exp2 one instruction."""
+    from tfla.triton.offline import compile_kernel, sass_report
+
+    for name in ("scores_fwd", "scores_bwd", "score_rows", "score_cols"):
+        tiles = launch.tiles(name, DH, DH, "sm90")
+        compiled = compile_kernel(name, DH, DH, 1024, tiles, arch=90)
+        assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, (name, tiles, compiled.metadata.shared)
+        report = sass_report(compiled)
+        assert report["counts"]["HGMMA"] > 0, f"{name}: products not on wgmma ({tiles})"
+        if name.startswith("scores"):
+            assert "ex2.approx.ftz.f32" in compiled.asm["ptx"], name

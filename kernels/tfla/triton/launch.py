@@ -484,6 +484,8 @@ SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
 
 
 def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
+    """Whether mlstm_fwd / mlstm_bwd take the score-matrix path (see SCORE_MATRIX) for this call; the backward asks
+    independently of the forward (it needs only the forward's gate vectors, qn and h)."""
     if lay.NC != 1 or keeps_states or lay.L > SCORE_MATRIX_MAX_CHUNK:
         return False
     if SCORE_MATRIX is not None:
@@ -682,7 +684,9 @@ def mlstm_bwd(
     has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
     pass need them zeroed.
     gate_grads (where folds_gate_grads says so, with row_terms_from): the one-pass dk + dv kernel also writes di and
-    df into gate_grads' buffers, in place of a mlstm_gates_bwd launch by the caller."""
+    df into gate_grads' buffers, in place of a mlstm_gates_bwd launch by the caller.
+    With row_terms_from and no state terms, where uses_score_matrix says so, dq, dk and dv come from the score-matrix
+    kernels (mlstm_bwd_score_matrix) instead of the matrix kernels."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)

@@ -72,7 +72,8 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     consts.update({k: v for k, v in tiles.items() if k not in options})
     if name.startswith("dkdv"):
         consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # the score kernels take one head dim or none
+    # the score kernels take one head dim or none, their products kernels no exp2
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names or k not in ("DQK", "DHV", "FAST_EXP2")}
     blocks = launch._cdiv(S, launch.SCORE_PACK_ROWS)
     tri = launch.SCORE_PACK_ROWS ** 2 * blocks * (blocks + 1) // 2
     return compile_launch(fn, consts, dict(S=S, L=S, NC=1, SP=S, NKO_Q=1, BNH=1024, TRI=tri), options, arch=arch,
