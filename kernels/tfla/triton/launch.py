@@ -479,7 +479,11 @@ def mlstm_fwd(
 SCORE_MATRIX: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_SCORE_MATRIX", ""))
 SCORE_MATRIX_MAX_CHUNK = 1024
 SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of every row tile of its kernels
-# dS and Wr in two launches of mlstm_scores_bwd_kernel (one [BT, BS] product each, fewer registers) or in one.
+# dS and Wr in one launch of mlstm_scores_bwd_kernel (two triangles live in the backward), or (True) in two, one
+# product each: dS, then dq and dk from it, then Wr in dS's memory and dv, so that one triangle lives at a time. The
+# same kernels in two launches took 0.98 / 0.99 / 1.03x the time at DH 384 / S 196, 384 / 1024, 512 / 1024 on the
+# H200 (bench/results/session14/ab_split_scores_bwd_h200.log, measured with both triangles allocated): off by default,
+# TFLA_SPLIT_SCORES_BWD=1 to halve the path's extra memory.
 SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
 
 
@@ -563,21 +567,31 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: RowTermInputs, rs, d
     nht = heads_per_row(q, k, v, dh, rows.h)
     prec = _precision(q.dtype)
     arch = gpu_arch(q.device)
-    ds, per_head = _score_matrix(q, BNH, S)
-    wr, _ = _score_matrix(q, BNH, S)
-    passes = ((True, False), (False, True)) if SPLIT_SCORES_BWD else ((True, True),)
-    for do_ds, do_wr in passes:  # dS first: it writes the row terms that the Wr pass reads
+    cfg = _score_tiles("scores_bwd", DQK, DHV, arch)
+
+    def scores(ds, wr, do_ds: bool, do_wr: bool) -> None:
         _launch_tiled(
-            mlstm_scores_bwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), _score_tiles("scores_bwd", DQK, DHV, arch),
+            mlstm_scores_bwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), cfg,
             q, k, v, dh, rows.h, fv, av, mrow, rows.qn, rs, dqn, rows.dm_row, ds, wr,
             S, lay.SP, per_head, 1.0 / math.sqrt(DQK), rows.eps,
             DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
             NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate, DO_DS=do_ds, DO_WR=do_wr,
         )
+
+    ds, per_head = _score_matrix(q, BNH, S)
+    wr = None
+    if SPLIT_SCORES_BWD:  # dS first (it writes the row terms that the Wr pass reads)
+        scores(ds, ds, True, False)
+    else:
+        wr, _ = _score_matrix(q, BNH, S)
+        scores(ds, wr, True, True)
     dq, dk, dv = _new(q), _new(k), _new(v)
     qdq = _apply_scores(mlstm_score_rows_kernel, "score_rows", ds, per_head, k, dq, q, lay, BNH, nht, prec, rows.qn,
                         mrow, rows.eps, NORMALIZE=False, EXP_GATE=rows.exp_gate)
     kdk = _apply_scores(mlstm_score_cols_kernel, "score_cols", ds, per_head, q, dk, k, lay, BNH, nht, prec)
+    if SPLIT_SCORES_BWD:  # then Wr in dS's memory: one triangle at a time
+        wr = ds
+        scores(wr, wr, False, True)
     _apply_scores(mlstm_score_cols_kernel, "score_cols", wr, per_head, dh, dv, None, lay, BNH, nht, prec)
     return dq, dk, dv, qdq, kdk
 
