@@ -4,10 +4,12 @@ mlstm_bwd_score_matrix). One chunk without states only.
 Why: where a head is too wide for one program to hold a row tile of h (or dq, dk, dv) in registers (DH 384 / 512 on
 the H200: 64-row tiles of [64, 128] float32), the matrix kernels of kernels.py split the output into column slices,
 and every slice forms the tile's scores again, a product over the whole other head dim. At DH 512 that is 20 passes
-over the S x S / 2 causal products per fwd+bwd where 8 would do (fwd_h 4 x (1 + 1/4), dq, dk, dv 5 each). The
-weights are cheap to keep instead: a bf16 weight costs 2 bytes to write and 2 to read, against 2 x DH flops to form
-again. So here one kernel forms each weight once, in the input dtype (the same rounding the matrix kernels apply
-before their products), and the products that use it are plain matrix products over the stored weights:
+over the S x S / 2 causal products per fwd+bwd (fwd_h 4 x (1 + 1/4), dq, dk, dv 5 each); here it is 7 (2 forward, 5
+backward). The weights are cheap to keep: a bf16 weight costs 2 bytes to write and 2 to read, against 2 x DH flops to
+form again. So one kernel forms each weight once, in the input dtype (the same rounding the matrix kernels apply
+before their products), and the products that use it are plain matrix products over the stored weights (1.8-2.4x
+faster fwd+bwd at DH 384 / 512 on the H200; slower at DH 96 / 192, where one program covers a row tile already:
+bench/results/session14/):
 
     forward:  W = (q k^T) exp(D - m)/sqrt(d)                      mlstm_scores_fwd_kernel (with qn = rowsum W)
               h = (W v) / denominator                             mlstm_score_rows_kernel
