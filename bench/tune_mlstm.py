@@ -34,7 +34,8 @@ dims) where they beat the shipped tiles:
 
 --score-matrix tunes the kernels of the score-matrix path (launch.uses_score_matrix: wide heads in one chunk), forced
 on, from the shipped table; winners go under "scores_fwd:512:512"-style entries (padded dims):
-    PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 512 384 --seq 1024 --write
+    PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 384 --seq 1024 --write
+(DH 384 and 512 share the entry of the padded 512: the head dim tuned last wins.)
 
 --short tunes the kernels of one short chunk (--seq <= launch.SHORT_CHUNK_ROWS, no states: ViL's 197 tokens) from
 the shipped table and writes the winners as "dkdv:96:96:short"-style entries, which only such calls read:

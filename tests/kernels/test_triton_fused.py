@@ -437,10 +437,10 @@ else:
 
     @pytest.mark.parametrize("case", list(SCORE_CASES), ids=list(SCORE_CASES))
     def test_score_matrix_path(fused, monkeypatch, fresh_tiles, case):
-        """Stored weights instead of weights formed per output slice: its six launches (and none of the matrix
-        kernels), the same outputs and gradients as the matrix kernels, with every buffer poisoned (an unwritten
-        element of a triangle that a product reads shows as NaN), then against float64; token-major inputs read in
-        place, bitwise equal to contiguous ones."""
+        """Stored weights instead of weights formed per output slice: its six launches (seven with the split
+        backward) and none of the matrix kernels, the same outputs and gradients as the matrix kernels, with every
+        buffer poisoned (an unwritten element of a triangle that a product reads shows as NaN), then against
+        float64; token-major inputs read in place, bitwise equal to contiguous ones."""
         (B, NH, S, DQK, DHV, gate, dtype), kw = SCORE_CASES[case]
         monkeypatch.setattr(launch, "SCORE_PACK_ROWS", kw["pack"])
         monkeypatch.setattr(launch, "TILE_OVERRIDES", kw["tiles"])
