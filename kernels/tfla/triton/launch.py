@@ -515,18 +515,21 @@ def _score_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
     return cfg
 
 
-def _apply_scores(kernel, name: str, m: torch.Tensor, per_head: int, x: torch.Tensor, out: torch.Tensor,
+_SCORE_PRODUCTS = {"score_rows": (mlstm_score_rows_kernel, "BT"), "score_cols": (mlstm_score_cols_kernel, "BS")}
+
+
+def _apply_scores(name: str, m: torch.Tensor, per_head: int, x: torch.Tensor, out: torch.Tensor,
                   y: Optional[torch.Tensor], lay: ChunkLayout, BNH: int, nht: int, prec: str, *tail,
                   **consts) -> Optional[torch.Tensor]:
-    """One product over a stored score matrix (mlstm_score_rows_kernel or mlstm_score_cols_kernel) into out; with y,
-    also the row sums y.out per output slice, returned as [slices, BNH, SP]. tail: the kernel's arguments after
+    """One product over a stored score matrix (name: "score_rows" or "score_cols", see _SCORE_PRODUCTS) into out;
+    with y, also the row sums y.out per output slice, returned as [slices, BNH, SP]. tail: the kernel's arguments after
     the matrix's size (the rows kernel's qn, m and eps)."""
     D = x.shape[-1]
     cfg = _score_tiles(name, D, D, gpu_arch(x.device))
     cfg["BO"] = min(cfg["BO"], _pow2(D))
     n_slices = _cdiv(D, cfg["BO"])
     rsum = _row_sums(n_slices, BNH, lay.SP, device=x.device, zeroed=False) if y is not None else None
-    outer = "BT" if name == "score_rows" else "BS"
+    kernel, outer = _SCORE_PRODUCTS[name]
     _launch_tiled(
         kernel, lambda t: (_cdiv(lay.S, t[outer]), n_slices, BNH), cfg,
         m, x, out, y if y is not None else x, rsum if rsum is not None else m, lay.S, lay.SP, per_head, *tail,
@@ -552,7 +555,7 @@ def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate:
         DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
     )
     h = _new(v)
-    _apply_scores(mlstm_score_rows_kernel, "score_rows", w, per_head, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,
+    _apply_scores("score_rows", w, per_head, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,
                   NORMALIZE=normalize, EXP_GATE=exp_gate)
     return h, qn
 
@@ -586,13 +589,13 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: RowTermInputs, rs, d
         wr, _ = _score_matrix(q, BNH, S)
         scores(ds, wr, True, True)
     dq, dk, dv = _new(q), _new(k), _new(v)
-    qdq = _apply_scores(mlstm_score_rows_kernel, "score_rows", ds, per_head, k, dq, q, lay, BNH, nht, prec, rows.qn,
+    qdq = _apply_scores("score_rows", ds, per_head, k, dq, q, lay, BNH, nht, prec, rows.qn,
                         mrow, rows.eps, NORMALIZE=False, EXP_GATE=rows.exp_gate)
-    kdk = _apply_scores(mlstm_score_cols_kernel, "score_cols", ds, per_head, q, dk, k, lay, BNH, nht, prec)
+    kdk = _apply_scores("score_cols", ds, per_head, q, dk, k, lay, BNH, nht, prec)
     if SPLIT_SCORES_BWD:  # then Wr in dS's memory: one triangle at a time
         wr = ds
         scores(wr, wr, False, True)
-    _apply_scores(mlstm_score_cols_kernel, "score_cols", wr, per_head, dh, dv, None, lay, BNH, nht, prec)
+    _apply_scores("score_cols", wr, per_head, dh, dv, None, lay, BNH, nht, prec)
     return dq, dk, dv, qdq, kdk
 
 

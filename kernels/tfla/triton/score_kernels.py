@@ -158,6 +158,18 @@ def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, 
 
 
 @triton.jit
+def _product_program(X, S, D: tl.constexpr, NHT: tl.constexpr, ROWS: tl.constexpr, BO: tl.constexpr):
+    """Where a program of the products kernels works (grid: row tiles of ROWS, output slices of BO, B*NH): its slice
+    index, (batch, head), first row, rows and their mask, output columns, x's base and a zero accumulator."""
+    pid_o = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    r_lo = tl.program_id(0) * ROWS
+    rows = r_lo + tl.arange(0, ROWS)
+    return (pid_o, bh, r_lo, rows, rows < S, pid_o * BO + tl.arange(0, BO), _rows_base(X, bh, 0, S, D, NHT),
+            tl.zeros((ROWS, BO), dtype=tl.float32))
+
+
+@triton.jit
 def _store_slice(OUT, Y, RSUM, acc, bh, pid_o, rows, r_ok, offs_o, S, SP, D: tl.constexpr, NHT: tl.constexpr,
                  ROW_DOT: tl.constexpr):
     """Store an output slice [rows, offs_o] of the products kernels; with ROW_DOT also sum_o y[row, o] out[row, o]
@@ -183,15 +195,7 @@ def mlstm_score_rows_kernel(
     forward (NORMALIZE: divided by the denominator from qn and m), dq = dS k in the backward (ROW_DOT: with the row
     sums y.out of this slice, y = q, stored at RSUM[pid_o]). BT is a multiple of BS."""
     R = NHT * D
-    pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    t_lo = pid_t * BT
-    t_loc = t_lo + tl.arange(0, BT)
-    t_ok = t_loc < S
-    offs_o = pid_o * BO + tl.arange(0, BO)
-    x_base = _rows_base(X, bh, 0, S, D, NHT)
-    acc = tl.zeros((BT, BO), dtype=tl.float32)
+    pid_o, bh, t_lo, t_loc, t_ok, offs_o, x_base, acc = _product_program(X, S, D, NHT, BT, BO)
     for j0 in range(0, t_lo, BS):
         s_loc = j0 + tl.arange(0, BS)
         m = tl.load(_tri_ptrs(M, bh, TRI, t_lo, t_loc, s_loc, PACK))
@@ -223,15 +227,7 @@ def mlstm_score_cols_kernel(
     dv = Wr^T dh in the backward (ROW_DOT: with the row sums y.out of this slice, y = k, stored at RSUM[pid_o]).
     BS is a multiple of BT: the query tiles inside the key tile's rows take the causal mask."""
     R = NHT * D
-    pid_s = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    s_lo = pid_s * BS
-    s_loc = s_lo + tl.arange(0, BS)
-    s_ok = s_loc < S
-    offs_o = pid_o * BO + tl.arange(0, BO)
-    x_base = _rows_base(X, bh, 0, S, D, NHT)
-    acc = tl.zeros((BS, BO), dtype=tl.float32)
+    pid_o, bh, s_lo, s_loc, s_ok, offs_o, x_base, acc = _product_program(X, S, D, NHT, BS, BO)
     for t0 in range(s_lo, tl.minimum(s_lo + BS, S), BT):
         t_loc = t0 + tl.arange(0, BT)
         t_ok = t_loc < S
