@@ -96,7 +96,11 @@ SPLIT_TILES = [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 3), (
 # tiles is 4 programs per head: 192 programs in all at B = 12, NH = 4, on 132 SMs), at the cost of re-reading the
 # chunk's rows once per tile.
 STATE_TILES = [(64, 64, 64, 4, 3), (32, 32, 64, 4, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 32, 128, 4, 2),
-               (64, 64, 128, 8, 2), (16, 32, 64, 4, 3), (32, 32, 32, 4, 3), (128, 64, 64, 8, 2), (16, 16, 64, 2, 3)]
+               (64, 64, 128, 8, 2), (16, 32, 64, 4, 3), (32, 32, 32, 4, 3), (128, 64, 64, 8, 2), (16, 16, 64, 2, 3),
+               # wide heads (DH 384 / 512: 64-96 tiles per head), where every tile re-reads the chunk's rows: fewer,
+               # larger tiles read them fewer times and make larger products
+               (128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+               (32, 128, 64, 4, 3), (64, 256, 64, 8, 3), (64, 128, 128, 8, 2)]
 # dk + dv in one program with both [BS, 256] accumulators: small row tiles, or 8 warps to spread the registers.
 WIDE_DKDV_TILES = [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)]
 
