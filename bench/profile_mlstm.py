@@ -176,7 +176,7 @@ def _ab_switches() -> dict:
 
     return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates_fwd": (launch, "FOLD_GATES_FWD"),
             "fold_gates_bwd": (launch, "FOLD_GATES_BWD"), "score_matrix": (launch, "SCORE_MATRIX"),
-            "split_scores_bwd": (launch, "SPLIT_SCORES_BWD"), "flat_state_loop": (launch, "FLAT_STATE_LOOP")}
+            "split_scores_bwd": (launch, "SPLIT_SCORES_BWD")}
 
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:

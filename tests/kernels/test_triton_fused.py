@@ -169,34 +169,16 @@ else:
         check(1, 2, 45, 16, 24, "exp", torch.float32, init=True, ret=True, chunk_size=7, seed=61)
         check(1, 1, 45, 16, 16, "sig", torch.float32, init=True, ret=True, chunk_size=7, seed=62)
 
-    @pytest.mark.parametrize("mode", ["sequential", "flat", "parallel"])
-    def test_fused_chunk_states_both_ways(fused, monkeypatch, mode):
-        """Chunk states from one kernel that walks the chunks in sequence (its loops nested, or flat:
-        launch.FLAT_STATE_LOOP), or from every chunk's own product at once and a scan over the chunks
-        (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state over four programs, the last
-        partly masked): states in and out, several chunks, a short last one, both gates."""
-        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", mode == "parallel")
-        monkeypatch.setattr(launch, "FLAT_STATE_LOOP", mode == "flat")
+    @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+    def test_fused_chunk_states_both_ways(fused, monkeypatch, parallel):
+        """Chunk states from one kernel that walks the chunks in sequence, or from every chunk's own product at once
+        and a scan over the chunks (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state over
+        four programs, the last partly masked): states in and out, several chunks, a short last one, both gates."""
+        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", parallel)
         monkeypatch.setattr(launch, "SCAN_BLOCK", 256)
         check(1, 2, 45, 24, 40, "exp", torch.float32, init=True, ret=True, chunk_size=16, seed=51)
         check(1, 1, 37, 16, 16, "sig", torch.float32, ret=True, chunk_size=10, seed=52)
         check(1, 1, 30, 40, 24, "exp", torch.float32, init=True, chunk_size=8, seed=53)  # initial state only
-
-    @pytest.mark.parametrize("gate", ["exp", "sig"])
-    def test_flat_state_loop_is_bitwise_the_nested_one(fused, monkeypatch, fresh_tiles, gate):
-        """launch.FLAT_STATE_LOOP: the state kernels' one loop over (chunk, row tile) gives the nested loops' bits,
-        outputs, final state and every gradient, where a chunk spans several row tiles with a partial one (chunks of
-        40 in 16-row tiles) and the short last chunk (21 rows) has a tile wholly past its end; then both against
-        float64 (check)."""
-        monkeypatch.setattr(launch, "TILE_OVERRIDES", {"fwd_state": dict(BS=16), "bwd_state": dict(BT=16)})
-        xs = _inputs(1, 2, 101, 24, 40, torch.float32, 71, True)
-        runs = {}
-        for flat in (False, True):
-            monkeypatch.setattr(launch, "FLAT_STATE_LOOP", flat)
-            runs[flat] = _run(mlstm_triton, xs, gate, True, True, 71, chunk_size=40)
-        for name, a, b in zip(["h", "C", "n", "m"] + ["d" + n for n in NAMES], *(sum(runs[f], []) for f in runs)):
-            assert torch.equal(a, b), name
-        check(1, 2, 101, 24, 40, gate, torch.float32, init=True, ret=True, chunk_size=40, seed=72)
 
     # dk and dv from two launches of the one-pass kernel (launch.dkdv_mode "split": DO_K, then DO_V), head dims in
     # pieces, with and without chunk states.

@@ -386,41 +386,29 @@ def _chunk_rows_operands(a_base, b_base, rows, ok, offs_d, d_ok, offs_v, v_ok, R
 
 
 @triton.jit
-def _kv_frame(K, V, FV, MROW, bh, c, S, L, SP, DQK, DHV, NHT: tl.constexpr):
-    """Chunk c of one (batch, head) for the forward state sums: its length, where its gate vectors and its rows of k
-    and v start, and its last row's F and max state."""
+def _chunk_kv(acc, acc_n, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok,
+              BS: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
+    """acc += sum_j e_j k_j v_j^T over chunk c's rows j (a (DQK, DHV) tile), acc_n += sum_j e_j k_j;
+    e_j = exp(F_last - F_j + a_j - m_last)."""
+    RQK = NHT * DQK  # row strides of k and v (see _rows_base)
+    RHV = NHT * DHV
     row0 = c * L
     Lc = tl.minimum(L, S - row0)
     vec = bh * SP + row0
-    return (Lc, vec, tl.load(FV + vec + Lc - 1), tl.load(MROW + vec + Lc - 1),
-            _rows_base(K, bh, row0, S, DQK, NHT), _rows_base(V, bh, row0, S, DHV, NHT))
-
-
-@triton.jit
-def _kv_tile(acc, acc_n, k_base, v_base, FV, AV, vec, f_last, m_last, j0, Lc, offs_d, d_ok, offs_v, v_ok, RQK, RHV,
-             BS: tl.constexpr, PREC: tl.constexpr):
-    """The rows j0 .. j0 + BS - 1 of one chunk (masked from Lc on) into acc += sum_j e_j k_j v_j^T, acc_n +=
-    sum_j e_j k_j; e_j = exp(F_last - F_j + a_j - m_last)."""
-    s_loc = j0 + tl.arange(0, BS)
-    s_ok = s_loc < Lc
-    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
-    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
-    k_tr, v_s = _chunk_rows_operands(k_base, v_base, s_loc, s_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
-    kw = k_tr.to(tl.float32) * e[None, :]
-    acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
-    acc_n += tl.sum(kw, 1)
-    return acc, acc_n
-
-
-@triton.jit
-def _chunk_kv(acc, acc_n, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok,
-              BS: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
-    """acc += sum_j e_j k_j v_j^T over chunk c's rows j (a (DQK, DHV) tile), acc_n += sum_j e_j k_j (_kv_tile)."""
-    Lc, vec, f_last, m_last, k_base, v_base = _kv_frame(K, V, FV, MROW, bh, c, S, L, SP, DQK, DHV, NHT)
+    f_last = tl.load(FV + vec + Lc - 1)
+    m_last = tl.load(MROW + vec + Lc - 1)
+    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
+    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
     for j0 in range(0, Lc, BS):
-        acc, acc_n = _kv_tile(acc, acc_n, k_base, v_base, FV, AV, vec, f_last, m_last, j0, Lc, offs_d, d_ok, offs_v,
-                              v_ok, NHT * DQK, NHT * DHV, BS, PREC)
+        s_loc = j0 + tl.arange(0, BS)
+        s_ok = s_loc < Lc
+        f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+        a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+        e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
+        k_tr, v_s = _chunk_rows_operands(k_base, v_base, s_loc, s_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
+        kw = k_tr.to(tl.float32) * e[None, :]
+        acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
+        acc_n += tl.sum(kw, 1)
     return acc, acc_n
 
 
@@ -429,10 +417,9 @@ def mlstm_fwd_state_kernel(
     K, V, FV, AV, MROW, MST, CST, NST,
     S, L, NC, SP, DQK, DHV,
     HAS_INIT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    NHT: tl.constexpr, FLAT: tl.constexpr = False,
+    NHT: tl.constexpr,
 ):
-    """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T.
-    FLAT (launch.FLAT_STATE_LOOP): the same sums in the same order from one loop over all row tiles."""
+    """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -451,32 +438,13 @@ def mlstm_fwd_state_kernel(
         acc_n = tl.zeros((BK,), dtype=tl.float32)
         tl.store(CST + bh * (NC + 1) * DQK * DHV + cv_off, acc, mask=cv_ok)
         tl.store(NST + bh * (NC + 1) * DQK + offs_d, acc_n, mask=n_write)
-    if FLAT:
-        # One loop over every (chunk, row tile), TPC tiles per chunk (the last chunk's masked past its end), so
-        # that the loads of a chunk's first tiles are pipelined behind the previous chunk's last ones.
-        TPC = tl.cdiv(L, BS)
-        for it in range(0, NC * TPC):
-            c = it // TPC
-            j0 = (it - c * TPC) * BS
-            Lc, vec, f_last, m_last, k_base, v_base = _kv_frame(K, V, FV, MROW, bh, c, S, L, SP, DQK, DHV, NHT)
-            if j0 == 0:
-                carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
-                acc = acc * carry
-                acc_n = acc_n * carry
-            acc, acc_n = _kv_tile(acc, acc_n, k_base, v_base, FV, AV, vec, f_last, m_last, j0, Lc, offs_d, d_ok,
-                                  offs_v, v_ok, NHT * DQK, NHT * DHV, BS, PREC)
-            if j0 + BS >= L:  # the chunk's last tile
-                st = bh * (NC + 1) + c + 1
-                tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
-                tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
-    else:
-        for c in range(0, NC):
-            carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
-            acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
-                                   d_ok, offs_v, v_ok, BS, PREC, NHT)
-            st = bh * (NC + 1) + c + 1
-            tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
-            tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
+    for c in range(0, NC):
+        carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
+        acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
+                               d_ok, offs_v, v_ok, BS, PREC, NHT)
+        st = bh * (NC + 1) + c + 1
+        tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
 
 
 @triton.jit
@@ -569,42 +537,30 @@ def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.co
 
 
 @triton.jit
-def _q_dh_frame(Q, DH, MST, bh, c, S, L, NC, SP, DQK, DHV, NHT: tl.constexpr):
-    """Chunk c of one (batch, head) for the state gradients: its length, where its row vectors and its rows of q and
-    dh start, and its entering max state m_c."""
-    row0 = c * L
-    return (tl.minimum(L, S - row0), bh * SP + row0, tl.load(MST + bh * (NC + 1) + c),
-            _rows_base(Q, bh, row0, S, DQK, NHT), _rows_base(DH, bh, row0, S, DHV, NHT))
-
-
-@triton.jit
-def _q_dh_tile(acc, acc_n, q_base, dh_base, FV, MROW, RS, DQN, vec, m_c, t0, Lc, scale, offs_d, d_ok, offs_v, v_ok,
-               RQK, RHV, BT: tl.constexpr, PREC: tl.constexpr):
-    """The rows t0 .. t0 + BT - 1 of one chunk (masked from Lc on) into acc += sum_t g_t rs_t q_t dh_t^T, acc_n +=
-    sum_t g_t dqn_t q_t; g_t = exp(F_t + m_c - m_t) / sqrt(d)."""
-    t_loc = t0 + tl.arange(0, BT)
-    t_ok = t_loc < Lc
-    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-    rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-    dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-    g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
-    q_tr, dh_t = _chunk_rows_operands(q_base, dh_base, t_loc, t_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
-    q_tr = q_tr.to(tl.float32)
-    acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
-    acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
-    return acc, acc_n
-
-
-@triton.jit
 def _chunk_q_dh(acc, acc_n, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK, DHV, scale, offs_d, d_ok, offs_v,
                 v_ok, BT: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
-    """acc += sum_t g_t rs_t q_t dh_t^T over chunk c's rows t (a (DQK, DHV) tile), acc_n += sum_t g_t dqn_t q_t
-    (_q_dh_tile)."""
-    Lc, vec, m_c, q_base, dh_base = _q_dh_frame(Q, DH, MST, bh, c, S, L, NC, SP, DQK, DHV, NHT)
+    """acc += sum_t g_t rs_t q_t dh_t^T over chunk c's rows t (a (DQK, DHV) tile), acc_n += sum_t g_t dqn_t q_t;
+    g_t = exp(F_t + m_c - m_t) / sqrt(d)."""
+    RQK = NHT * DQK  # row strides of q and dh (see _rows_base)
+    RHV = NHT * DHV
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    vec = bh * SP + row0
+    m_c = tl.load(MST + bh * (NC + 1) + c)
+    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
+    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
     for t0 in range(0, Lc, BT):
-        acc, acc_n = _q_dh_tile(acc, acc_n, q_base, dh_base, FV, MROW, RS, DQN, vec, m_c, t0, Lc, scale, offs_d, d_ok,
-                                offs_v, v_ok, NHT * DQK, NHT * DHV, BT, PREC)
+        t_loc = t0 + tl.arange(0, BT)
+        t_ok = t_loc < Lc
+        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+        g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
+        q_tr, dh_t = _chunk_rows_operands(q_base, dh_base, t_loc, t_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
+        q_tr = q_tr.to(tl.float32)
+        acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
+        acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
     return acc, acc_n
 
 
@@ -624,12 +580,11 @@ def mlstm_bwd_state_kernel(
     Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST, CST, NST, APART,
     S, L, NC, SP, DQK, DHV, scale,
     HAS_FINAL: tl.constexpr, STATE_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, NHT: tl.constexpr, FLAT: tl.constexpr = False,
+    PREC: tl.constexpr, NHT: tl.constexpr,
 ):
     """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise). Writes every
     boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no zero fill.
-    STATE_DOTS: also this tile's shares of A_c (_state_dot_part) for c = 0..NC, from the forward states CST / NST.
-    FLAT (launch.FLAT_STATE_LOOP): the same sums in the same order from one loop over all row tiles."""
+    STATE_DOTS: also this tile's shares of A_c (_state_dot_part) for c = 0..NC, from the forward states CST / NST."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -653,38 +608,16 @@ def mlstm_bwd_state_kernel(
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
     if STATE_DOTS:
         _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)
-    if FLAT:  # as mlstm_fwd_state_kernel's FLAT, the chunks in reverse
-        TPC = tl.cdiv(L, BT)
-        for it in range(0, NC * TPC):
-            cc = it // TPC
-            c = NC - 1 - cc
-            t0 = (it - cc * TPC) * BT
-            Lc, vec, m_c, q_base, dh_base = _q_dh_frame(Q, DH, MST, bh, c, S, L, NC, SP, DQK, DHV, NHT)
-            if t0 == 0:
-                carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
-                acc = acc * carry
-                acc_n = acc_n * carry
-            acc, acc_n = _q_dh_tile(acc, acc_n, q_base, dh_base, FV, MROW, RS, DQN, vec, m_c, t0, Lc, scale, offs_d,
-                                    d_ok, offs_v, v_ok, NHT * DQK, NHT * DHV, BT, PREC)
-            if t0 + BT >= L:  # the chunk's last tile
-                st = bh * (NC + 1) + c
-                tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
-                tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
-                if STATE_DOTS:
-                    _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART,
-                                    part)
-    else:
-        for cc in range(0, NC):
-            c = NC - 1 - cc
-            carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
-            acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP,
-                                     DQK, DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
-            st = bh * (NC + 1) + c
-            tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
-            tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
-            if STATE_DOTS:
-                _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART,
-                                part)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
+        acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK,
+                                 DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
+        st = bh * (NC + 1) + c
+        tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+        if STATE_DOTS:
+            _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)
 
 
 @triton.jit

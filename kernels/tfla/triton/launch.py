@@ -393,11 +393,6 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
 # wall time at DH 96, which that host's launch rate sets, got worse with the two extra launches (1.40 -> 1.67-1.95
 # ms; bench/results/parallel_states_ab_h200.log), so they are opt-in: TFLA_PARALLEL_STATES=1.
 PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "0") == "1"
-# The sequential state kernels walk the chunks in a loop over chunks around a loop over a chunk's row tiles (4 trips at
-# chunks of 256), so the software pipeline restarts at every chunk; FLAT_STATE_LOOP makes that one loop over all row
-# tiles (same sums, same order: bitwise equal results). Opt-in until measured (bench/profile_mlstm.py --ab
-# flat_state_loop).
-FLAT_STATE_LOOP: bool = os.environ.get("TFLA_FLAT_STATE_LOOP", "0") == "1"
 SCAN_BLOCK = 1024  # state elements per scan program
 
 
@@ -452,7 +447,7 @@ def mlstm_fwd(
             _launch_tiled(
                 mlstm_fwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
                 k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
-                HAS_INIT=has_init, PREC=prec, NHT=nht, FLAT=FLAT_STATE_LOOP,
+                HAS_INIT=has_init, PREC=prec, NHT=nht,
             )
     if Cst is None and gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=False):
         return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps)
@@ -737,7 +732,7 @@ def mlstm_bwd(
                 q, dh, fv, mrow, rs, dqn, mst, dCst, dnst,
                 Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy,
                 S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht, FLAT=FLAT_STATE_LOOP,
+                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht,
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
