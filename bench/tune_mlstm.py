@@ -98,7 +98,7 @@ SPLIT_TILES = [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 3), (
 STATE_TILES = [(64, 64, 64, 4, 3), (32, 32, 64, 4, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 32, 128, 4, 2),
                (64, 64, 128, 8, 2), (16, 32, 64, 4, 3), (32, 32, 32, 4, 3), (128, 64, 64, 8, 2), (16, 16, 64, 2, 3),
                # wide heads (DH 384 / 512: 64-96 tiles per head), where every tile re-reads the chunk's rows: fewer,
-               # larger tiles read them fewer times and make larger products
+               # larger tiles read them fewer times and make larger products (the last three not yet run on a GPU)
                (128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3),
                (32, 128, 64, 4, 3), (64, 256, 64, 8, 3), (64, 128, 128, 8, 2)]
 # dk + dv in one program with both [BS, 256] accumulators: small row tiles, or 8 warps to spread the registers.
