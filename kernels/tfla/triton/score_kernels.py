@@ -51,6 +51,17 @@ def _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale):
 
 
 @triton.jit
+def _score_program(Q, K, S, SP, DQK: tl.constexpr, NHT: tl.constexpr, BT: tl.constexpr):
+    """Where a program of the kernels that form a matrix works (grid: query tiles of BT, B*NH): its (batch, head),
+    first row, rows and their mask, q's and k's bases and the row vectors' offset."""
+    bh = tl.program_id(1).to(tl.int64)
+    t_lo = tl.program_id(0) * BT
+    t_loc = t_lo + tl.arange(0, BT)
+    return (bh, t_lo, t_loc, t_loc < S, _rows_base(Q, bh, 0, S, DQK, NHT), _rows_base(K, bh, 0, S, DQK, NHT),
+            bh * SP)
+
+
+@triton.jit
 def mlstm_scores_fwd_kernel(
     Q, K, FV, AV, MROW, QN, W,
     S, SP, TRI, scale,
@@ -60,14 +71,7 @@ def mlstm_scores_fwd_kernel(
     """W[t, j] for one query tile (the weights of kernels._weight_tile, in W's dtype; zeros above the diagonal of the
     diagonal tiles) and qn_t = sum_j W[t, j] of the float32 weights. BT is a multiple of BS."""
     RQK = NHT * DQK
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    t_lo = pid_t * BT
-    t_loc = t_lo + tl.arange(0, BT)
-    t_ok = t_loc < S
-    q_base = _rows_base(Q, bh, 0, S, DQK, NHT)
-    k_base = _rows_base(K, bh, 0, S, DQK, NHT)
-    vec = bh * SP
+    bh, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, SP, DQK, NHT, BT)
     r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
     qn = tl.zeros((BT,), dtype=tl.float32)
@@ -99,16 +103,9 @@ def mlstm_scores_bwd_kernel(
     one accumulator each); the row terms come with dS, and a launch without it reads rs."""
     RQK = NHT * DQK
     RHV = NHT * DHV
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    t_lo = pid_t * BT
-    t_loc = t_lo + tl.arange(0, BT)
-    t_ok = t_loc < S
-    q_base = _rows_base(Q, bh, 0, S, DQK, NHT)
-    k_base = _rows_base(K, bh, 0, S, DQK, NHT)
+    bh, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, SP, DQK, NHT, BT)
     v_base = _rows_base(V, bh, 0, S, DHV, NHT)
     dh_base = _rows_base(DH, bh, 0, S, DHV, NHT)
-    vec = bh * SP
     if DO_DS:
         delta = _row_dot(H, DH, bh, t_loc, t_ok, S, DHV, BV, NHT)
         rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + t_loc, t_ok, eps, NORMALIZE, EXP_GATE)
