@@ -88,15 +88,17 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
     assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK
 
 
+@pytest.mark.parametrize("S, chunk", [(1024, 0), (4096, 256)], ids=["one chunk", "chunks with states"])
 @pytest.mark.parametrize("DH", [384, 512])
-def test_score_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH):
-    """The score-matrix path's kernels (launch.uses_score_matrix: DH 384 / 512 in one chunk) at their shipped tiles:
-    products on the tensor cores' wgmma, within the shared memory, the decay's exp2 one instruction."""
+def test_score_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH, S, chunk):
+    """The score-matrix path's kernels (launch.uses_score_matrix: DH 384 / 512, one chunk, or chunks of 256 with the
+    state terms) at their shipped tiles: products on the tensor cores' wgmma, within the shared memory, the decay's
+    exp2 one instruction."""
     from tfla.triton.offline import compile_kernel, sass_report
 
     for name in ("scores_fwd", "scores_bwd", "score_rows", "score_cols"):
         tiles = launch.tiles(name, DH, DH, "sm90")
-        compiled = compile_kernel(name, DH, DH, 1024, tiles, arch=90)
+        compiled = compile_kernel(name, DH, DH, S, tiles, arch=90, chunk=chunk)
         assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, (name, tiles, compiled.metadata.shared)
         report = sass_report(compiled)
         assert report["counts"]["HGMMA"] > 0, f"{name}: products not on wgmma ({tiles})"

@@ -433,21 +433,44 @@ else:
                                       dict(pack=32, tiles=SMALL_SCORE_TILES, token_major=True)),
         "40x33 sig S97 split dS / Wr": ((1, 2, 97, 40, 33, "sig", torch.float32),
                                         dict(pack=32, tiles=SMALL_SCORE_TILES, split=True)),
+        # chunk by chunk with the state terms: a short last chunk, initial and final states, chunks shorter than a
+        # row tile, token-major, the split backward
+        "24x16 exp S150 chunks of 64, states in and out": ((2, 2, 150, 24, 16, "exp", torch.float32),
+                                                           dict(pack=32, tiles=SMALL_SCORE_TILES, chunk=64, init=True,
+                                                                ret=True)),
+        "40x33 sig S97 chunks of 32": ((1, 2, 97, 40, 33, "sig", torch.float32),
+                                       dict(pack=32, tiles=SMALL_SCORE_TILES, chunk=32)),
+        "40x33 sig S97 chunks of 32 unnormalised, final state": ((1, 2, 97, 40, 33, "sig", torch.float32),
+                                                                 dict(pack=32, tiles=SMALL_SCORE_TILES, chunk=32,
+                                                                      ret=True, normalize=False)),
+        "16x24 fp16 S63 chunks of 16 default tiles, initial state": ((2, 1, 63, 16, 24, "exp", torch.float16),
+                                                                     dict(pack=128, tiles={}, chunk=16, init=True)),
+        "24x16 exp S1 initial state": ((1, 3, 1, 24, 16, "exp", torch.float32),
+                                       dict(pack=32, tiles=SMALL_SCORE_TILES, init=True, ret=True)),
+        "24x16 exp S70 chunks of 32 token-major": ((2, 3, 70, 24, 16, "exp", torch.float32),
+                                                   dict(pack=32, tiles=SMALL_SCORE_TILES, token_major=True,
+                                                        chunk=32)),
+        "40x33 sig S97 chunks of 64 split dS / Wr": ((1, 2, 97, 40, 33, "sig", torch.float32),
+                                                     dict(pack=32, tiles=SMALL_SCORE_TILES, split=True, chunk=64,
+                                                          init=True)),
     }
 
     @pytest.mark.parametrize("case", list(SCORE_CASES), ids=list(SCORE_CASES))
     def test_score_matrix_path(fused, monkeypatch, fresh_tiles, case):
         """Stored weights instead of weights formed per output slice: its six launches (seven with the split
-        backward) and none of the matrix kernels, the same outputs and gradients as the matrix kernels, with every
-        buffer poisoned (an unwritten element of a triangle that a product reads shows as NaN), then against
-        float64; token-major inputs read in place, bitwise equal to contiguous ones."""
+        backward; with states, its launches and the state kernels) and none of the matrix kernels, the same outputs
+        and gradients (initial-state ones included) as the matrix kernels, with every buffer poisoned (an unwritten
+        element of a triangle that a product reads shows as NaN), then against float64; token-major inputs read in
+        place, bitwise equal to contiguous ones."""
         (B, NH, S, DQK, DHV, gate, dtype), kw = SCORE_CASES[case]
+        init, ret, chunk = kw.get("init", False), kw.get("ret", False), kw.get("chunk")
+        states = init or ret or (chunk is not None and chunk < S)
         monkeypatch.setattr(launch, "SCORE_PACK_ROWS", kw["pack"])
         monkeypatch.setattr(launch, "TILE_OVERRIDES", kw["tiles"])
         monkeypatch.setattr(function, "TOKEN_MAJOR_IN_PLACE", True)
         monkeypatch.setattr(launch, "SPLIT_SCORES_BWD", kw.get("split", False))
         normalize = kw.get("normalize", True)
-        xs = _inputs(B, NH, S, DQK, DHV, dtype, 11, False)
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, 11, init)
         launched = _record_launches(monkeypatch)
         results = {}
         score_kernels = {"mlstm_scores_fwd_kernel", "mlstm_scores_bwd_kernel", "mlstm_score_rows_kernel",
@@ -457,12 +480,14 @@ else:
             launched.clear()
             launch.POISON_OUTPUTS = True
             try:
-                results[on] = _run(mlstm_triton, xs, gate, normalize, False, 11)
+                results[on] = _run(mlstm_triton, xs, gate, normalize, ret, 11, chunk_size=chunk)
             finally:
                 launch.POISON_OUTPUTS = False
             matrix_kernels = {"mlstm_fwd_h_kernel", "mlstm_bwd_dq_kernel", "mlstm_bwd_dkdv_kernel",
                               "mlstm_bwd_dk_kernel", "mlstm_bwd_dv_kernel"}
-            if on:
+            if on and states:
+                assert score_kernels <= set(launched) and not matrix_kernels & set(launched), launched
+            elif on:
                 assert sorted(launched) == sorted(["mlstm_gates_fwd_kernel", "mlstm_scores_fwd_kernel",
                                                    "mlstm_score_rows_kernel", "mlstm_score_rows_kernel",
                                                    "mlstm_score_cols_kernel", "mlstm_score_cols_kernel",
@@ -471,25 +496,28 @@ else:
             else:
                 assert not score_kernels & set(launched) and matrix_kernels & set(launched), launched
         (outs0, grads0), (outs1, grads1) = results[False], results[True]
-        for name, a, b in zip(["h"] + NAMES, outs0[:1] + grads0, outs1[:1] + grads1):
+        out_names = ["h", "C", "n", "m"][:len(outs0)]
+        for name, a, b in zip(out_names + NAMES, outs0 + grads0, outs1 + grads1):
             if a is None:
                 assert b is None, name
                 continue
             assert torch.isfinite(b).all() and _rel(b, a) < TOL_VS_DEFAULT[dtype], (name, _rel(b, a))
         if kw.get("token_major"):
             token_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
-            outs_t, grads_t = _run(mlstm_triton, token_major, gate, normalize, False, 11)
+            outs_t, grads_t = _run(mlstm_triton, token_major, gate, normalize, ret, 11, chunk_size=chunk)
             assert launch.heads_per_row(outs_t[0]) == NH and "mlstm_score_rows_kernel" in launched
-            for name, a, b in zip(["h"] + NAMES, outs_t[:1] + grads_t, outs1[:1] + grads1):
+            for name, a, b in zip(out_names + NAMES, outs_t + grads_t, outs1 + grads1):
                 assert (a is None) == (b is None), name
                 if a is not None:
                     assert torch.equal(a, b), (name, _rel(a, b))
         # against float64 only: the unfused path's backward takes the matrix kernels (compared just above)
-        check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, seed=11, vs_default=False)
+        check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=chunk, seed=11,
+              vs_default=False)
 
     def test_score_matrix_is_the_default_for_wide_heads_in_one_chunk(monkeypatch, fresh_tiles):
         """launch.uses_score_matrix: by default where the matrix kernels slice their outputs (padded head dims above
-        256), one chunk of at most SCORE_MATRIX_MAX_CHUNK rows without states; the gate folds stay off there."""
+        256), in chunks of at most SCORE_MATRIX_MAX_CHUNK rows, with states unless SCORE_MATRIX_STATES is off; the
+        gate folds stay off there."""
         import os
 
         assert launch.SCORE_MATRIX is None or os.environ.get("TFLA_SCORE_MATRIX") in ("0", "1")
@@ -498,8 +526,14 @@ else:
         assert launch.uses_score_matrix(384, 384, one, keeps_states=False)
         assert launch.uses_score_matrix(512, 96, one, keeps_states=False)
         assert not launch.uses_score_matrix(192, 192, one, keeps_states=False)
+        assert launch.uses_score_matrix(384, 384, one, keeps_states=True)
+        assert launch.uses_score_matrix(384, 384, launch.chunk_layout(4096, 256), keeps_states=True)
+        assert not launch.uses_score_matrix(192, 192, launch.chunk_layout(4096, 256), keeps_states=True)
+        monkeypatch.setattr(launch, "SCORE_MATRIX_STATES", False)
         assert not launch.uses_score_matrix(384, 384, one, keeps_states=True)
         assert not launch.uses_score_matrix(384, 384, launch.chunk_layout(4096, 256), keeps_states=True)
+        assert launch.uses_score_matrix(384, 384, one, keeps_states=False)
+        monkeypatch.setattr(launch, "SCORE_MATRIX_STATES", True)
         too_long = launch.SCORE_MATRIX_MAX_CHUNK + 1
         assert not launch.uses_score_matrix(384, 384, launch.chunk_layout(too_long, too_long), keeps_states=False)
         monkeypatch.setattr(launch, "SCORE_MATRIX", True)

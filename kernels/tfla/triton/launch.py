@@ -449,8 +449,9 @@ def mlstm_fwd(
                 k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
                 HAS_INIT=has_init, PREC=prec, NHT=nht,
             )
-    if Cst is None and gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=False):
-        return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps)
+    if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
+        return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
+                                      Cst=Cst, nst=nst, mst=mst)
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
@@ -478,6 +479,10 @@ def mlstm_fwd(
 # one row block), about as much as q at DH = S/2.
 SCORE_MATRIX: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_SCORE_MATRIX", ""))
 SCORE_MATRIX_MAX_CHUNK = 1024
+# Calls with states (several chunks: S above function.default_chunk_size's one-chunk limit, or an initial or final
+# state) take the path too, chunk by chunk with the state terms in its products (score_kernels.py's docstring);
+# SCORE_MATRIX_STATES = False (TFLA_SCORE_MATRIX_STATES=0) keeps the matrix kernels there.
+SCORE_MATRIX_STATES: bool = os.environ.get("TFLA_SCORE_MATRIX_STATES", "1") == "1"
 SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of every row tile of its kernels
 # dS and Wr in one launch of mlstm_scores_bwd_kernel (two triangles live in the backward), or (True) in two, one
 # product each: dS, then dq and dk from it, then Wr in dS's memory and dv, so that one triangle lives at a time. The
@@ -489,23 +494,24 @@ SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
 
 def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
     """Whether mlstm_fwd / mlstm_bwd take the score-matrix path (see SCORE_MATRIX) for this call; the backward asks
-    independently of the forward (it needs only the forward's gate vectors, qn and h)."""
-    if lay.NC != 1 or keeps_states or lay.L > SCORE_MATRIX_MAX_CHUNK:
+    independently of the forward (it needs only the forward's gate vectors, qn, h and the chunk states).
+    keeps_states: the call has chunk states (several chunks, or an initial or final state)."""
+    if lay.L > SCORE_MATRIX_MAX_CHUNK or ((lay.NC != 1 or keeps_states) and not SCORE_MATRIX_STATES):
         return False
     if SCORE_MATRIX is not None:
         return SCORE_MATRIX
     return max(_pow2(DQK), _pow2(DHV)) > ONE_PASS_DKDV_MAX_HEAD_DIM
 
 
-def _score_matrix(like: torch.Tensor, BNH: int, S: int) -> tuple[torch.Tensor, int]:
-    """An uninitialised packed lower-triangular [S, S] matrix per (batch, head) in like's dtype, and its elements per
-    (batch, head)."""
-    blocks = _cdiv(S, SCORE_PACK_ROWS)
-    per_head = SCORE_PACK_ROWS * SCORE_PACK_ROWS * blocks * (blocks + 1) // 2
-    buf = torch.empty(BNH * per_head, device=like.device, dtype=like.dtype)
+def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout) -> tuple[torch.Tensor, int]:
+    """An uninitialised packed lower-triangular [L, L] matrix per (batch, head, chunk) in like's dtype, and its
+    elements per matrix."""
+    blocks = _cdiv(lay.L, SCORE_PACK_ROWS)
+    per_matrix = SCORE_PACK_ROWS * SCORE_PACK_ROWS * blocks * (blocks + 1) // 2
+    buf = torch.empty(BNH * lay.NC * per_matrix, device=like.device, dtype=like.dtype)
     if POISON_OUTPUTS:
         buf.fill_(float("nan"))
-    return buf, per_head
+    return buf, per_matrix
 
 
 def _score_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
@@ -518,84 +524,110 @@ def _score_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
 _SCORE_PRODUCTS = {"score_rows": (mlstm_score_rows_kernel, "BT"), "score_cols": (mlstm_score_cols_kernel, "BS")}
 
 
-def _apply_scores(name: str, m: torch.Tensor, per_head: int, x: torch.Tensor, out: torch.Tensor,
+def _apply_scores(name: str, m: torch.Tensor, per_matrix: int, x: torch.Tensor, out: torch.Tensor,
                   y: Optional[torch.Tensor], lay: ChunkLayout, BNH: int, nht: int, prec: str, *tail,
-                  **consts) -> Optional[torch.Tensor]:
-    """One product over a stored score matrix (name: "score_rows" or "score_cols", see _SCORE_PRODUCTS) into out;
+                  state: Optional[tuple] = None, **consts) -> Optional[torch.Tensor]:
+    """One product over stored score matrices (name: "score_rows" or "score_cols", see _SCORE_PRODUCTS) into out;
     with y, also the row sums y.out per output slice, returned as [slices, BNH, SP]. tail: the kernel's arguments after
-    the matrix's size (the rows kernel's qn, m and eps)."""
+    the matrix's size up to the state term's (the rows kernel's qn, m and eps); then the state term's, state =
+    (kind, a, chunk states, n-vector or None, *gate vectors) for the kernel's STATE = kind (1, 2), or None: no state
+    term (its gate-vector arguments then get dummies: rows kernel fv, mst, rs, dqn, scale; cols kernel fv, av, m)."""
     D = x.shape[-1]
     cfg = _score_tiles(name, D, D, gpu_arch(x.device))
     cfg["BO"] = min(cfg["BO"], _pow2(D))
     n_slices = _cdiv(D, cfg["BO"])
-    rsum = _row_sums(n_slices, BNH, lay.SP, device=x.device, zeroed=False) if y is not None else None
+    # zeroed past S: the gate gradients' reversed cumsum runs over the padding of the last chunk
+    rsum = _row_sums(n_slices, BNH, lay.SP, device=x.device, zeroed=lay.SP != lay.S) if y is not None else None
     kernel, outer = _SCORE_PRODUCTS[name]
+    if state is not None:
+        kind, a, st, nvec, *gates = state
+        state_args = (a, st, nvec if nvec is not None else st, *gates)
+        state_consts = dict(STATE=kind, DA=a.shape[-1], SW=st.shape[-1], BD=min(_pow2(a.shape[-1]), 64))
+    else:  # dummies for the state term's arguments (the rows kernel's last one is the float scale)
+        state_args = (x,) * 3 + ((m, m, m, m, 1.0) if name == "score_rows" else (m, m, m))
+        state_consts = {}
     _launch_tiled(
-        kernel, lambda t: (_cdiv(lay.S, t[outer]), n_slices, BNH), cfg,
-        m, x, out, y if y is not None else x, rsum if rsum is not None else m, lay.S, lay.SP, per_head, *tail,
-        D=D, PREC=prec, NHT=nht, PACK=SCORE_PACK_ROWS, ROW_DOT=y is not None, **consts,
+        kernel, lambda t: (_cdiv(lay.L, t[outer]), n_slices, BNH * lay.NC), cfg,
+        m, x, out, y if y is not None else x, rsum if rsum is not None else m, lay.S, lay.L, lay.NC, lay.SP,
+        per_matrix, *tail, *state_args,
+        D=D, PREC=prec, NHT=nht, PACK=SCORE_PACK_ROWS, ROW_DOT=y is not None, **state_consts, **consts,
     )
     return rsum
 
 
 def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate: bool, normalize: bool,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """mlstm_fwd for one chunk without states through the stored weights (uses_score_matrix): h and qn."""
+                           eps: float, Cst=None, nst=None, mst=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mlstm_fwd through the stored weights (uses_score_matrix): h and qn; with Cst (the chunk states, filled), nst
+    and mst, the entering states' terms too (as fwd_h's HAS_INIT)."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
     nht = heads_per_row(q, k, v)
     prec = _precision(q.dtype)
     arch = gpu_arch(q.device)
-    w, per_head = _score_matrix(q, BNH, S)
-    qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=False)
+    scale = 1.0 / math.sqrt(DQK)
+    w, per_matrix = _score_matrix(q, BNH, lay)
+    qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
+    has_state = Cst is not None
     _launch_tiled(
-        mlstm_scores_fwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), _score_tiles("scores_fwd", DQK, DHV, arch),
-        q, k, fv, av, mrow, qn, w, S, lay.SP, per_head, 1.0 / math.sqrt(DQK),
-        DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
+        mlstm_scores_fwd_kernel, lambda t: (_cdiv(lay.L, t["BT"]), BNH * lay.NC),
+        _score_tiles("scores_fwd", DQK, DHV, arch),
+        q, k, fv, av, mrow, qn, w, nst if has_state else fv, mst if has_state else fv,
+        S, lay.L, lay.NC, lay.SP, per_matrix, scale,
+        DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS, HAS_STATE=has_state,
     )
     h = _new(v)
-    _apply_scores("score_rows", w, per_head, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,
+    _apply_scores("score_rows", w, per_matrix, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,
+                  state=(1, q, Cst, None, fv, mst, fv, fv, scale) if has_state else None,
                   NORMALIZE=normalize, EXP_GATE=exp_gate)
     return h, qn
 
 
-def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: RowTermInputs, rs, dqn,
-                           lay: ChunkLayout) -> tuple[torch.Tensor, ...]:
-    """mlstm_bwd for one chunk without states through stored score matrices (uses_score_matrix): dq, dk, dv and the
-    row sums q.dq, k.dk per output slice ([slices, BNH, SP]); rs, dqn and rows.dm_row are written here."""
+def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInputs], rs, dqn, lay: ChunkLayout, *,
+                           Cst=None, nst=None, mst=None, dCst=None, dnst=None) -> tuple[torch.Tensor, ...]:
+    """mlstm_bwd through stored score matrices (uses_score_matrix): dq, dk, dv and the row sums q.dq, k.dk per output
+    slice ([slices, BNH, SP]). With rows (one chunk without a state pass), rs, dqn and rows.dm_row are written here;
+    without, rs and dqn are inputs. Cst / nst / mst (the forward's chunk states): dq's entering-state terms (as the
+    dq kernel's HAS_INIT); dCst / dnst (the state gradients, filled): dk's and dv's (as HAS_FINAL)."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
-    nht = heads_per_row(q, k, v, dh, rows.h)
+    nht = heads_per_row(q, k, v, dh, *([rows.h] if rows is not None else []))
     prec = _precision(q.dtype)
     arch = gpu_arch(q.device)
     cfg = _score_tiles("scores_bwd", DQK, DHV, arch)
+    scale = 1.0 / math.sqrt(DQK)
 
     def scores(ds, wr, do_ds: bool, do_wr: bool) -> None:
         _launch_tiled(
-            mlstm_scores_bwd_kernel, lambda t: (_cdiv(S, t["BT"]), BNH), cfg,
-            q, k, v, dh, rows.h, fv, av, mrow, rows.qn, rs, dqn, rows.dm_row, ds, wr,
-            S, lay.SP, per_head, 1.0 / math.sqrt(DQK), rows.eps,
+            mlstm_scores_bwd_kernel, lambda t: (_cdiv(lay.L, t["BT"]), BNH * lay.NC), cfg,
+            q, k, v, dh, rows.h if rows else dh, fv, av, mrow, rows.qn if rows else fv, rs, dqn,
+            rows.dm_row if rows else fv, ds, wr,
+            S, lay.L, lay.NC, lay.SP, per_matrix, scale, rows.eps if rows else 0.0,
             DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
-            NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate, DO_DS=do_ds, DO_WR=do_wr,
+            NORMALIZE=bool(rows and rows.normalize), EXP_GATE=bool(rows and rows.exp_gate), DO_DS=do_ds,
+            DO_WR=do_wr, ROW_TERMS=rows is not None,
         )
 
-    ds, per_head = _score_matrix(q, BNH, S)
+    ds, per_matrix = _score_matrix(q, BNH, lay)
     wr = None
     if SPLIT_SCORES_BWD:  # dS first (it writes the row terms that the Wr pass reads)
         scores(ds, ds, True, False)
     else:
-        wr, _ = _score_matrix(q, BNH, S)
+        wr, _ = _score_matrix(q, BNH, lay)
         scores(ds, wr, True, True)
     dq, dk, dv = _new(q), _new(k), _new(v)
-    qdq = _apply_scores("score_rows", ds, per_head, k, dq, q, lay, BNH, nht, prec, rows.qn,
-                        mrow, rows.eps, NORMALIZE=False, EXP_GATE=rows.exp_gate)
-    kdk = _apply_scores("score_cols", ds, per_head, q, dk, k, lay, BNH, nht, prec)
+    qdq = _apply_scores("score_rows", ds, per_matrix, k, dq, q, lay, BNH, nht, prec, fv, mrow, 0.0,
+                        state=(2, dh, Cst, nst, fv, mst, rs, dqn, scale) if Cst is not None else None,
+                        NORMALIZE=False, EXP_GATE=False)
+    final = dCst is not None
+    kdk = _apply_scores("score_cols", ds, per_matrix, q, dk, k, lay, BNH, nht, prec,
+                        state=(1, v, dCst, dnst, fv, av, mrow) if final else None)
     if SPLIT_SCORES_BWD:  # then Wr in dS's memory: one triangle at a time
         wr = ds
         scores(wr, wr, False, True)
-    _apply_scores("score_cols", wr, per_head, dh, dv, None, lay, BNH, nht, prec)
+    _apply_scores("score_cols", wr, per_matrix, dh, dv, None, lay, BNH, nht, prec,
+                  state=(2, k, dCst, None, fv, av, mrow) if final else None)
     return dq, dk, dv, qdq, kdk
 
 
@@ -736,11 +768,15 @@ def mlstm_bwd(
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
-    if (row_terms_from is not None and gate_grads is None and not has_final and not state_pass
-            and uses_score_matrix(DQK, DHV, lay, keeps_states=False)):
-        dq, dk, dv, qdq, kdk = mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, row_terms_from, rs, dqn, lay)
+    rows = row_terms_from
+    if rows is not None and (state_pass or lay.NC != 1):
+        raise ValueError("row_terms_from needs one chunk without a state pass (which reads rs and dqn first)")
+    if (gate_grads is None and (rows is not None or state_pass)
+            and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None or has_final)):
+        dq, dk, dv, qdq, kdk = mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows, rs, dqn, lay, Cst=Cst,
+                                                      nst=nst, mst=mst, dCst=dCst, dnst=dnst)
         out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
-        return (*out, None) if state_dots else out
+        return (*out, apart) if state_dots else out
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
     common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
 
@@ -748,9 +784,6 @@ def mlstm_bwd(
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
-    rows = row_terms_from
-    if rows is not None and (state_pass or lay.NC != 1):
-        raise ValueError("row_terms_from needs one chunk without a state pass (which reads rs and dqn first)")
     mode = dkdv_mode(DQK, DHV, arch, with_states=has_final) if fused_dkdv else "slices"
     if gate_grads is not None and (rows is None or has_final or mode != "one_pass"):
         raise ValueError("gate_grads needs row_terms_from, no final-state gradient and the one-pass dk + dv kernel "

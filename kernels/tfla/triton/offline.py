@@ -25,7 +25,7 @@ from . import launch
 from . import score_kernels as SK
 
 # Half-precision tensors of each kernel (the rest of the pointers are float32 per-row vectors or states).
-_HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV", "W", "DS", "WR", "M", "X", "OUT", "Y"}
+_HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV", "W", "DS", "WR", "M", "X", "OUT", "Y", "A"}
 _INTS = ("S", "L", "NC", "SP", "TRI")
 _FLOATS = ("scale", "eps")
 KERNELS = {
@@ -45,10 +45,11 @@ KERNELS = {
 
 
 def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int = 90, dtype: str = "bf16",
-                   fast_exp2: bool = True):
+                   fast_exp2: bool = True, chunk: int = 0):
     """The compiled kernel (triton.compiler.CompiledKernel) of one matrix kernel, one chunk of S rows, no states:
     the variant such a call launches (with launch.FOLD_GATES_FWD / _BWD, fwd_h forms the gate vectors, the dq kernel
-    zeroes the gate tickets and the one-pass dk + dv kernel computes the gate gradients)."""
+    zeroes the gate tickets and the one-pass dk + dv kernel computes the gate gradients). chunk > 0 (the score
+    kernels only): chunks of that many rows with states, the score-matrix path's variant at S > 1024."""
     fn = KERNELS[name]
     consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=1)  # NHT: tiles may set it
     gates = dict(GATES_BWD=launch.FOLD_GATES_BWD, EXP_GATE=True, BL=launch._pow2(S))
@@ -61,10 +62,14 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
              "dkdv": dict(HAS_FINAL=False, DO_K=True, DO_V=True, **gates),
              "dkdv_k": dict(HAS_FINAL=False, DO_K=True, DO_V=False, **no_gates),
              "dkdv_v": dict(HAS_FINAL=False, DO_K=False, DO_V=True, **no_gates),
-             "scores_fwd": dict(PACK=launch.SCORE_PACK_ROWS),
-             "scores_bwd": dict(PACK=launch.SCORE_PACK_ROWS, NORMALIZE=True, EXP_GATE=True, DO_DS=True, DO_WR=True),
-             "score_rows": dict(PACK=launch.SCORE_PACK_ROWS, D=DHV, NORMALIZE=True, EXP_GATE=True, ROW_DOT=False),
-             "score_cols": dict(PACK=launch.SCORE_PACK_ROWS, D=DQK, ROW_DOT=True)}
+             "scores_fwd": dict(PACK=launch.SCORE_PACK_ROWS, HAS_STATE=chunk > 0),
+             "scores_bwd": dict(PACK=launch.SCORE_PACK_ROWS, NORMALIZE=True, EXP_GATE=True, DO_DS=True, DO_WR=True,
+                                ROW_TERMS=chunk == 0),
+             # as they make h (state term: q C) and dk (v dC^T + dn)
+             "score_rows": dict(PACK=launch.SCORE_PACK_ROWS, D=DHV, NORMALIZE=True, EXP_GATE=True, ROW_DOT=False,
+                                STATE=1 if chunk else 0, DA=DQK, SW=DHV, BD=min(launch._pow2(DQK), 64)),
+             "score_cols": dict(PACK=launch.SCORE_PACK_ROWS, D=DQK, ROW_DOT=True, STATE=1 if chunk else 0, DA=DHV,
+                                SW=DHV, BD=min(launch._pow2(DHV), 64))}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
@@ -74,10 +79,11 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
         consts.setdefault("SL", min(64, consts["BK"], consts["BV"]))
     # the score kernels take one head dim or none, their products kernels no exp2
     consts = {k: v for k, v in consts.items() if k in fn.arg_names or k not in ("DQK", "DHV", "FAST_EXP2")}
-    blocks = launch._cdiv(S, launch.SCORE_PACK_ROWS)
+    lay = launch.chunk_layout(S, chunk or S)
+    blocks = launch._cdiv(lay.L, launch.SCORE_PACK_ROWS)
     tri = launch.SCORE_PACK_ROWS ** 2 * blocks * (blocks + 1) // 2
-    return compile_launch(fn, consts, dict(S=S, L=S, NC=1, SP=S, NKO_Q=1, BNH=1024, TRI=tri), options, arch=arch,
-                          dtype=dtype)
+    return compile_launch(fn, consts, dict(S=S, L=lay.L, NC=lay.NC, SP=lay.SP, NKO_Q=1, BNH=1024, TRI=tri), options,
+                          arch=arch, dtype=dtype)
 
 
 def compile_launch(fn, consts: dict, ints: dict, options: dict, arch: int = 90, dtype: str = "bf16"):

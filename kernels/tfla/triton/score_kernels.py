@@ -1,5 +1,5 @@
 """The score-matrix path for wide heads: raw Triton kernels (launch wrappers: launch.py, mlstm_fwd_score_matrix and
-mlstm_bwd_score_matrix). One chunk without states only.
+mlstm_bwd_score_matrix). One chunk, or (with states) chunk by chunk.
 
 Why: where a head is too wide for one program to hold a row tile of h (or dq, dk, dv) in registers (DH 384 / 512 on
 the H200: 64-row tiles of [64, 128] float32), the matrix kernels of kernels.py split the output into column slices,
@@ -18,8 +18,15 @@ bench/results/session14/):
               dq = dS k                                           mlstm_score_rows_kernel
               dk = dS^T q,  dv = Wr^T dh                          mlstm_score_cols_kernel
 
+With several chunks (wide heads at S > 1024) each chunk has its own triangle of L rows, and the products add the
+state terms of the matrix kernels (kernels.py's docstring: g_t, e_j): h += g_t q_t C_c, dq += g_t (rs_t dh_t C_c^T +
+dqn_t n_c), dk += e_j (v_j dC_{c+1}^T + dn_{c+1}), dv += e_j k_j dC_{c+1}, and qn += g_t q_t.n_c in the forming
+kernel. Only the scores within a chunk are stored; the state products are formed once per output slice, as the
+matrix kernels form them.
+
 The stored matrices hold the lower triangle only, in row blocks of PACK rows: block i (rows [i PACK, (i+1) PACK))
-keeps columns [0, (i+1) PACK), row-major, after the blocks before it (_tri_ptrs). A row tile never crosses a block
+keeps columns [0, (i+1) PACK), row-major, after the blocks before it (_tri_ptrs); chunk c of (batch, head) bh is
+matrix bh * NC + c. A row tile never crosses a block
 (PACK is a multiple of every row tile). Kernels that form a matrix write every element on or below the diagonal of
 the rows before S; the kernels that read one mask the diagonal tiles (so nothing above the diagonal is read) and, on
 the key side, the rows past S. Rows past S of off-diagonal query-side tiles are read but never reach a stored output
@@ -34,11 +41,11 @@ from .kernels import _denominator
 
 
 @triton.jit
-def _tri_ptrs(M, bh, TRI, t_lo, t_loc, s_loc, PACK: tl.constexpr):
-    """Addresses of the elements [t_loc, s_loc] of (batch, head) bh's packed lower-triangular matrix (TRI elements
+def _tri_ptrs(M, mat, TRI, t_lo, t_loc, s_loc, PACK: tl.constexpr):
+    """Addresses of the elements [t_loc, s_loc] of packed lower-triangular matrix mat (= bh * NC + c; TRI elements
     each; see the module docstring). t_lo: the row tile's first row, which fixes the row block."""
     blk = t_lo // PACK
-    base = M + bh * TRI + PACK * PACK * (blk * (blk + 1) // 2)
+    base = M + mat * TRI + PACK * PACK * (blk * (blk + 1) // 2)
     return base + (t_loc[:, None] - blk * PACK) * ((blk + 1) * PACK) + s_loc[None, :]
 
 
@@ -51,91 +58,164 @@ def _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale):
 
 
 @triton.jit
-def _score_program(Q, K, S, SP, DQK: tl.constexpr, NHT: tl.constexpr, BT: tl.constexpr):
-    """Where a program of the kernels that form a matrix works (grid: query tiles of BT, B*NH): its (batch, head),
-    first row, rows and their mask, q's and k's bases and the row vectors' offset."""
-    bh = tl.program_id(1).to(tl.int64)
-    t_lo = tl.program_id(0) * BT
-    t_loc = t_lo + tl.arange(0, BT)
-    return (bh, t_lo, t_loc, t_loc < S, _rows_base(Q, bh, 0, S, DQK, NHT), _rows_base(K, bh, 0, S, DQK, NHT),
-            bh * SP)
+def _chunk_program(pid_bc, row_tile, S, L, NC, SP, ROWS: tl.constexpr):
+    """Where a program works inside its chunk: (batch, head), chunk, first global row, the chunk's length Lc, the
+    matrix index bh * NC + c, the tile's first local row, its local rows and their mask, and the row vectors'
+    offset of the chunk's first row."""
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    row0 = c * L
+    lo = row_tile * ROWS
+    rows = lo + tl.arange(0, ROWS)
+    Lc = tl.minimum(L, S - row0)
+    return bh, c, row0, Lc, pid_bc.to(tl.int64), lo, rows, rows < Lc, bh * SP + row0
+
+
+@triton.jit
+def _score_program(Q, K, S, L, NC, SP, DQK: tl.constexpr, NHT: tl.constexpr, BT: tl.constexpr):
+    """Where a program of the kernels that form a matrix works (grid: query tiles of BT, B*NH*NC): _chunk_program's
+    values and q's and k's bases at the chunk's first row."""
+    bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, vec = _chunk_program(tl.program_id(1), tl.program_id(0), S, L, NC, SP,
+                                                                   BT)
+    return (bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, _rows_base(Q, bh, row0, S, DQK, NHT),
+            _rows_base(K, bh, row0, S, DQK, NHT), vec)
+
+
+@triton.jit
+def _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale):
+    """g_t = exp(F_t + m_c - m_t) / sqrt(d): the weight with which the state entering the chunk (index st of the
+    chunk states) reaches query row t (kernels.py's docstring), zero past the chunk."""
+    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+    return tl.where(t_ok, tl.exp(f_t + tl.load(MST + st) - m_t) * scale, 0.0)
+
+
+@triton.jit
+def _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc):
+    """e_j = exp(F_last - F_j + a_j - m_last): the weight with which key row j enters the state leaving the chunk,
+    zero past the chunk."""
+    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+    f_last = tl.load(FV + vec + Lc - 1)
+    m_last = tl.load(MROW + vec + Lc - 1)
+    return tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
+
+
+@triton.jit
+def _state_product(A, ST, bh, row0, rows, r_ok, offs_o, S, st, DA: tl.constexpr, DO: tl.constexpr,
+                   ST_D: tl.constexpr, ST_O: tl.constexpr, BD: tl.constexpr,
+                   PREC: tl.constexpr, NHT: tl.constexpr):
+    """sum_d a[row, d] X[d, o] [rows, offs_o] (float32) for a [*, S, DA] operand a and a slice of chunk state st
+    seen as X [DA, DO]: element [d, o] at d * ST_D + o * ST_O of the state ([DQK, DHV] float32, rows DHV apart), so
+    that (ST_D, ST_O) = (DHV, 1) is the state and (1, DHV) its transpose. The state goes to a's dtype for the product,
+    as in the matrix kernels."""
+    a_base = _rows_base(A, bh, row0, S, DA, NHT)
+    st_base = ST + st * (DA * DO)
+    o_ok = offs_o < DO
+    acc = tl.zeros((rows.shape[0], offs_o.shape[0]), dtype=tl.float32)
+    for d0 in range(0, DA, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        d_ok = offs_d < DA
+        a = tl.load(a_base + rows[:, None] * (NHT * DA) + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        x = tl.load(st_base + offs_d[:, None] * ST_D + offs_o[None, :] * ST_O, mask=d_ok[:, None] & o_ok[None, :],
+                    other=0.0)
+        acc += tl.dot(a, x.to(a.dtype), input_precision=PREC)
+    return acc
 
 
 @triton.jit
 def mlstm_scores_fwd_kernel(
-    Q, K, FV, AV, MROW, QN, W,
-    S, SP, TRI, scale,
+    Q, K, FV, AV, MROW, QN, W, NST, MST,
+    S, L, NC, SP, TRI, scale,
     DQK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
+    HAS_STATE: tl.constexpr = False,
 ):
-    """W[t, j] for one query tile (the weights of kernels._weight_tile, in W's dtype; zeros above the diagonal of the
-    diagonal tiles) and qn_t = sum_j W[t, j] of the float32 weights. BT is a multiple of BS."""
+    """W[t, j] for one query tile of one chunk (the weights of kernels._weight_tile, in W's dtype; zeros above the
+    diagonal of the diagonal tiles) and qn_t = sum_j W[t, j] of the float32 weights, plus g_t q_t.n_c with
+    HAS_STATE (NST, MST: the chunk states' n and m). BT is a multiple of BS."""
     RQK = NHT * DQK
-    bh, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, SP, DQK, NHT, BT)
+    bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, L, NC, SP, DQK, NHT, BT)
     r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
     qn = tl.zeros((BT,), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
-        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, S, DQK, RQK, BS,
-                                   BK, 0, False, PREC, FAST_EXP2)
+        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK,
+                                   BS, BK, 0, False, PREC, FAST_EXP2)
         qn += tl.sum(w, 1)
-        tl.store(_tri_ptrs(W, bh, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
-    for j0 in range(t_lo, tl.minimum(t_lo + BT, S), BS):
-        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, S, DQK, RQK, BS,
-                                   BK, 0, True, PREC, FAST_EXP2)
+        tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
+        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK,
+                                   BS, BK, 0, True, PREC, FAST_EXP2)
         qn += tl.sum(w, 1)
-        tl.store(_tri_ptrs(W, bh, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
+        tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
+    if HAS_STATE:
+        st = bh * (NC + 1) + c
+        qn_c = tl.zeros((BT,), dtype=tl.float32)
+        for d0 in range(0, DQK, BK):
+            offs_d = d0 + tl.arange(0, BK)
+            d_ok = offs_d < DQK
+            q_t = tl.load(q_base + t_loc[:, None] * RQK + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                          other=0.0)
+            qn_c += tl.sum(q_t.to(tl.float32) * tl.load(NST + st * DQK + offs_d, mask=d_ok, other=0.0)[None, :], 1)
+        qn += _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale) * qn_c
     tl.store(QN + vec + t_loc, qn, mask=t_ok)
 
 
 @triton.jit
 def mlstm_scores_bwd_kernel(
     Q, K, V, DH, H, FV, AV, MROW, QN, RS, DQN, DMROW, DS, WR,
-    S, SP, TRI, scale, eps,
+    S, L, NC, SP, TRI, scale, eps,
     DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
     NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, DO_DS: tl.constexpr = True, DO_WR: tl.constexpr = True,
+    ROW_TERMS: tl.constexpr = True,
 ):
-    """For one query tile: the per-row terms rs, dqn, dm (from delta = dh.h, as the dq kernel's ROW_TERMS), then
+    """For one query tile of one chunk: the per-row terms rs, dqn, dm (from delta = dh.h, as the dq kernel's
+    ROW_TERMS; without ROW_TERMS they are inputs, written by mlstm_bwd_rows_kernel for the state pass), then
     dS[t, j] = (dh_t.v_j rs_t + dqn_t) exp(D_tj - m_t)/sqrt(d) and Wr[t, j] = (q_t.k_j) exp(D_tj - m_t)/sqrt(d) rs_t,
     in the input dtype (what the dq, dk and dv kernels of kernels.py cast the same values to before their
     products). BT is a multiple of BS. DO_DS / DO_WR: only one of the two (launch.SPLIT_SCORES_BWD: two launches,
     one accumulator each); the row terms come with dS, and a launch without it reads rs."""
     RQK = NHT * DQK
     RHV = NHT * DHV
-    bh, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, SP, DQK, NHT, BT)
-    v_base = _rows_base(V, bh, 0, S, DHV, NHT)
-    dh_base = _rows_base(DH, bh, 0, S, DHV, NHT)
-    if DO_DS:
-        delta = _row_dot(H, DH, bh, t_loc, t_ok, S, DHV, BV, NHT)
+    bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, L, NC, SP, DQK, NHT, BT)
+    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
+    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
+    if DO_DS and ROW_TERMS:
+        delta = _row_dot(H, DH, bh, row0 + t_loc, t_ok, S, DHV, BV, NHT)
         rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + t_loc, t_ok, eps, NORMALIZE, EXP_GATE)
         tl.store(RS + vec + t_loc, rs_t, mask=t_ok)
         tl.store(DQN + vec + t_loc, dqn_t, mask=t_ok)
         tl.store(DMROW + vec + t_loc, dm_t, mask=t_ok)
     else:
         rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-        dqn_t = rs_t
+        if DO_DS:
+            dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+        else:
+            dqn_t = rs_t
     r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
     dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, RHV, BV, 0, DH.dtype.element_ty)
     for j0 in range(0, t_lo, BS):
-        _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI,
-                        vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK, DHV, RQK, RHV, BS, BK, BV, False, PREC,
-                        FAST_EXP2, PACK, DO_DS, DO_WR)
-    for j0 in range(t_lo, tl.minimum(t_lo + BT, S), BS):
-        _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI,
-                        vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK, DHV, RQK, RHV, BS, BK, BV, True, PREC,
-                        FAST_EXP2, PACK, DO_DS, DO_WR)
+        _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, mat,
+                        TRI, vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, Lc, DQK, DHV, RQK, RHV, BS, BK, BV, False,
+                        PREC, FAST_EXP2, PACK, DO_DS, DO_WR)
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
+        _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, mat,
+                        TRI, vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, Lc, DQK, DHV, RQK, RHV, BS, BK, BV, True,
+                        PREC, FAST_EXP2, PACK, DO_DS, DO_WR)
 
 
 @triton.jit
-def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, bh, TRI, vec,
-                    t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, S, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr,
-                    RHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DIAG: tl.constexpr,
-                    PREC: tl.constexpr, FAST_EXP2: tl.constexpr, PACK: tl.constexpr, DO_DS: tl.constexpr,
-                    DO_WR: tl.constexpr):
+def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, mat, TRI,
+                    vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, Lc, DQK: tl.constexpr, DHV: tl.constexpr,
+                    RQK: tl.constexpr, RHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr, PACK: tl.constexpr,
+                    DO_DS: tl.constexpr, DO_WR: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
-    s_ok = s_loc < S
+    s_ok = s_loc < Lc
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
     p = _exp2(r_t[:, None] + ((a_s - f_s) * LOG2E)[None, :], FAST_EXP2)
@@ -145,97 +225,132 @@ def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, 
         ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
         if DIAG:
             ds = tl.where(keep, ds, 0.0)
-        tl.store(_tri_ptrs(DS, bh, TRI, t_lo, t_loc, s_loc, PACK), ds.to(DS.dtype.element_ty), mask=t_ok[:, None])
+        tl.store(_tri_ptrs(DS, mat, TRI, t_lo, t_loc, s_loc, PACK), ds.to(DS.dtype.element_ty), mask=t_ok[:, None])
     if DO_WR:
         sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, RQK, BK, 0, True, DIAG, PREC)
         wr = sc * (p * rs_t[:, None])
         if DIAG:
             wr = tl.where(keep, wr, 0.0)
-        tl.store(_tri_ptrs(WR, bh, TRI, t_lo, t_loc, s_loc, PACK), wr.to(WR.dtype.element_ty), mask=t_ok[:, None])
+        tl.store(_tri_ptrs(WR, mat, TRI, t_lo, t_loc, s_loc, PACK), wr.to(WR.dtype.element_ty), mask=t_ok[:, None])
 
 
 @triton.jit
-def _product_program(X, S, D: tl.constexpr, NHT: tl.constexpr, ROWS: tl.constexpr, BO: tl.constexpr):
-    """Where a program of the products kernels works (grid: row tiles of ROWS, output slices of BO, B*NH): its slice
-    index, (batch, head), first row, rows and their mask, output columns, x's base and a zero accumulator."""
+def _product_program(X, S, L, NC, SP, D: tl.constexpr, NHT: tl.constexpr, ROWS: tl.constexpr, BO: tl.constexpr):
+    """Where a program of the products kernels works (grid: row tiles of ROWS inside a chunk, output slices of BO,
+    B*NH*NC): its slice index, _chunk_program's values, output columns, x's base at the chunk's first row and a zero
+    accumulator."""
     pid_o = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    r_lo = tl.program_id(0) * ROWS
-    rows = r_lo + tl.arange(0, ROWS)
-    return (pid_o, bh, r_lo, rows, rows < S, pid_o * BO + tl.arange(0, BO), _rows_base(X, bh, 0, S, D, NHT),
-            tl.zeros((ROWS, BO), dtype=tl.float32))
+    bh, c, row0, Lc, mat, r_lo, rows, r_ok, vec = _chunk_program(tl.program_id(2), tl.program_id(0), S, L, NC, SP,
+                                                                  ROWS)
+    return (pid_o, bh, c, row0, Lc, mat, r_lo, rows, r_ok, vec, pid_o * BO + tl.arange(0, BO),
+            _rows_base(X, bh, row0, S, D, NHT), tl.zeros((ROWS, BO), dtype=tl.float32))
 
 
 @triton.jit
-def _store_slice(OUT, Y, RSUM, acc, bh, pid_o, rows, r_ok, offs_o, S, SP, D: tl.constexpr, NHT: tl.constexpr,
-                 ROW_DOT: tl.constexpr):
-    """Store an output slice [rows, offs_o] of the products kernels; with ROW_DOT also sum_o y[row, o] out[row, o]
-    (float32) at RSUM[pid_o, bh, row] ([slices, BNH, SP]: the gate gradients add the slices up)."""
+def _store_slice(OUT, Y, RSUM, acc, bh, row0, pid_o, rows, r_ok, offs_o, vec, S, NC, SP, D: tl.constexpr,
+                 NHT: tl.constexpr, ROW_DOT: tl.constexpr):
+    """Store an output slice [rows, offs_o] of the products kernels (rows local to the chunk at row0); with ROW_DOT
+    also sum_o y[row, o] out[row, o] (float32) at RSUM[pid_o, bh, row] ([slices, BNH, SP]: the gate gradients add the
+    slices up)."""
     R = NHT * D
     out_ok = r_ok[:, None] & (offs_o[None, :] < D)
-    tl.store(_rows_base(OUT, bh, 0, S, D, NHT) + rows[:, None] * R + offs_o[None, :], acc.to(OUT.dtype.element_ty),
-             mask=out_ok)
+    tl.store(_rows_base(OUT, bh, row0, S, D, NHT) + rows[:, None] * R + offs_o[None, :],
+             acc.to(OUT.dtype.element_ty), mask=out_ok)
     if ROW_DOT:
-        y = tl.load(_rows_base(Y, bh, 0, S, D, NHT) + rows[:, None] * R + offs_o[None, :], mask=out_ok, other=0.0)
-        tl.store(RSUM + (pid_o * tl.num_programs(2) + bh) * SP + rows, tl.sum(y.to(tl.float32) * acc, 1), mask=r_ok)
+        y = tl.load(_rows_base(Y, bh, row0, S, D, NHT) + rows[:, None] * R + offs_o[None, :], mask=out_ok,
+                    other=0.0)
+        tl.store(RSUM + pid_o * (tl.num_programs(2) // NC) * SP + vec + rows, tl.sum(y.to(tl.float32) * acc, 1),
+                 mask=r_ok)
 
 
 @triton.jit
 def mlstm_score_rows_kernel(
     M, X, OUT, Y, RSUM,
-    S, SP, TRI, QN, MROW, eps,
+    S, L, NC, SP, TRI, QN, MROW, eps,
+    A, ST, NV, FV, MST, RS, DQN, scale,
     D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr,
     PREC: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
     NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, ROW_DOT: tl.constexpr,
+    STATE: tl.constexpr = 0, DA: tl.constexpr = 16, SW: tl.constexpr = 16, BD: tl.constexpr = 64,
 ):
-    """out[t, o-slice] = sum_{j <= t} M[t, j] x[j, o-slice] for one query tile and output slice: h = W v in the
-    forward (NORMALIZE: divided by the denominator from qn and m), dq = dS k in the backward (ROW_DOT: with the row
-    sums y.out of this slice, y = q, stored at RSUM[pid_o]). BT is a multiple of BS."""
+    """out[t, o-slice] = sum_{j <= t} M[t, j] x[j, o-slice] for one query tile of one chunk and output slice: h = W v
+    in the forward (NORMALIZE: divided by the denominator from qn and m), dq = dS k in the backward (ROW_DOT: with the
+    row sums y.out of this slice, y = q, stored at RSUM[pid_o]). BT is a multiple of BS.
+    STATE adds the entering chunk state's term, g_t times: 1 (h) q_t C_c[:, o-slice]; 2 (dq)
+    rs_t dh_t C_c^T[:, o-slice] + dqn_t n_c[o-slice]. A: q or dh (DA wide), ST: C ([DQK, DHV], rows SW apart),
+    NV: n, FV / MST: the gate vector F and the chunks' max states, RS / DQN: rs and dqn."""
     R = NHT * D
-    pid_o, bh, t_lo, t_loc, t_ok, offs_o, x_base, acc = _product_program(X, S, D, NHT, BT, BO)
+    pid_o, bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, vec, offs_o, x_base, acc = _product_program(X, S, L, NC, SP, D,
+                                                                                                NHT, BT, BO)
     for j0 in range(0, t_lo, BS):
         s_loc = j0 + tl.arange(0, BS)
-        m = tl.load(_tri_ptrs(M, bh, TRI, t_lo, t_loc, s_loc, PACK))
-        x = _load_rows(x_base, s_loc, s_loc < S, offs_o, D, R, False, D % BO != 0)
+        m = tl.load(_tri_ptrs(M, mat, TRI, t_lo, t_loc, s_loc, PACK))
+        x = _load_rows(x_base, s_loc, s_loc < Lc, offs_o, D, R, False, D % BO != 0)
         acc += tl.dot(m, x, input_precision=PREC)
-    for j0 in range(t_lo, tl.minimum(t_lo + BT, S), BS):
+    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         s_loc = j0 + tl.arange(0, BS)
-        s_ok = s_loc < S
-        m = tl.load(_tri_ptrs(M, bh, TRI, t_lo, t_loc, s_loc, PACK),
+        s_ok = s_loc < Lc
+        m = tl.load(_tri_ptrs(M, mat, TRI, t_lo, t_loc, s_loc, PACK),
                     mask=(s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], other=0.0)
         x = _load_rows(x_base, s_loc, s_ok, offs_o, D, R, True, D % BO != 0)
         acc += tl.dot(m, x, input_precision=PREC)
-    vec = bh * SP
+    if STATE != 0:
+        st = bh * (NC + 1) + c
+        g = _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale)
+        if STATE == 1:  # h: q [*, DQK] times C [DQK, DHV = D]
+            acc += g[:, None] * _state_product(A, ST, bh, row0, t_loc, t_ok, offs_o, S, st, DA, D, SW, 1, BD,
+                                               PREC, NHT)
+        else:  # dq: dh [*, DHV] times C^T [DHV, DQK = D]
+            prod = _state_product(A, ST, bh, row0, t_loc, t_ok, offs_o, S, st, DA, D, 1, SW, BD, PREC, NHT)
+            rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+            dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+            n_o = tl.load(NV + st * D + offs_o, mask=offs_o < D, other=0.0)
+            acc += g[:, None] * (prod * rs_t[:, None] + dqn_t[:, None] * n_o[None, :])
     if NORMALIZE:
         qn = tl.load(QN + vec + t_loc, mask=t_ok, other=0.0)
         m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
         acc = acc / _denominator(qn, m_t, eps, EXP_GATE)[:, None]
-    _store_slice(OUT, Y, RSUM, acc, bh, pid_o, t_loc, t_ok, offs_o, S, SP, D, NHT, ROW_DOT)
+    _store_slice(OUT, Y, RSUM, acc, bh, row0, pid_o, t_loc, t_ok, offs_o, vec, S, NC, SP, D, NHT, ROW_DOT)
 
 
 @triton.jit
 def mlstm_score_cols_kernel(
     M, X, OUT, Y, RSUM,
-    S, SP, TRI,
+    S, L, NC, SP, TRI,
+    A, ST, NV, FV, AV, MROW,
     D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr,
     PREC: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr, ROW_DOT: tl.constexpr,
+    STATE: tl.constexpr = 0, DA: tl.constexpr = 16, SW: tl.constexpr = 16, BD: tl.constexpr = 64,
 ):
-    """out[j, o-slice] = sum_{t >= j} M[t, j] x[t, o-slice] for one key tile and output slice: dk = dS^T q and
-    dv = Wr^T dh in the backward (ROW_DOT: with the row sums y.out of this slice, y = k, stored at RSUM[pid_o]).
-    BS is a multiple of BT: the query tiles inside the key tile's rows take the causal mask."""
+    """out[j, o-slice] = sum_{t >= j} M[t, j] x[t, o-slice] for one key tile of one chunk and output slice:
+    dk = dS^T q and dv = Wr^T dh in the backward (ROW_DOT: with the row sums y.out of this slice, y = k, stored at
+    RSUM[pid_o]). BS is a multiple of BT: the query tiles inside the key tile's rows take the causal mask.
+    STATE adds the leaving chunk state's gradient term, e_j times: 1 (dk) v_j dC_{c+1}^T[:, o-slice] +
+    dn_{c+1}[o-slice]; 2 (dv) k_j dC_{c+1}[:, o-slice]. A: v or k (DA wide), ST: dC ([DQK, DHV], rows SW apart),
+    NV: dn, FV / AV / MROW: the gate vectors."""
     R = NHT * D
-    pid_o, bh, s_lo, s_loc, s_ok, offs_o, x_base, acc = _product_program(X, S, D, NHT, BS, BO)
-    for t0 in range(s_lo, tl.minimum(s_lo + BS, S), BT):
+    pid_o, bh, c, row0, Lc, mat, s_lo, s_loc, s_ok, vec, offs_o, x_base, acc = _product_program(X, S, L, NC, SP, D,
+                                                                                                NHT, BS, BO)
+    for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         t_loc = t0 + tl.arange(0, BT)
-        t_ok = t_loc < S
-        m = tl.load(_tri_ptrs(M, bh, TRI, t0, t_loc, s_loc, PACK),
+        t_ok = t_loc < Lc
+        m = tl.load(_tri_ptrs(M, mat, TRI, t0, t_loc, s_loc, PACK),
                     mask=(s_loc[None, :] <= t_loc[:, None]) & t_ok[:, None], other=0.0)
         x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
         acc += tl.dot(tl.trans(m), x, input_precision=PREC)
-    for t0 in range(s_lo + BS, S, BT):
+    for t0 in range(s_lo + BS, Lc, BT):
         t_loc = t0 + tl.arange(0, BT)
-        t_ok = t_loc < S
-        m = tl.load(_tri_ptrs(M, bh, TRI, t0, t_loc, s_loc, PACK), mask=t_ok[:, None], other=0.0)
+        t_ok = t_loc < Lc
+        m = tl.load(_tri_ptrs(M, mat, TRI, t0, t_loc, s_loc, PACK), mask=t_ok[:, None], other=0.0)
         x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
         acc += tl.dot(tl.trans(m), x, input_precision=PREC)
-    _store_slice(OUT, Y, RSUM, acc, bh, pid_o, s_loc, s_ok, offs_o, S, SP, D, NHT, ROW_DOT)
+    if STATE != 0:
+        st = bh * (NC + 1) + c + 1
+        e = _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc)
+        if STATE == 1:  # dk: v [*, DHV] times dC^T [DHV, DQK = D], plus dn
+            prod = _state_product(A, ST, bh, row0, s_loc, s_ok, offs_o, S, st, DA, D, 1, SW, BD, PREC, NHT)
+            prod += tl.load(NV + st * D + offs_o, mask=offs_o < D, other=0.0)[None, :]
+        else:  # dv: k [*, DQK] times dC [DQK, DHV = D]
+            prod = _state_product(A, ST, bh, row0, s_loc, s_ok, offs_o, S, st, DA, D, SW, 1, BD, PREC, NHT)
+        acc += e[:, None] * prod
+    _store_slice(OUT, Y, RSUM, acc, bh, row0, pid_o, s_loc, s_ok, offs_o, vec, S, NC, SP, D, NHT, ROW_DOT)
