@@ -32,9 +32,12 @@ sequential over the chunks) at a chunked --seq, from the shipped table; winners 
 dims) where they beat the shipped tiles:
     PYTHONPATH=kernels python bench/tune_mlstm.py --state-kernels --dh 96 192 384 512 --seq 4096 --write
 
---score-matrix tunes the kernels of the score-matrix path (launch.uses_score_matrix: wide heads in one chunk), forced
-on, from the shipped table; winners go under "scores_fwd:512:512"-style entries (padded dims):
+--score-matrix tunes the kernels of the score-matrix path (launch.uses_score_matrix: wide heads), forced on, from the
+shipped table; winners go under "scores_fwd:512:512"-style entries (padded dims), or at a chunked --seq (the path
+chunk by chunk with states) "scores_fwd:512:512:states", with the state term's reduction slice BD among the
+products kernels' candidates:
     PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 384 --seq 1024 --write
+    PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 384 --seq 4096 --write
 (DH 384 and 512 share the entry of the padded 512: the head dim tuned last wins.)
 
 --short tunes the kernels of one short chunk (--seq <= launch.SHORT_CHUNK_ROWS, no states: ViL's 197 tokens) from
@@ -566,22 +569,40 @@ SCORE_CANDIDATES = {
     "score_cols": [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 64, 256, 8, 3), (64, 128, 256, 8, 2),
                    (128, 128, 128, 8, 2), (32, 64, 128, 4, 3), (32, 128, 256, 8, 3)],
 }
+# Chunked calls (--seq 4096): the products kernels also form the state term, a [rows, DH] x [DH, BO] product per
+# program that reads a float32 state slice: larger row tiles read each chunk's state fewer times. (BT, BS, BO, warps,
+# stages, BD); the first is the default.
+SCORE_STATE_CANDIDATES = {
+    "score_rows": [(64, 64, 128, 4, 3, 64), (128, 64, 128, 8, 3, 64), (128, 64, 128, 8, 2, 32),
+                   (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
+                   (128, 64, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128)],
+    "score_cols": [(64, 64, 128, 4, 3, 64), (64, 128, 128, 8, 3, 64), (64, 128, 128, 8, 2, 32),
+                   (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
+                   (64, 128, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128)],
+}
 # Which step times each kernel: score_rows makes h in the forward and dq in the backward.
 SCORE_PHASES = {"scores_fwd": "fwd", "score_rows": "both", "scores_bwd": "bwd", "score_cols": "bwd"}
 
 
-def score_candidates(kernel: str) -> list[dict]:
+def score_candidates(kernel: str, chunked: bool = False) -> list[dict]:
+    if chunked and kernel in SCORE_STATE_CANDIDATES:
+        return [dict(BT=bt, BS=bs, BO=bo, BD=bd, num_warps=w, num_stages=st)
+                for bt, bs, bo, w, st, bd in SCORE_STATE_CANDIDATES[kernel]]
     slice_key = {"scores_fwd": ("BK",), "scores_bwd": ("BK", "BV")}.get(kernel, ("BO",))
     return [dict({key: width for key in slice_key}, BT=bt, BS=bs, num_warps=w, num_stages=st)
             for bt, bs, width, w, st in SCORE_CANDIDATES[kernel]]
 
 
 def tune_score_matrix(args) -> None:
-    """--score-matrix: the four kernels of the score-matrix path at one chunk (--seq <= 1024), coordinate descent
-    from the shipped table with launch.SCORE_MATRIX forced on; winners under "scores_fwd:512:512" (padded dims)."""
+    """--score-matrix: the four kernels of the score-matrix path at one chunk (--seq <= 1024) or, chunked, with the
+    state terms, coordinate descent from the shipped table with launch.SCORE_MATRIX forced on; winners under
+    "scores_fwd:512:512" (padded dims; ":states" appended when chunked)."""
     log, S, B, arch, result = _start_from_shipped(args, "score-matrix path")
-    if function.default_chunk_size(S) < S or S > launch.SCORE_MATRIX_MAX_CHUNK:
-        raise SystemExit(f"--score-matrix tunes one chunk of at most {launch.SCORE_MATRIX_MAX_CHUNK} rows")
+    chunked = function.default_chunk_size(S) < S
+    if chunked and not launch.SCORE_MATRIX_STATES:
+        raise SystemExit("a chunked --seq tunes the path with states, which launch.SCORE_MATRIX_STATES turns off")
+    if function.default_chunk_size(S) > launch.SCORE_MATRIX_MAX_CHUNK:
+        raise SystemExit(f"--score-matrix tunes chunks of at most {launch.SCORE_MATRIX_MAX_CHUNK} rows")
     shipped_switch = launch.SCORE_MATRIX
     launch.SCORE_MATRIX = True
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = False
@@ -592,13 +613,13 @@ def tune_score_matrix(args) -> None:
             current, entry = {}, {}
             for kernel, phase in SCORE_PHASES.items():
                 best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log,
-                                                           cands=score_candidates(kernel), phase=phase)
+                                                           cands=score_candidates(kernel, chunked), phase=phase)
                 if best is not None:
                     current[kernel] = best
                 entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
             result["dims"][dh] = entry
             for kernel, cfg in current.items():
-                tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}"] = cfg
+                tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}" + (":states" if chunked else "")] = cfg
     finally:
         launch.SCORE_MATRIX = shipped_switch
         launch.SHRINK_TILES_THAT_DO_NOT_FIT = True

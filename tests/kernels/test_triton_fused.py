@@ -542,4 +542,4 @@ else:
         assert not launch.folds_gate_grads(24, 16, "cpu", one, state_pass=False, has_final_grad=False)
         monkeypatch.setattr(launch, "TILE_OVERRIDES", {"score_rows": dict(BT=256, BS=64)})
         with pytest.raises(ValueError, match="SCORE_PACK_ROWS"):
-            launch._score_tiles("score_rows", 24, 16, "cpu")
+            launch._score_tiles("score_rows", 24, 16, "cpu", False)

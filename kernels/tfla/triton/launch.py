@@ -164,8 +164,9 @@ def _default_tiles(kernel: str, DQK: int, DHV: int) -> dict:
         return dict(BT=64, BS=64, BK=_dim_block(DQK, 128), num_warps=4, num_stages=3)
     if kernel == "scores_bwd":
         return dict(BT=64, BS=64, BK=_dim_block(DQK, 128), BV=_dim_block(DHV, 128), num_warps=4, num_stages=3)
-    if kernel in ("score_rows", "score_cols"):  # BO: the output slice (score_rows: h or dq, score_cols: dk or dv)
-        return dict(BT=64, BS=64, BO=min(_pow2(max(DQK, DHV)), 128), num_warps=4, num_stages=3)
+    if kernel in ("score_rows", "score_cols"):  # BO: the output slice (score_rows: h or dq, score_cols: dk or dv),
+        # BD: the slice of the reduction over the head dim in the state term (calls with chunk states)
+        return dict(BT=64, BS=64, BO=min(_pow2(max(DQK, DHV)), 128), BD=64, num_warps=4, num_stages=3)
     raise KeyError(kernel)
 
 
@@ -304,6 +305,8 @@ def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, 
         cfg.update(table.get(f"{kernel}:{DQK}:{DHV}", {}))
         if with_states:  # and the one tuned for the variant with a chunk state, where there is one
             cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:states", {}))
+    elif with_states:  # without pieces, under the padded dims (the score-matrix path's kernels)
+        cfg.update(table.get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}:states", {}))
     if short:  # under the key the kernel's own entry has: exact dims with pieces, padded ones without
         cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:short" if pieces else f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}:short",
                              {}))
@@ -514,8 +517,9 @@ def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout) -> tuple[torch
     return buf, per_matrix
 
 
-def _score_tiles(kernel: str, DQK: int, DHV: int, arch: str) -> dict:
-    cfg = tiles(kernel, DQK, DHV, arch)
+def _score_tiles(kernel: str, DQK: int, DHV: int, arch: str, with_states: bool) -> dict:
+    """tiles() of a score-matrix kernel; with_states: a chunked call ("kernel:512:512:states" entries)."""
+    cfg = tiles(kernel, DQK, DHV, arch, with_states=with_states)
     if max(cfg["BT"], cfg["BS"]) > SCORE_PACK_ROWS:
         raise ValueError(f"{kernel} tiles {cfg}: row tiles must divide SCORE_PACK_ROWS = {SCORE_PACK_ROWS}")
     return cfg
@@ -533,7 +537,7 @@ def _apply_scores(name: str, m: torch.Tensor, per_matrix: int, x: torch.Tensor, 
     (kind, a, chunk states, n-vector or None, *gate vectors) for the kernel's STATE = kind (1, 2), or None: no state
     term (its gate-vector arguments then get dummies: rows kernel fv, mst, rs, dqn, scale; cols kernel fv, av, m)."""
     D = x.shape[-1]
-    cfg = _score_tiles(name, D, D, gpu_arch(x.device))
+    cfg = _score_tiles(name, D, D, gpu_arch(x.device), lay.NC > 1 or state is not None)
     cfg["BO"] = min(cfg["BO"], _pow2(D))
     n_slices = _cdiv(D, cfg["BO"])
     # zeroed past S: the gate gradients' reversed cumsum runs over the padding of the last chunk
@@ -542,7 +546,7 @@ def _apply_scores(name: str, m: torch.Tensor, per_matrix: int, x: torch.Tensor, 
     if state is not None:
         kind, a, st, nvec, *gates = state
         state_args = (a, st, nvec if nvec is not None else st, *gates)
-        state_consts = dict(STATE=kind, DA=a.shape[-1], SW=st.shape[-1], BD=min(_pow2(a.shape[-1]), 64))
+        state_consts = dict(STATE=kind, DA=a.shape[-1], SW=st.shape[-1])
     else:  # dummies for the state term's arguments (the rows kernel's last one is the float scale)
         state_args = (x,) * 3 + ((m, m, m, m, 1.0) if name == "score_rows" else (m, m, m))
         state_consts = {}
@@ -571,7 +575,7 @@ def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate:
     has_state = Cst is not None
     _launch_tiled(
         mlstm_scores_fwd_kernel, lambda t: (_cdiv(lay.L, t["BT"]), BNH * lay.NC),
-        _score_tiles("scores_fwd", DQK, DHV, arch),
+        _score_tiles("scores_fwd", DQK, DHV, arch, lay.NC > 1 or has_state),
         q, k, fv, av, mrow, qn, w, nst if has_state else fv, mst if has_state else fv,
         S, lay.L, lay.NC, lay.SP, per_matrix, scale,
         DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS, HAS_STATE=has_state,
@@ -595,7 +599,7 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInpu
     nht = heads_per_row(q, k, v, dh, *([rows.h] if rows is not None else []))
     prec = _precision(q.dtype)
     arch = gpu_arch(q.device)
-    cfg = _score_tiles("scores_bwd", DQK, DHV, arch)
+    cfg = _score_tiles("scores_bwd", DQK, DHV, arch, lay.NC > 1 or Cst is not None or dCst is not None)
     scale = 1.0 / math.sqrt(DQK)
 
     def scores(ds, wr, do_ds: bool, do_wr: bool) -> None:

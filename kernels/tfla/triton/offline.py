@@ -67,9 +67,9 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
                                 ROW_TERMS=chunk == 0),
              # as they make h (state term: q C) and dk (v dC^T + dn)
              "score_rows": dict(PACK=launch.SCORE_PACK_ROWS, D=DHV, NORMALIZE=True, EXP_GATE=True, ROW_DOT=False,
-                                STATE=1 if chunk else 0, DA=DQK, SW=DHV, BD=min(launch._pow2(DQK), 64)),
+                                STATE=1 if chunk else 0, DA=DQK, SW=DHV),
              "score_cols": dict(PACK=launch.SCORE_PACK_ROWS, D=DQK, ROW_DOT=True, STATE=1 if chunk else 0, DA=DHV,
-                                SW=DHV, BD=min(launch._pow2(DHV), 64))}
+                                SW=DHV)}
     consts.update(flags.get(name, dict(HAS_FINAL=False)))
     options = dict(num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 3))
     if "maxnreg" in tiles:  # a register cap per thread (ptxas .maxnreg): more blocks per SM, maybe spills
