@@ -473,13 +473,13 @@ def mlstm_fwd(
     return h, qn
 
 
-# The score-matrix path (score_kernels.py): for one chunk without states, the weights are formed once and stored
-# (lower triangle, in the input dtype) instead of once per output column slice. By default where the matrix kernels
-# slice their outputs because a row tile of the whole head dim does not fit a program: padded head dims above
+# The score-matrix path (score_kernels.py): each chunk's weights are formed once and stored (lower triangle, in the
+# input dtype) instead of once per output column slice. By default where the matrix kernels slice their outputs
+# because a row tile of the whole head dim does not fit a program: padded head dims above
 # ONE_PASS_DKDV_MAX_HEAD_DIM (DH 384 / 512), where a fwd+bwd formed the causal products 16-20 times and takes 7 here.
-# SCORE_MATRIX (TFLA_SCORE_MATRIX=1 / 0 in the environment) forces it on or off for every one-chunk call without
-# states (tests, benchmarks). Memory: two such matrices live in the backward, B*NH*S*S/2 elements each (plus up to
-# one row block), about as much as q at DH = S/2.
+# SCORE_MATRIX (TFLA_SCORE_MATRIX=1 / 0 in the environment) forces it on or off for every call it may take (tests,
+# benchmarks). Memory: two such matrices live in the backward, B*NH*NC*L*L/2 elements each (plus up to one row block
+# per chunk), about as much as q at DH = L/2.
 SCORE_MATRIX: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_SCORE_MATRIX", ""))
 SCORE_MATRIX_MAX_CHUNK = 1024
 # Calls with states (several chunks: S above function.default_chunk_size's one-chunk limit, or an initial or final
