@@ -172,19 +172,23 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
 
 def _ab_switches() -> dict:
     """--ab's switches: name -> (module, attribute), each a bool the op reads on every call."""
-    from tfla.triton import direct_launch
+    from tfla.triton import direct_launch, function
 
     return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates_fwd": (launch, "FOLD_GATES_FWD"),
             "fold_gates_bwd": (launch, "FOLD_GATES_BWD"), "score_matrix": (launch, "SCORE_MATRIX"),
             "split_scores_bwd": (launch, "SPLIT_SCORES_BWD"),
-            "score_matrix_states": (launch, "SCORE_MATRIX_STATES")}
+            "score_matrix_states": (launch, "SCORE_MATRIX_STATES"),
+            "low_precision_states": (function, "LOW_PRECISION_STATES"),
+            "prescaled_states": (launch, "PRESCALED_STATE_ROWS")}
 
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     """One row: eager fwd+bwd wall ms (do_bench median) with a switch of the op off and on (direct_launch: every
     launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates_fwd / _bwd: launch.FOLD_GATES_FWD /
     _BWD; score_matrix: launch.SCORE_MATRIX forced off / on; score_matrix_states: launch.SCORE_MATRIX_STATES, the
-    path chunk by chunk with states), alternating `rounds` times in this one process, since this host's speed drifts between processes more than
+    path chunk by chunk with states; low_precision_states: function.LOW_PRECISION_STATES, chunk states stored in the
+    input dtype; prescaled_states: launch.PRESCALED_STATE_ROWS, the state kernels' row weights applied by a kernel
+    before them), alternating `rounds` times in this one process, since this host's speed drifts between processes more than
     the difference (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a
     CUDA-graph replay)."""
     module, attribute = _ab_switches()[switch]

@@ -169,12 +169,15 @@ else:
         check(1, 2, 45, 16, 24, "exp", torch.float32, init=True, ret=True, chunk_size=7, seed=61)
         check(1, 1, 45, 16, 16, "sig", torch.float32, init=True, ret=True, chunk_size=7, seed=62)
 
-    @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
-    def test_fused_chunk_states_both_ways(fused, monkeypatch, parallel):
-        """Chunk states from one kernel that walks the chunks in sequence, or from every chunk's own product at once
-        and a scan over the chunks (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state over
-        four programs, the last partly masked): states in and out, several chunks, a short last one, both gates."""
-        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", parallel)
+    @pytest.mark.parametrize("mode", ["sequential", "sequential prescaled", "parallel"])
+    def test_fused_chunk_states_both_ways(fused, monkeypatch, mode):
+        """Chunk states from one kernel that walks the chunks in sequence (with the row weights applied in it, or
+        beforehand by mlstm_state_rows_kernel: launch.PRESCALED_STATE_ROWS), or from every chunk's own product at
+        once and a scan over the chunks (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state
+        over four programs, the last partly masked): states in and out, several chunks, a short last one, both
+        gates."""
+        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", mode == "parallel")
+        monkeypatch.setattr(launch, "PRESCALED_STATE_ROWS", mode == "sequential prescaled")
         monkeypatch.setattr(launch, "SCAN_BLOCK", 256)
         check(1, 2, 45, 24, 40, "exp", torch.float32, init=True, ret=True, chunk_size=16, seed=51)
         check(1, 1, 37, 16, 16, "sig", torch.float32, ret=True, chunk_size=10, seed=52)
@@ -327,6 +330,48 @@ else:
         assert not function._fused_gates(launch.chunk_layout(too_long, too_long))
         monkeypatch.setattr(function, "FUSED_KERNELS", False)
         assert not function._fused_gates(launch.chunk_layout(196, 196))
+
+    # Chunk states in the input dtype (function.LOW_PRECISION_STATES): chunked fp16 calls without an initial state
+    # or return_state, through the matrix kernels (DQK 24 in pieces of 16 + 8 on the query side) and through the
+    # score-matrix path with its small tiles; a short last chunk in each.
+    LOW_PRECISION_CASES = {
+        "24x40 exp L10 matrix kernels": ((1, 2, 37, 24, 40, "exp"), dict(chunk=10)),
+        "16x24 sig L16 matrix kernels": ((2, 1, 45, 16, 24, "sig"), dict(chunk=16)),
+        "24x16 exp L32 score matrices": ((1, 2, 70, 24, 16, "exp"), dict(chunk=32, score=True)),
+    }
+
+    @pytest.mark.parametrize("case", list(LOW_PRECISION_CASES), ids=list(LOW_PRECISION_CASES))
+    def test_fused_low_precision_chunk_states(fused, monkeypatch, fresh_tiles, case):
+        """The states kept between the forward and the backward are fp16 (float32 as soon as a state leaves or enters
+        the op); h, dq, dk and dv are bit for bit those of float32 states (every product rounds a state to fp16
+        before its dot); the gate gradients, whose state dots <C, dC> take C rounded, stay within fp16's rounding of
+        them; and the whole call passes check() against float64 with poisoned buffers."""
+        (B, NH, S, DQK, DHV, gate), kw = LOW_PRECISION_CASES[case]
+        dtype, chunk = torch.float16, kw["chunk"]
+        if kw.get("score"):
+            monkeypatch.setattr(launch, "SCORE_PACK_ROWS", 32)
+            monkeypatch.setattr(launch, "TILE_OVERRIDES", SMALL_SCORE_TILES)
+            monkeypatch.setattr(launch, "SCORE_MATRIX", True)
+        lay = launch.chunk_layout(S, chunk)
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, 13, False)
+        monkeypatch.setattr(function, "LOW_PRECISION_STATES", True)
+        assert function._state_dtype(dtype, lay, False, False) == dtype
+        assert function._state_dtype(dtype, lay, True, False) == torch.float32  # an initial state enters
+        assert function._state_dtype(dtype, lay, False, True) == torch.float32  # the final state leaves
+        assert function._state_dtype(torch.float32, lay, False, False) == torch.float32
+        results = {}
+        for low in (False, True):
+            monkeypatch.setattr(function, "LOW_PRECISION_STATES", low)
+            Cst = function._fwd_impl(*xs[:5], None, None, None, gate == "exp", True, chunk, 1e-6, False)[1]
+            assert Cst.dtype == (dtype if low else torch.float32) and Cst.shape[2] == lay.NC + 1
+            results[low] = _run(mlstm_triton, xs, gate, True, False, 13, chunk_size=chunk)
+        (outs32, grads32), (outs16, grads16) = results[False], results[True]
+        assert torch.equal(outs16[0], outs32[0]), "h"
+        for name, a, b in zip(NAMES[:3], grads16[:3], grads32[:3]):
+            assert torch.equal(a, b), (name, _rel(a, b))
+        for name, a, b in zip(NAMES[3:5], grads16[3:5], grads32[3:5]):
+            assert torch.isfinite(a).all() and _rel(a, b) < TOL_VS_DEFAULT[dtype], (name, _rel(a, b))
+        check(B, NH, S, DQK, DHV, gate, dtype, chunk_size=chunk, seed=13, vs_default=not kw.get("score"))
 
     def _record_launches(monkeypatch) -> list:
         """The names of the kernels launch.py launches from now on, in order (the list fills as they run)."""

@@ -148,6 +148,27 @@ def _keeps_states(lay: ChunkLayout, has_init: bool, return_state: bool) -> bool:
     return lay.NC > 1 or return_state or has_init
 
 
+# Chunk states C (and in the backward their gradients dC) stored in the input dtype (bf16 / fp16) where only products
+# read them: a chunked call (S above SINGLE_CHUNK_MAX_SEQ_LEN) without an initial state and without return_state.
+# Every kernel that multiplies by a state rounds it to the input dtype before its dot, so h, dq, dk and dv come out
+# bit for bit as with float32 states; the state kernels keep their recurrences in float32 registers and round only
+# what they store. What changes: half the bytes written by the state kernels and read by the products (at DH 384 a
+# chunk's float32 state is three times the size of its k), half the states' memory kept for the backward, and the
+# log-gate gradients' state dots <C_c, dC_c> take C rounded (the input dtype's rounding, as the products).
+# Float32 states stay where a state leaves or enters the op (return_state, initial_state: the caller's float32
+# state), on the unfused path and with launch.PARALLEL_CHUNK_STATES (whose scan adds in place). TFLA_LOW_PRECISION_STATES=0
+# (or LOW_PRECISION_STATES = False) keeps float32 everywhere. Opt-in (=1) until checked on the GPU.
+LOW_PRECISION_STATES: bool = os.environ.get("TFLA_LOW_PRECISION_STATES", "0") == "1"
+
+
+def _state_dtype(dtype: torch.dtype, lay: ChunkLayout, has_init: bool, return_state: bool) -> torch.dtype:
+    """dtype of the chunk states C kept between the forward and the backward (see LOW_PRECISION_STATES)."""
+    if (LOW_PRECISION_STATES and dtype in (torch.bfloat16, torch.float16) and not has_init and not return_state
+            and _fused_gates(lay) and not launch.PARALLEL_CHUNK_STATES):
+        return dtype
+    return torch.float32
+
+
 def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
     (h, Cst, nst, mst, qn), gates = _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps,
                                                     return_state)
@@ -185,7 +206,8 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
         mst = mst.view(B, NH, lay.NC + 1)
     Cst = nst = None
     if keeps_states:
-        Cst = torch.empty(B, NH, lay.NC + 1, DQK, DHV, device=q.device, dtype=torch.float32)
+        Cst = torch.empty(B, NH, lay.NC + 1, DQK, DHV, device=q.device,
+                          dtype=_state_dtype(q.dtype, lay, has_init, return_state))
         nst = torch.empty(B, NH, lay.NC + 1, DQK, device=q.device, dtype=torch.float32)
         if launch.POISON_OUTPUTS:
             Cst.fill_(float("nan"))
@@ -205,7 +227,8 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
     lay = chunk_layout(S, chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
     if _keeps_states(lay, C0 is not None, return_state):
-        Cst = q.new_empty(B, NH, lay.NC + 1, DQK, DHV, **f32)
+        Cst = q.new_empty(B, NH, lay.NC + 1, DQK, DHV, device=q.device,
+                          dtype=_state_dtype(q.dtype, lay, C0 is not None, return_state))
         nst = q.new_empty(B, NH, lay.NC + 1, DQK, **f32)
     else:
         Cst = q.new_empty(0, **f32)
@@ -237,15 +260,16 @@ def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gat
 
 
 def _state_grad_buffers(dC, dn, lay: ChunkLayout, BNH: int, DQK: int, DHV: int, device, needed: bool,
-                        zeroed: bool = True, final_read: bool = True):
+                        zeroed: bool = True, final_read: bool = True, dtype: torch.dtype = torch.float32):
     """Per-chunk-boundary state gradients [BNH, NC+1, ...], seeded at the end with the final state's gradient.
     zeroed=False where the sequential state kernel writes every boundary (launch.mlstm_bwd): only the seed is set,
     which skips a fill of the whole buffer (855 MB at DH 512 / S 4096 with the benchmark's 48 heads). The kernel
-    reads the seed row when any final-state gradient is given (final_read); a part without one is then zeroed."""
+    reads the seed row when any final-state gradient is given (final_read); a part without one is then zeroed.
+    dtype: dC's, the forward states' (LOW_PRECISION_STATES); dn stays float32."""
     if not needed:
         return None, None
     new = torch.zeros if zeroed else torch.empty
-    dCst = new(BNH, lay.NC + 1, DQK, DHV, device=device, dtype=torch.float32)
+    dCst = new(BNH, lay.NC + 1, DQK, DHV, device=device, dtype=dtype)
     dnst = new(BNH, lay.NC + 1, DQK, device=device, dtype=torch.float32)
     if launch.POISON_OUTPUTS and not zeroed:  # a boundary nobody writes shows as NaN (bench/check_mlstm_gpu.py, tests)
         dCst.fill_(float("nan"))
@@ -383,7 +407,8 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     # The sequential state kernel writes every boundary of the state gradients and the shares of A_c (below).
     kernel_states = state_pass and not launch.PARALLEL_CHUNK_STATES
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad,
-                                     zeroed=not kernel_states, final_read=has_final_grad)
+                                     zeroed=not kernel_states, final_read=has_final_grad,
+                                     dtype=Cst.dtype if keeps else torch.float32)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
     dq, dk, dv, qdq, kdk, A = mlstm_bwd(
@@ -394,7 +419,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     if gate_grads is not None:  # the dk + dv kernel wrote di and df (no initial state here, so no dm0)
         return dq, dk, dv, gate_grads.di, gate_grads.df, None, None, None
     if A is None and dCst is not None and keeps:  # no sequential state pass: A_c in PyTorch, as one share
-        A = ((Cf * dCst).sum((-2, -1)) + (nf * dnst).sum(-1)).unsqueeze(-1)  # [BNH, NC+1, 1]
+        A = ((Cf.float() * dCst.float()).sum((-2, -1)) + (nf * dnst).sum(-1)).unsqueeze(-1)  # [BNH, NC+1, 1]
     dm_final = _flat(dm[:, :, lay.NC]).float().contiguous() if dm is not None else None
     di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, A, dm_final, i, f, lay,
                                          exp_gate=exp_gate, has_init=has_init)

@@ -11,7 +11,9 @@ Layout shared by every kernel (see function.py for how the vectors are made):
 - Chunk states [B*NH, NC+1, DQK, DHV] (C), [B*NH, NC+1, DQK] (n), [B*NH, NC+1] (m): index c is the state entering
   chunk c, index NC the final state. The entering state reaches row t with weight g_t = exp(F_t + m_c - m_t); key j
   enters the leaving state with weight e_j = exp(F_last - F_j + a_j - m_last), the old state with
-  carry = exp(F_last + m_c - m_last).
+  carry = exp(F_last + m_c - m_last). C and its gradient are float32, or the input dtype where only products read
+  them (function.LOW_PRECISION_STATES): every product rounds a state to the input dtype before its dot, so storing
+  it rounded gives the same bits at half the bytes; the state kernels' recurrences stay float32 in registers.
 - 1/sqrt(DQK) multiplies the query-key weights (`scale`); q is never rescaled in memory.
 - In the matrix kernels the decay is one exp2 per element: exp(D_tj - m_t) = 2^(r_t + b_j) with the row term
   r_t = (F_t - m_t) log2(e) and the key term b_j = (a_j - F_j) log2(e), formed once per tile from the vectors (the
@@ -413,13 +415,89 @@ def _chunk_kv(acc, acc_n, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
 
 
 @triton.jit
+def mlstm_state_rows_kernel(
+    X, XS, NSUM, FV, AV, MROW, MST, RS, DQN,
+    S, L, NC, SP, scale,
+    D: tl.constexpr, BACKWARD: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NHT: tl.constexpr,
+):
+    """The rows of one chunk weighted for its state sums (one program per head-dim slice and (batch, head, chunk)),
+    so that the sequential state kernels' PRESCALED products are plain matrix products of loaded tiles.
+    Forward (x = k): XS_j = e_j k_j and NSUM[c + 1] = sum_j e_j k_j, e_j = exp(F_last - F_j + a_j - m_last).
+    Backward (x = q): XS_t = g_t rs_t q_t and NSUM[c] = sum_t g_t dqn_t q_t, g_t = exp(F_t + m_c - m_t) / sqrt(d).
+    The same float32 weights and products as _chunk_kv / _chunk_q_dh, rounded to the input dtype where those round
+    their dot operand, so the states come out as theirs. XS: [BNH, S, D] contiguous; NSUM: a state's normaliser
+    part [BNH, NC + 1, D] (float32), the chunk's own term, which the state kernel then carries in place."""
+    pid_d = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    bh = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    vec = bh * SP + row0
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    d_ok = offs_d < D
+    x_base = _rows_base(X, bh, row0, S, D, NHT)
+    xs_base = XS + (bh * S + row0) * D
+    if BACKWARD:
+        m_c = tl.load(MST + bh * (NC + 1) + c)
+        st = bh * (NC + 1) + c
+    else:
+        f_last = tl.load(FV + vec + Lc - 1)
+        m_last = tl.load(MROW + vec + Lc - 1)
+        st = bh * (NC + 1) + c + 1
+    nsum = tl.zeros((BD,), dtype=tl.float32)
+    for t0 in range(0, Lc, BT):
+        rows = t0 + tl.arange(0, BT)
+        ok = rows < Lc
+        f = tl.load(FV + vec + rows, mask=ok, other=0.0)
+        if BACKWARD:
+            m_t = tl.load(MROW + vec + rows, mask=ok, other=0.0)
+            g = tl.where(ok, tl.exp(f + m_c - m_t) * scale, 0.0)
+            w = g * tl.load(RS + vec + rows, mask=ok, other=0.0)
+            w_n = g * tl.load(DQN + vec + rows, mask=ok, other=0.0)
+        else:
+            a = tl.load(AV + vec + rows, mask=ok, other=0.0)
+            w = tl.where(ok, tl.exp(f_last - f + a - m_last), 0.0)
+            w_n = w
+        msk = ok[:, None] & d_ok[None, :]
+        x = tl.load(x_base + rows[:, None] * (NHT * D) + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+        tl.store(xs_base + rows[:, None] * D + offs_d[None, :], (x * w[:, None]).to(XS.dtype.element_ty), mask=msk)
+        nsum += tl.sum(x * w_n[:, None], 0)
+    tl.store(NSUM + st * D + offs_d, nsum, mask=d_ok)
+
+
+@triton.jit
+def _chunk_outer(acc, AS, B, bh, c, S, L, DA, DB, offs_a, a_ok, offs_b, b_ok, BS: tl.constexpr, PREC: tl.constexpr,
+                 NHT: tl.constexpr):
+    """acc += sum over chunk c's rows r of as_r b_r^T, a (DA, DB) tile: AS the rows weighted by
+    mlstm_state_rows_kernel ([BNH, S, DA] contiguous), B in the op's layout (_rows_base). Both operands go to the dot
+    as loaded (as transposed), with nothing computed on them in registers in between."""
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    as_base = AS + (bh * S + row0) * DA
+    b_base = _rows_base(B, bh, row0, S, DB, NHT)
+    for j0 in range(0, Lc, BS):
+        rows = j0 + tl.arange(0, BS)
+        ok = rows < Lc
+        a = tl.load(as_base + rows[:, None] * DA + offs_a[None, :], mask=ok[:, None] & a_ok[None, :], other=0.0)
+        b = tl.load(b_base + rows[:, None] * (NHT * DB) + offs_b[None, :], mask=ok[:, None] & b_ok[None, :],
+                    other=0.0)
+        acc += tl.dot(tl.trans(a), b, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def mlstm_fwd_state_kernel(
-    K, V, FV, AV, MROW, MST, CST, NST,
+    K, V, FV, AV, MROW, MST, CST, NST, KS,
     S, L, NC, SP, DQK, DHV,
     HAS_INIT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    NHT: tl.constexpr,
+    NHT: tl.constexpr, PRESCALED: tl.constexpr = False,
 ):
-    """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T."""
+    """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T. The
+    recurrence runs in float32; CST's dtype is what is stored (float32, or the input dtype where the states are only
+    read by products that round them to it anyway: function.LOW_PRECISION_STATES).
+    PRESCALED: KS holds e_j k_j and NST[c + 1] the chunk's own sum_j e_j k_j (mlstm_state_rows_kernel), so each
+    chunk's term is a plain product (_chunk_outer) and n is carried in place; else the weights are applied here."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -431,19 +509,23 @@ def mlstm_fwd_state_kernel(
     cv_ok = d_ok[:, None] & v_ok[None, :]
     n_write = d_ok & (pid_v == 0)
     if HAS_INIT:
-        acc = tl.load(CST + bh * (NC + 1) * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
+        acc = tl.load(CST + bh * (NC + 1) * DQK * DHV + cv_off, mask=cv_ok, other=0.0).to(tl.float32)
         acc_n = tl.load(NST + bh * (NC + 1) * DQK + offs_d, mask=d_ok, other=0.0)
     else:
         acc = tl.zeros((BK, BV), dtype=tl.float32)
         acc_n = tl.zeros((BK,), dtype=tl.float32)
-        tl.store(CST + bh * (NC + 1) * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(CST + bh * (NC + 1) * DQK * DHV + cv_off, acc.to(CST.dtype.element_ty), mask=cv_ok)
         tl.store(NST + bh * (NC + 1) * DQK + offs_d, acc_n, mask=n_write)
     for c in range(0, NC):
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
-        acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d,
-                               d_ok, offs_v, v_ok, BS, PREC, NHT)
         st = bh * (NC + 1) + c + 1
-        tl.store(CST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        if PRESCALED:
+            acc = _chunk_outer(acc * carry, KS, V, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
+            acc_n = acc_n * carry + tl.load(NST + st * DQK + offs_d, mask=n_write, other=0.0)
+        else:
+            acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV,
+                                   offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
+        tl.store(CST + st * DQK * DHV + cv_off, acc.to(CST.dtype.element_ty), mask=cv_ok)
         tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
 
 
@@ -569,7 +651,7 @@ def _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_wr
     """This program's share of A_c = <C_c, dC_c> + <n_c, dn_c> (what the state at boundary st contributes to the log
     gates): its tile of the forward state C_c times its tile of the gradient, stored at APART[st, part]; the gate
     kernel adds up the NPART shares in a fixed order (deterministic, and no [.., DQK, DHV] product in PyTorch)."""
-    c_tile = tl.load(CST + st * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
+    c_tile = tl.load(CST + st * DQK * DHV + cv_off, mask=cv_ok, other=0.0).to(tl.float32)
     n_c = tl.load(NST + st * DQK + offs_d, mask=n_write, other=0.0)
     dot = tl.sum(tl.sum(c_tile * acc, 1), 0) + tl.sum(n_c * acc_n, 0)
     tl.store(APART + st * NPART + part, dot)
@@ -577,14 +659,17 @@ def _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_wr
 
 @triton.jit
 def mlstm_bwd_state_kernel(
-    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST, CST, NST, APART,
+    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST, CST, NST, APART, QS,
     S, L, NC, SP, DQK, DHV, scale,
     HAS_FINAL: tl.constexpr, STATE_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, NHT: tl.constexpr,
+    PREC: tl.constexpr, NHT: tl.constexpr, PRESCALED: tl.constexpr = False,
 ):
     """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise). Writes every
-    boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no zero fill.
-    STATE_DOTS: also this tile's shares of A_c (_state_dot_part) for c = 0..NC, from the forward states CST / NST."""
+    boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no zero fill. As in the
+    forward, the recurrence runs in float32 and DCST's dtype is what is stored.
+    STATE_DOTS: also this tile's shares of A_c (_state_dot_part) for c = 0..NC, from the forward states CST / NST.
+    PRESCALED: QS holds g_t rs_t q_t and DNST[c] the chunk's own sum_t g_t dqn_t q_t (mlstm_state_rows_kernel), as
+    in the forward."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -599,22 +684,26 @@ def mlstm_bwd_state_kernel(
     n_write = d_ok & (pid_v == 0)
     st = bh * (NC + 1) + NC
     if HAS_FINAL:
-        acc = tl.load(DCST + st * DQK * DHV + cv_off, mask=cv_ok, other=0.0)
+        acc = tl.load(DCST + st * DQK * DHV + cv_off, mask=cv_ok, other=0.0).to(tl.float32)
         acc_n = tl.load(DNST + st * DQK + offs_d, mask=d_ok, other=0.0)
     else:
         acc = tl.zeros((BK, BV), dtype=tl.float32)
         acc_n = tl.zeros((BK,), dtype=tl.float32)
-        tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        tl.store(DCST + st * DQK * DHV + cv_off, acc.to(DCST.dtype.element_ty), mask=cv_ok)
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
     if STATE_DOTS:
         _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)
     for cc in range(0, NC):
         c = NC - 1 - cc
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
-        acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK,
-                                 DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
         st = bh * (NC + 1) + c
-        tl.store(DCST + st * DQK * DHV + cv_off, acc, mask=cv_ok)
+        if PRESCALED:
+            acc = _chunk_outer(acc * carry, QS, DH, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
+            acc_n = acc_n * carry + tl.load(DNST + st * DQK + offs_d, mask=n_write, other=0.0)
+        else:
+            acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP,
+                                     DQK, DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
+        tl.store(DCST + st * DQK * DHV + cv_off, acc.to(DCST.dtype.element_ty), mask=cv_ok)
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
         if STATE_DOTS:
             _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)

@@ -26,6 +26,7 @@ from .kernels import (
     mlstm_fwd_h_kernel,
     mlstm_fwd_chunk_state_kernel,
     mlstm_fwd_state_kernel,
+    mlstm_state_rows_kernel,
     mlstm_state_scan_kernel,
     mlstm_gates_bwd_kernel,
     mlstm_gates_fwd_kernel,
@@ -397,6 +398,31 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
 # ms; bench/results/parallel_states_ab_h200.log), so they are opt-in: TFLA_PARALLEL_STATES=1.
 PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "0") == "1"
 SCAN_BLOCK = 1024  # state elements per scan program
+# The sequential state kernels' products with their row weights applied beforehand (PRESCALED): one
+# mlstm_state_rows_kernel launch writes the weighted rows (e_j k_j forward, g_t rs_t q_t backward) and the chunks'
+# own normaliser sums, so that the kernel that walks the chunks multiplies loaded tiles as they are. Without it each
+# step of that walk loads a transposed tile of k (q), scales it in registers and hands it to the dot from there.
+# The cost: one more launch each way and a k-sized (q-sized) buffer written and read. Opt-in until checked on the
+# GPU: TFLA_PRESCALED_STATES=1.
+PRESCALED_STATE_ROWS: bool = os.environ.get("TFLA_PRESCALED_STATES", "0") == "1"
+STATE_ROWS_TILE = (64, 128)  # rows per step and head-dim columns per program of mlstm_state_rows_kernel
+
+
+def _state_rows(x: torch.Tensor, fv, av, mrow, mst, rs, dqn, nsum: torch.Tensor, lay: ChunkLayout, nht: int, *,
+                backward: bool, scale: float = 1.0) -> torch.Tensor:
+    """mlstm_state_rows_kernel: the weighted rows of x (k forward, q backward) as a new contiguous [BNH, S, D]
+    tensor in x's dtype; the chunks' own normaliser sums go into nsum ([BNH, NC + 1, D]: indices 1..NC forward,
+    0..NC-1 backward)."""
+    S, D = x.shape[-2:]
+    BNH = _rows_of(x, S, D)
+    xs = torch.empty(BNH, S, D, device=x.device, dtype=x.dtype)
+    BT, BD = STATE_ROWS_TILE[0], min(_pow2(D), STATE_ROWS_TILE[1])
+    direct_launch(
+        mlstm_state_rows_kernel, (_cdiv(D, BD), BNH * lay.NC),
+        x, xs, nsum, fv, av, mrow, mst, fv if rs is None else rs, fv if dqn is None else dqn,
+        S, lay.L, lay.NC, lay.SP, scale, D=D, BACKWARD=backward, BT=BT, BD=BD, NHT=nht, num_warps=4,
+    )
+    return xs
 
 
 def _scan_states(X: torch.Tensor, XN: torch.Tensor, fv, mrow, mst, S: int, lay: ChunkLayout, DQK: int, DHV: int,
@@ -447,10 +473,12 @@ def mlstm_fwd(
             )
             _scan_states(Cst, nst, fv, mrow, mst, S, lay, DQK, DHV, BNH, has_start=has_init, reverse=False)
         else:
+            ks = _state_rows(k, fv, av, mrow, mst, None, None, nst, lay, nht, backward=False) \
+                if PRESCALED_STATE_ROWS else k
             _launch_tiled(
                 mlstm_fwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
-                k, v, fv, av, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
-                HAS_INIT=has_init, PREC=prec, NHT=nht,
+                k, v, fv, av, mrow, mst, Cst, nst, ks, S, lay.L, lay.NC, lay.SP, DQK, DHV,
+                HAS_INIT=has_init, PREC=prec, NHT=nht, PRESCALED=PRESCALED_STATE_ROWS,
             )
     if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
         return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
@@ -763,12 +791,14 @@ def mlstm_bwd(
             if dots:
                 apart = torch.empty(BNH, lay.NC + 1, _cdiv(DQK, cfg["BK"]) * _cdiv(DHV, cfg["BV"]), device=q.device,
                                     dtype=torch.float32)
+            qs = _state_rows(q, fv, av, mrow, mst, rs, dqn, dnst, lay, nht, backward=True, scale=scale) \
+                if PRESCALED_STATE_ROWS else q
             _launch_tiled(
                 mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
                 q, dh, fv, mrow, rs, dqn, mst, dCst, dnst,
-                Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy,
+                Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy, qs,
                 S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht,
+                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht, PRESCALED=PRESCALED_STATE_ROWS,
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)

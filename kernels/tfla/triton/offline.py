@@ -24,8 +24,10 @@ from . import kernels as K
 from . import launch
 from . import score_kernels as SK
 
-# Half-precision tensors of each kernel (the rest of the pointers are float32 per-row vectors or states).
-_HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV", "W", "DS", "WR", "M", "X", "OUT", "Y", "A"}
+# Half-precision tensors of each kernel (the rest of the pointers are float32 per-row vectors or n-states): the
+# chunk states C / dC too, as a chunked bf16 call keeps them (function.LOW_PRECISION_STATES).
+_HALF = {"Q", "K", "V", "H", "DH", "DQ", "DK", "DV", "W", "DS", "WR", "M", "X", "OUT", "Y", "A", "KS", "QS", "XS",
+         "CST", "DCST", "ST"}
 _INTS = ("S", "L", "NC", "SP", "TRI")
 _FLOATS = ("scale", "eps")
 KERNELS = {

@@ -106,9 +106,9 @@ def _state_product(A, ST, bh, row0, rows, r_ok, offs_o, S, st, DA: tl.constexpr,
                    ST_D: tl.constexpr, ST_O: tl.constexpr, BD: tl.constexpr,
                    PREC: tl.constexpr, NHT: tl.constexpr):
     """sum_d a[row, d] X[d, o] [rows, offs_o] (float32) for a [*, S, DA] operand a and a slice of chunk state st
-    seen as X [DA, DO]: element [d, o] at d * ST_D + o * ST_O of the state ([DQK, DHV] float32, rows DHV apart), so
+    seen as X [DA, DO]: element [d, o] at d * ST_D + o * ST_O of the state ([DQK, DHV], rows DHV apart), so
     that (ST_D, ST_O) = (DHV, 1) is the state and (1, DHV) its transpose. The state goes to a's dtype for the product,
-    as in the matrix kernels."""
+    as in the matrix kernels (a no-op where it is stored in that dtype: function.LOW_PRECISION_STATES)."""
     a_base = _rows_base(A, bh, row0, S, DA, NHT)
     st_base = ST + st * (DA * DO)
     o_ok = offs_o < DO
