@@ -570,7 +570,8 @@ SCORE_CANDIDATES = {
                    (128, 128, 128, 8, 2), (32, 64, 128, 4, 3), (32, 128, 256, 8, 3)],
 }
 # Chunked calls (--seq 4096): the products kernels also form the state term, a [rows, DH] x [DH, BO] product per
-# program that reads a float32 state slice: larger row tiles read each chunk's state fewer times. (BT, BS, BO, warps,
+# program that reads a state slice (in the input dtype with function.LOW_PRECISION_STATES, which made BD 64 win over
+# 32 on the H100: bench/results/session17/): larger row tiles read each chunk's state fewer times. (BT, BS, BO, warps,
 # stages, BD); the first is the default.
 SCORE_STATE_CANDIDATES = {
     "score_rows": [(64, 64, 128, 4, 3, 64), (128, 64, 128, 8, 3, 64), (128, 64, 128, 8, 2, 32),

@@ -402,9 +402,12 @@ SCAN_BLOCK = 1024  # state elements per scan program
 # mlstm_state_rows_kernel launch writes the weighted rows (e_j k_j forward, g_t rs_t q_t backward) and the chunks'
 # own normaliser sums, so that the kernel that walks the chunks multiplies loaded tiles as they are. Without it each
 # step of that walk loads a transposed tile of k (q), scales it in registers and hands it to the dot from there.
-# The cost: one more launch each way and a k-sized (q-sized) buffer written and read. Opt-in until checked on the
-# GPU: TFLA_PRESCALED_STATES=1.
-PRESCALED_STATE_ROWS: bool = os.environ.get("TFLA_PRESCALED_STATES", "0") == "1"
+# The cost: one more launch each way and a k-sized (q-sized) buffer written and read. On an H100, bf16, S 4096 (with
+# function.LOW_PRECISION_STATES), eager fwd+bwd off -> on: DH 96 0.832 -> 0.788 ms, DH 192 1.940 -> 1.791, DH 384
+# 3.729 -> 3.311, DH 512 5.556 -> 4.961 (bench/results/session17/ab_prescaled_states_h100.log): fewer registers and
+# barriers per step (at DH 192 the forward kernel compiles to 136 registers instead of 229 for sm_90).
+# TFLA_PRESCALED_STATES=0 applies the weights inside the state kernels again.
+PRESCALED_STATE_ROWS: bool = os.environ.get("TFLA_PRESCALED_STATES", "1") != "0"
 STATE_ROWS_TILE = (64, 128)  # rows per step and head-dim columns per program of mlstm_state_rows_kernel
 
 
