@@ -59,7 +59,8 @@ def test_token_major_variants_compile_for_sm90():
 @pytest.mark.parametrize("exp_gate", [True, False], ids=["exp", "sig"])
 def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
     """The gate kernels over groups of chunks (2-D scans along both axes: S = 4096 in chunks of 256, eight chunks a
-    group) and one chunk of 1024 rows, and the backward state kernel with its shares of A_c: compilable for sm_90,
+    group) and one chunk of 1024 rows, the state kernels (the backward's with its shares of A_c) and the kernel that
+    weights their rows: compilable for sm_90,
     the gate kernels without real spills (Triton 3.8 keeps an 8-byte stack in the grouped sig-gate backward; 3.6, the
     H200's, none: 120 registers)."""
     from tfla.triton import kernels as K
@@ -80,12 +81,20 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
                              dict(num_warps=warps))
         for name, compiled in (("gates_fwd", fwd), ("gates_bwd", bwd)):
             assert sass_report(compiled)["stack"] <= 16, (name, cb, bl)
-    tiles = launch.tiles("bwd_state", 96, 96, "sm90")
-    consts = dict(HAS_FINAL=False, STATE_DOTS=True, PREC="tf32", NHT=1,
-                  **{k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")})
-    compiled = compile_launch(K.mlstm_bwd_state_kernel, consts, dict(S=S, L=L, NC=lay.NC, SP=lay.SP, DQK=96, DHV=96),
-                              dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]))
-    assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK
+    ints = dict(S=S, L=L, NC=lay.NC, SP=lay.SP, DQK=96, DHV=96)
+    for name, kernel, flags in (("bwd_state", K.mlstm_bwd_state_kernel, dict(HAS_FINAL=False, STATE_DOTS=True)),
+                                ("fwd_state", K.mlstm_fwd_state_kernel, dict(HAS_INIT=False))):
+        tiles = launch.tiles(name, 96, 96, "sm90")
+        options = dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        consts = dict(flags, PREC="tf32", NHT=1, **{k: v for k, v in tiles.items() if k not in options})
+        compiled = compile_launch(kernel, consts, ints, options)
+        assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, name
+        assert sass_report(compiled)["stack"] == 0, name  # bf16 states, weighted rows: no spills
+    for backward in (False, True):  # the kernel that weights the state kernels' rows (launch._state_rows)
+        BT, BD = launch.STATE_ROWS_TILE
+        compiled = compile_launch(K.mlstm_state_rows_kernel, dict(D=96, BACKWARD=backward, BT=BT, BD=BD, NHT=4), ints,
+                                  dict(num_warps=4))
+        assert sass_report(compiled)["stack"] == 0, backward
 
 
 @pytest.mark.parametrize("S, chunk", [(1024, 0), (4096, 256)], ids=["one chunk", "chunks with states"])

@@ -169,15 +169,13 @@ else:
         check(1, 2, 45, 16, 24, "exp", torch.float32, init=True, ret=True, chunk_size=7, seed=61)
         check(1, 1, 45, 16, 16, "sig", torch.float32, init=True, ret=True, chunk_size=7, seed=62)
 
-    @pytest.mark.parametrize("mode", ["sequential", "sequential prescaled", "parallel"])
-    def test_fused_chunk_states_both_ways(fused, monkeypatch, mode):
-        """Chunk states from one kernel that walks the chunks in sequence (with the row weights applied in it, or
-        beforehand by mlstm_state_rows_kernel: launch.PRESCALED_STATE_ROWS), or from every chunk's own product at
-        once and a scan over the chunks (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state
-        over four programs, the last partly masked): states in and out, several chunks, a short last one, both
-        gates."""
-        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", mode == "parallel")
-        monkeypatch.setattr(launch, "PRESCALED_STATE_ROWS", mode == "sequential prescaled")
+    @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+    def test_fused_chunk_states_both_ways(fused, monkeypatch, parallel):
+        """Chunk states from one kernel that walks the chunks in sequence, or from every chunk's own product at once
+        and a scan over the chunks (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state over
+        four programs, the last partly masked), both from the rows weighted by mlstm_state_rows_kernel: states in and
+        out, several chunks, a short last one, both gates."""
+        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", parallel)
         monkeypatch.setattr(launch, "SCAN_BLOCK", 256)
         check(1, 2, 45, 24, 40, "exp", torch.float32, init=True, ret=True, chunk_size=16, seed=51)
         check(1, 1, 37, 16, 16, "sig", torch.float32, ret=True, chunk_size=10, seed=52)

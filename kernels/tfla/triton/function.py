@@ -156,10 +156,11 @@ def _keeps_states(lay: ChunkLayout, has_init: bool, return_state: bool) -> bool:
 # chunk's float32 state is three times the size of its k), half the states' memory kept for the backward, and the
 # log-gate gradients' state dots <C_c, dC_c> take C rounded (the input dtype's rounding, as the products).
 # Float32 states stay where a state leaves or enters the op (return_state, initial_state: the caller's float32
-# state), on the unfused path and with launch.PARALLEL_CHUNK_STATES (whose scan adds in place). TFLA_LOW_PRECISION_STATES=0
-# (or LOW_PRECISION_STATES = False) keeps float32 everywhere. On an H100, bf16, S 4096, eager fwd+bwd off -> on (with
-# launch.PRESCALED_STATE_ROWS): DH 96 0.861 -> 0.784 ms, DH 192 2.057 -> 1.792, DH 384 4.055 -> 3.319, DH 512 6.045
-# -> 4.905 (bench/results/session17/ab_low_precision_states_h100.log; GPU check: check_lp_prescaled_s4096_h100.log).
+# state), on the unfused path and with launch.PARALLEL_CHUNK_STATES (whose scan adds in place).
+# TFLA_LOW_PRECISION_STATES=0 (or LOW_PRECISION_STATES = False) keeps float32 everywhere. On an H100, bf16, S 4096,
+# eager fwd+bwd off -> on (with the weighted state rows, launch._state_rows): DH 96 0.861 -> 0.784 ms, DH 192
+# 2.057 -> 1.792, DH 384 4.055 -> 3.319, DH 512 6.045 -> 4.905
+# (bench/results/session17/ab_low_precision_states_h100.log; GPU check: check_lp_prescaled_s4096_h100.log).
 LOW_PRECISION_STATES: bool = os.environ.get("TFLA_LOW_PRECISION_STATES", "1") != "0"
 
 

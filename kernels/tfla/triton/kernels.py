@@ -361,12 +361,10 @@ def _state_tile(pid_k, pid_v, DQK, DHV, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _store_state(X, XN, st, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v):
-    """A state tile into X [*, DQK, DHV] at state index st, and its normaliser part into XN [*, DQK] (written by the
-    tiles of the first column only). For the parallel state kernels; the sequential ones keep their offsets outside
-    the chunk loop (with this helper inside it, the forward's 32 x 64 tile spilled on sm_90)."""
+def _store_state(X, st, acc, offs_d, d_ok, offs_v, v_ok, DQK, DHV):
+    """A state tile into X [*, DQK, DHV] at state index st. For the parallel state kernels; the sequential ones keep
+    their offsets outside the chunk loop (with this helper inside it, the forward's 32 x 64 tile spilled on sm_90)."""
     tl.store(X + st * DQK * DHV + offs_d[:, None] * DHV + offs_v[None, :], acc, mask=d_ok[:, None] & v_ok[None, :])
-    tl.store(XN + st * DQK + offs_d, acc_n, mask=d_ok & (pid_v == 0))
 
 
 @triton.jit
@@ -379,54 +377,18 @@ def _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP):
 
 
 @triton.jit
-def _chunk_rows_operands(a_base, b_base, rows, ok, offs_d, d_ok, offs_v, v_ok, RA, RB):
-    """A tile of chunk rows as the two operands of a state's outer-product sum (sum over rows of a_row b_row^T):
-    a transposed, (BD, rows), and b, (rows, BV). The forward states take a = k, b = v; their gradients a = q, b = dh."""
-    a_tr = tl.load(a_base + rows[None, :] * RA + offs_d[:, None], mask=ok[None, :] & d_ok[:, None], other=0.0)
-    b = tl.load(b_base + rows[:, None] * RB + offs_v[None, :], mask=ok[:, None] & v_ok[None, :], other=0.0)
-    return a_tr, b
-
-
-@triton.jit
-def _chunk_kv(acc, acc_n, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok,
-              BS: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
-    """acc += sum_j e_j k_j v_j^T over chunk c's rows j (a (DQK, DHV) tile), acc_n += sum_j e_j k_j;
-    e_j = exp(F_last - F_j + a_j - m_last)."""
-    RQK = NHT * DQK  # row strides of k and v (see _rows_base)
-    RHV = NHT * DHV
-    row0 = c * L
-    Lc = tl.minimum(L, S - row0)
-    vec = bh * SP + row0
-    f_last = tl.load(FV + vec + Lc - 1)
-    m_last = tl.load(MROW + vec + Lc - 1)
-    k_base = _rows_base(K, bh, row0, S, DQK, NHT)
-    v_base = _rows_base(V, bh, row0, S, DHV, NHT)
-    for j0 in range(0, Lc, BS):
-        s_loc = j0 + tl.arange(0, BS)
-        s_ok = s_loc < Lc
-        f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
-        a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-        e = tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
-        k_tr, v_s = _chunk_rows_operands(k_base, v_base, s_loc, s_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
-        kw = k_tr.to(tl.float32) * e[None, :]
-        acc += tl.dot(kw.to(v_s.dtype), v_s, input_precision=PREC)
-        acc_n += tl.sum(kw, 1)
-    return acc, acc_n
-
-
-@triton.jit
 def mlstm_state_rows_kernel(
     X, XS, NSUM, FV, AV, MROW, MST, RS, DQN,
     S, L, NC, SP, scale,
     D: tl.constexpr, BACKWARD: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NHT: tl.constexpr,
 ):
     """The rows of one chunk weighted for its state sums (one program per head-dim slice and (batch, head, chunk)),
-    so that the sequential state kernels' PRESCALED products are plain matrix products of loaded tiles.
+    so that the state kernels' products are plain matrix products of loaded tiles (_chunk_outer).
     Forward (x = k): XS_j = e_j k_j and NSUM[c + 1] = sum_j e_j k_j, e_j = exp(F_last - F_j + a_j - m_last).
     Backward (x = q): XS_t = g_t rs_t q_t and NSUM[c] = sum_t g_t dqn_t q_t, g_t = exp(F_t + m_c - m_t) / sqrt(d).
-    The same float32 weights and products as _chunk_kv / _chunk_q_dh, rounded to the input dtype where those round
-    their dot operand, so the states come out as theirs. XS: [BNH, S, D] contiguous; NSUM: a state's normaliser
-    part [BNH, NC + 1, D] (float32), the chunk's own term, which the state kernel then carries in place."""
+    Weights and products in float32, the weighted rows rounded to the input dtype (the dot's operand dtype), the sums
+    not. XS: [BNH, S, D] contiguous; NSUM: a state's normaliser part [BNH, NC + 1, D] (float32), the chunk's own
+    term, which the sequential state kernel then carries in place (the parallel one's scan does)."""
     pid_d = tl.program_id(0)
     pid_bc = tl.program_id(1)
     bh = (pid_bc // NC).to(tl.int64)
@@ -488,16 +450,16 @@ def _chunk_outer(acc, AS, B, bh, c, S, L, DA, DB, offs_a, a_ok, offs_b, b_ok, BS
 
 @triton.jit
 def mlstm_fwd_state_kernel(
-    K, V, FV, AV, MROW, MST, CST, NST, KS,
+    KS, V, FV, MROW, MST, CST, NST,
     S, L, NC, SP, DQK, DHV,
     HAS_INIT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    NHT: tl.constexpr, PRESCALED: tl.constexpr = False,
+    NHT: tl.constexpr,
 ):
-    """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T. The
-    recurrence runs in float32; CST's dtype is what is stored (float32, or the input dtype where the states are only
-    read by products that round them to it anyway: function.LOW_PRECISION_STATES).
-    PRESCALED: KS holds e_j k_j and NST[c + 1] the chunk's own sum_j e_j k_j (mlstm_state_rows_kernel), so each
-    chunk's term is a plain product (_chunk_outer) and n is carried in place; else the weights are applied here."""
+    """Sequential pass over chunks for one (DQK, DHV) tile: C_{c+1} = carry_c C_c + sum_j e_j k_j v_j^T, from KS =
+    e_j k_j and NST[c + 1] = the chunk's own sum_j e_j k_j (mlstm_state_rows_kernel), so that each chunk's term is a
+    plain product (_chunk_outer) and n is carried in place. The recurrence runs in float32; CST's dtype is what is
+    stored (float32, or the input dtype where the states are only read by products that round them to it anyway:
+    function.LOW_PRECISION_STATES)."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -519,35 +481,31 @@ def mlstm_fwd_state_kernel(
     for c in range(0, NC):
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
         st = bh * (NC + 1) + c + 1
-        if PRESCALED:
-            acc = _chunk_outer(acc * carry, KS, V, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
-            acc_n = acc_n * carry + tl.load(NST + st * DQK + offs_d, mask=n_write, other=0.0)
-        else:
-            acc, acc_n = _chunk_kv(acc * carry, acc_n * carry, K, V, FV, AV, MROW, bh, c, S, L, SP, DQK, DHV,
-                                   offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
+        acc = _chunk_outer(acc * carry, KS, V, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
+        acc_n = acc_n * carry + tl.load(NST + st * DQK + offs_d, mask=n_write, other=0.0)
         tl.store(CST + st * DQK * DHV + cv_off, acc.to(CST.dtype.element_ty), mask=cv_ok)
         tl.store(NST + st * DQK + offs_d, acc_n, mask=n_write)
 
 
 @triton.jit
 def mlstm_fwd_chunk_state_kernel(
-    K, V, FV, AV, MROW, CST, NST,
-    S, L, NC, SP, DQK, DHV,
+    KS, V, CST,
+    S, L, NC, DQK, DHV,
     BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr,
 ):
-    """Each chunk's own contribution U_c = sum_j e_j k_j v_j^T (and u_c = sum_j e_j k_j), one program per (chunk,
-    state tile), into CST[c + 1] / NST[c + 1]; mlstm_state_scan_kernel then makes them the states
-    C_{c+1} = carry_c C_c + U_c. Two launches instead of mlstm_fwd_state_kernel's one, but every chunk at once rather
-    than one after the other (launch.PARALLEL_CHUNK_STATES)."""
+    """Each chunk's own contribution U_c = sum_j e_j k_j v_j^T, one program per (chunk, state tile), into CST[c + 1]
+    (u_c = sum_j e_j k_j is in NST[c + 1] already, from mlstm_state_rows_kernel); mlstm_state_scan_kernel then makes
+    them the states C_{c+1} = carry_c C_c + U_c. Two launches instead of mlstm_fwd_state_kernel's one, but every
+    chunk at once rather than one after the other (launch.PARALLEL_CHUNK_STATES)."""
     pid_bc = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_v = tl.program_id(2)
     bh = (pid_bc // NC).to(tl.int64)
     c = pid_bc % NC
     offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
-    acc, acc_n = _chunk_kv(tl.zeros((BK, BV), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32), K, V, FV, AV,
-                           MROW, bh, c, S, L, SP, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BS, PREC, NHT)
-    _store_state(CST, NST, bh * (NC + 1) + c + 1, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
+    acc = _chunk_outer(tl.zeros((BK, BV), dtype=tl.float32), KS, V, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v,
+                       v_ok, BS, PREC, NHT)
+    _store_state(CST, bh * (NC + 1) + c + 1, acc, offs_d, d_ok, offs_v, v_ok, DQK, DHV)
 
 
 @triton.jit
@@ -619,34 +577,6 @@ def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.co
 
 
 @triton.jit
-def _chunk_q_dh(acc, acc_n, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP, DQK, DHV, scale, offs_d, d_ok, offs_v,
-                v_ok, BT: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr):
-    """acc += sum_t g_t rs_t q_t dh_t^T over chunk c's rows t (a (DQK, DHV) tile), acc_n += sum_t g_t dqn_t q_t;
-    g_t = exp(F_t + m_c - m_t) / sqrt(d)."""
-    RQK = NHT * DQK  # row strides of q and dh (see _rows_base)
-    RHV = NHT * DHV
-    row0 = c * L
-    Lc = tl.minimum(L, S - row0)
-    vec = bh * SP + row0
-    m_c = tl.load(MST + bh * (NC + 1) + c)
-    q_base = _rows_base(Q, bh, row0, S, DQK, NHT)
-    dh_base = _rows_base(DH, bh, row0, S, DHV, NHT)
-    for t0 in range(0, Lc, BT):
-        t_loc = t0 + tl.arange(0, BT)
-        t_ok = t_loc < Lc
-        f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-        m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-        rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-        dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-        g = tl.where(t_ok, tl.exp(f_t + m_c - m_t) * scale, 0.0)
-        q_tr, dh_t = _chunk_rows_operands(q_base, dh_base, t_loc, t_ok, offs_d, d_ok, offs_v, v_ok, RQK, RHV)
-        q_tr = q_tr.to(tl.float32)
-        acc += tl.dot((q_tr * (g * rs_t)[None, :]).to(dh_t.dtype), dh_t, input_precision=PREC)
-        acc_n += tl.sum(q_tr * (g * dqn_t)[None, :], 1)
-    return acc, acc_n
-
-
-@triton.jit
 def _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part):
     """This program's share of A_c = <C_c, dC_c> + <n_c, dn_c> (what the state at boundary st contributes to the log
     gates): its tile of the forward state C_c times its tile of the gradient, stored at APART[st, part]; the gate
@@ -659,17 +589,16 @@ def _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_wr
 
 @triton.jit
 def mlstm_bwd_state_kernel(
-    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST, CST, NST, APART, QS,
-    S, L, NC, SP, DQK, DHV, scale,
+    QS, DH, FV, MROW, MST, DCST, DNST, CST, NST, APART,
+    S, L, NC, SP, DQK, DHV,
     HAS_FINAL: tl.constexpr, STATE_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, NHT: tl.constexpr, PRESCALED: tl.constexpr = False,
+    PREC: tl.constexpr, NHT: tl.constexpr,
 ):
-    """Reverse pass over chunks: dC_c = sum_{t in c} g_t q_t dh~_t^T + carry_c dC_{c+1} (and dn likewise). Writes every
-    boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no zero fill. As in the
-    forward, the recurrence runs in float32 and DCST's dtype is what is stored.
-    STATE_DOTS: also this tile's shares of A_c (_state_dot_part) for c = 0..NC, from the forward states CST / NST.
-    PRESCALED: QS holds g_t rs_t q_t and DNST[c] the chunk's own sum_t g_t dqn_t q_t (mlstm_state_rows_kernel), as
-    in the forward."""
+    """Reverse pass over chunks: dC_c = sum_{t in c} g_t rs_t q_t dh_t^T + carry_c dC_{c+1} (and dn likewise), from
+    QS = g_t rs_t q_t and DNST[c] = the chunk's own sum_t g_t dqn_t q_t (mlstm_state_rows_kernel), as in the
+    forward. Writes every boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no
+    zero fill. The recurrence runs in float32 and DCST's dtype is what is stored.
+    STATE_DOTS: also this tile's shares of A_c (_state_dot_part) for c = 0..NC, from the forward states CST / NST."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -697,12 +626,8 @@ def mlstm_bwd_state_kernel(
         c = NC - 1 - cc
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
         st = bh * (NC + 1) + c
-        if PRESCALED:
-            acc = _chunk_outer(acc * carry, QS, DH, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
-            acc_n = acc_n * carry + tl.load(DNST + st * DQK + offs_d, mask=n_write, other=0.0)
-        else:
-            acc, acc_n = _chunk_q_dh(acc * carry, acc_n * carry, Q, DH, FV, MROW, RS, DQN, MST, bh, c, S, L, NC, SP,
-                                     DQK, DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
+        acc = _chunk_outer(acc * carry, QS, DH, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v, v_ok, BT, PREC, NHT)
+        acc_n = acc_n * carry + tl.load(DNST + st * DQK + offs_d, mask=n_write, other=0.0)
         tl.store(DCST + st * DQK * DHV + cv_off, acc.to(DCST.dtype.element_ty), mask=cv_ok)
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
         if STATE_DOTS:
@@ -711,23 +636,23 @@ def mlstm_bwd_state_kernel(
 
 @triton.jit
 def mlstm_bwd_chunk_state_kernel(
-    Q, DH, FV, MROW, RS, DQN, MST, DCST, DNST,
-    S, L, NC, SP, DQK, DHV, scale,
+    QS, DH, DCST,
+    S, L, NC, DQK, DHV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, NHT: tl.constexpr,
 ):
-    """Each chunk's own term of its state's gradient, sum_{t in c} g_t q_t dh~_t^T (and the normaliser's), one program
-    per (chunk, state tile), into DCST[c] / DNST[c]; mlstm_state_scan_kernel (REVERSE) then adds the carried
-    gradients from later chunks (see mlstm_fwd_chunk_state_kernel)."""
+    """Each chunk's own term of its state's gradient, sum_{t in c} g_t rs_t q_t dh_t^T, one program per (chunk, state
+    tile), into DCST[c] (the normaliser's term is in DNST[c] already, from mlstm_state_rows_kernel);
+    mlstm_state_scan_kernel (REVERSE) then adds the carried gradients from later chunks (see
+    mlstm_fwd_chunk_state_kernel)."""
     pid_bc = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_v = tl.program_id(2)
     bh = (pid_bc // NC).to(tl.int64)
     c = pid_bc % NC
     offs_d, d_ok, offs_v, v_ok = _state_tile(pid_k, pid_v, DQK, DHV, BK, BV)
-    acc, acc_n = _chunk_q_dh(tl.zeros((BK, BV), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32), Q, DH, FV, MROW,
-                             RS, DQN, MST, bh, c, S, L, NC, SP, DQK, DHV, scale, offs_d, d_ok, offs_v, v_ok, BT, PREC,
-                             NHT)
-    _store_state(DCST, DNST, bh * (NC + 1) + c, acc, acc_n, offs_d, d_ok, offs_v, v_ok, DQK, DHV, pid_v)
+    acc = _chunk_outer(tl.zeros((BK, BV), dtype=tl.float32), QS, DH, bh, c, S, L, DQK, DHV, offs_d, d_ok, offs_v,
+                       v_ok, BT, PREC, NHT)
+    _store_state(DCST, bh * (NC + 1) + c, acc, offs_d, d_ok, offs_v, v_ok, DQK, DHV)
 
 
 @triton.jit

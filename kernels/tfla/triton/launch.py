@@ -398,16 +398,15 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
 # ms; bench/results/parallel_states_ab_h200.log), so they are opt-in: TFLA_PARALLEL_STATES=1.
 PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "0") == "1"
 SCAN_BLOCK = 1024  # state elements per scan program
-# The sequential state kernels' products with their row weights applied beforehand (PRESCALED): one
-# mlstm_state_rows_kernel launch writes the weighted rows (e_j k_j forward, g_t rs_t q_t backward) and the chunks'
-# own normaliser sums, so that the kernel that walks the chunks multiplies loaded tiles as they are. Without it each
-# step of that walk loads a transposed tile of k (q), scales it in registers and hands it to the dot from there.
-# The cost: one more launch each way and a k-sized (q-sized) buffer written and read. On an H100, bf16, S 4096 (with
-# function.LOW_PRECISION_STATES), eager fwd+bwd off -> on: DH 96 0.832 -> 0.788 ms, DH 192 1.940 -> 1.791, DH 384
-# 3.729 -> 3.311, DH 512 5.556 -> 4.961 (bench/results/session17/ab_prescaled_states_h100.log): fewer registers and
-# barriers per step (at DH 192 the forward kernel compiles to 136 registers instead of 229 for sm_90).
-# TFLA_PRESCALED_STATES=0 applies the weights inside the state kernels again.
-PRESCALED_STATE_ROWS: bool = os.environ.get("TFLA_PRESCALED_STATES", "1") != "0"
+# The state kernels' row weights are applied beforehand: one mlstm_state_rows_kernel launch writes the weighted rows
+# (e_j k_j forward, g_t rs_t q_t backward) and the chunks' own normaliser sums, so that the state kernels multiply
+# loaded tiles as they are. Until session 17 each step of the sequential walk loaded a transposed tile of k (q),
+# scaled it in registers and handed it to the dot from there; at the cost of one more launch each way and a k-sized
+# (q-sized) buffer written and read, the weighted rows were faster at every head dim: on an H100, bf16, S 4096 (with
+# function.LOW_PRECISION_STATES), eager fwd+bwd in-kernel -> beforehand, DH 96 0.832 -> 0.788 ms, DH 192 1.940 ->
+# 1.791, DH 384 3.729 -> 3.311, DH 512 5.556 -> 4.961 (bench/results/session17/ab_prescaled_states_h100.log, measured
+# with the switch that chose between them, since removed): fewer registers and barriers per step (at DH 192 the
+# forward state kernel compiled to 136 registers instead of 229 for sm_90).
 STATE_ROWS_TILE = (64, 128)  # rows per step and head-dim columns per program of mlstm_state_rows_kernel
 
 
@@ -469,19 +468,18 @@ def mlstm_fwd(
     scale = 1.0 / math.sqrt(DQK)
     if Cst is not None:
         cfg = tiles("fwd_state", DQK, DHV, gpu_arch(q.device))
+        ks = _state_rows(k, fv, av, mrow, mst, None, None, nst, lay, nht, backward=False)
         if PARALLEL_CHUNK_STATES:
             _launch_tiled(
                 mlstm_fwd_chunk_state_kernel, lambda t: (BNH * lay.NC, _cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"])), cfg,
-                k, v, fv, av, mrow, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV, PREC=prec, NHT=nht,
+                ks, v, Cst, S, lay.L, lay.NC, DQK, DHV, PREC=prec, NHT=nht,
             )
             _scan_states(Cst, nst, fv, mrow, mst, S, lay, DQK, DHV, BNH, has_start=has_init, reverse=False)
         else:
-            ks = _state_rows(k, fv, av, mrow, mst, None, None, nst, lay, nht, backward=False) \
-                if PRESCALED_STATE_ROWS else k
             _launch_tiled(
                 mlstm_fwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
-                k, v, fv, av, mrow, mst, Cst, nst, ks, S, lay.L, lay.NC, lay.SP, DQK, DHV,
-                HAS_INIT=has_init, PREC=prec, NHT=nht, PRESCALED=PRESCALED_STATE_ROWS,
+                ks, v, fv, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
+                HAS_INIT=has_init, PREC=prec, NHT=nht,
             )
     if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
         return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
@@ -781,11 +779,11 @@ def mlstm_bwd(
     apart = None
     if state_pass:
         cfg = tiles("bwd_state", DQK, DHV, gpu_arch(q.device))
+        qs = _state_rows(q, fv, av, mrow, mst, rs, dqn, dnst, lay, nht, backward=True, scale=scale)
         if PARALLEL_CHUNK_STATES:
             _launch_tiled(
                 mlstm_bwd_chunk_state_kernel, lambda t: (BNH * lay.NC, _cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"])), cfg,
-                q, dh, fv, mrow, rs, dqn, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-                PREC=prec, NHT=nht,
+                qs, dh, dCst, S, lay.L, lay.NC, DQK, DHV, PREC=prec, NHT=nht,
             )
             _scan_states(dCst, dnst, fv, mrow, mst, S, lay, DQK, DHV, BNH, has_start=has_final_grad, reverse=True)
         else:
@@ -794,14 +792,12 @@ def mlstm_bwd(
             if dots:
                 apart = torch.empty(BNH, lay.NC + 1, _cdiv(DQK, cfg["BK"]) * _cdiv(DHV, cfg["BV"]), device=q.device,
                                     dtype=torch.float32)
-            qs = _state_rows(q, fv, av, mrow, mst, rs, dqn, dnst, lay, nht, backward=True, scale=scale) \
-                if PRESCALED_STATE_ROWS else q
             _launch_tiled(
                 mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
-                q, dh, fv, mrow, rs, dqn, mst, dCst, dnst,
-                Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy, qs,
-                S, lay.L, lay.NC, lay.SP, DQK, DHV, scale,
-                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht, PRESCALED=PRESCALED_STATE_ROWS,
+                qs, dh, fv, mrow, mst, dCst, dnst,
+                Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy,
+                S, lay.L, lay.NC, lay.SP, DQK, DHV,
+                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht,
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
