@@ -377,6 +377,26 @@ def _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP):
 
 
 @triton.jit
+def _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale):
+    """g_t = exp(F_t + m_c - m_t) / sqrt(d): the weight with which the state entering the chunk (index st of the
+    chunk states) reaches query row t (this module's docstring), zero past the chunk."""
+    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
+    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
+    return tl.where(t_ok, tl.exp(f_t + tl.load(MST + st) - m_t) * scale, 0.0)
+
+
+@triton.jit
+def _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc):
+    """e_j = exp(F_last - F_j + a_j - m_last): the weight with which key row j enters the state leaving the chunk,
+    zero past the chunk."""
+    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
+    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
+    f_last = tl.load(FV + vec + Lc - 1)
+    m_last = tl.load(MROW + vec + Lc - 1)
+    return tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
+
+
+@triton.jit
 def mlstm_state_rows_kernel(
     X, XS, NSUM, FV, AV, MROW, MST, RS, DQN,
     S, L, NC, SP, scale,
@@ -400,26 +420,19 @@ def mlstm_state_rows_kernel(
     d_ok = offs_d < D
     x_base = _rows_base(X, bh, row0, S, D, NHT)
     xs_base = XS + (bh * S + row0) * D
-    if BACKWARD:
-        m_c = tl.load(MST + bh * (NC + 1) + c)
-        st = bh * (NC + 1) + c
-    else:
-        f_last = tl.load(FV + vec + Lc - 1)
-        m_last = tl.load(MROW + vec + Lc - 1)
-        st = bh * (NC + 1) + c + 1
+    st = bh * (NC + 1) + c  # where the chunk's own sum goes: the entering state's index backward (m_c's too) ...
+    if not BACKWARD:
+        st += 1  # ... the leaving state's forward
     nsum = tl.zeros((BD,), dtype=tl.float32)
     for t0 in range(0, Lc, BT):
         rows = t0 + tl.arange(0, BT)
         ok = rows < Lc
-        f = tl.load(FV + vec + rows, mask=ok, other=0.0)
         if BACKWARD:
-            m_t = tl.load(MROW + vec + rows, mask=ok, other=0.0)
-            g = tl.where(ok, tl.exp(f + m_c - m_t) * scale, 0.0)
+            g = _entering_weight(FV, MROW, MST, vec, rows, ok, st, scale)
             w = g * tl.load(RS + vec + rows, mask=ok, other=0.0)
             w_n = g * tl.load(DQN + vec + rows, mask=ok, other=0.0)
         else:
-            a = tl.load(AV + vec + rows, mask=ok, other=0.0)
-            w = tl.where(ok, tl.exp(f_last - f + a - m_last), 0.0)
+            w = _leaving_weight(FV, AV, MROW, vec, rows, ok, Lc)
             w_n = w
         msk = ok[:, None] & d_ok[None, :]
         x = tl.load(x_base + rows[:, None] * (NHT * D) + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .kernels import LOG2E, _exp2, _load_rows, _resident, _row_dot, _row_terms, _rows_base, _scores, _weight_tile
-from .kernels import _denominator
+from .kernels import _denominator, _entering_weight, _leaving_weight
 
 
 @triton.jit
@@ -79,26 +79,6 @@ def _score_program(Q, K, S, L, NC, SP, DQK: tl.constexpr, NHT: tl.constexpr, BT:
                                                                    BT)
     return (bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, _rows_base(Q, bh, row0, S, DQK, NHT),
             _rows_base(K, bh, row0, S, DQK, NHT), vec)
-
-
-@triton.jit
-def _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale):
-    """g_t = exp(F_t + m_c - m_t) / sqrt(d): the weight with which the state entering the chunk (index st of the
-    chunk states) reaches query row t (kernels.py's docstring), zero past the chunk."""
-    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-    return tl.where(t_ok, tl.exp(f_t + tl.load(MST + st) - m_t) * scale, 0.0)
-
-
-@triton.jit
-def _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc):
-    """e_j = exp(F_last - F_j + a_j - m_last): the weight with which key row j enters the state leaving the chunk,
-    zero past the chunk."""
-    f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
-    a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    f_last = tl.load(FV + vec + Lc - 1)
-    m_last = tl.load(MROW + vec + Lc - 1)
-    return tl.where(s_ok, tl.exp(f_last - f_s + a_s - m_last), 0.0)
 
 
 @triton.jit
