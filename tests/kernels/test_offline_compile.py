@@ -97,11 +97,11 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
         assert sass_report(compiled)["stack"] == 0, backward
 
 
-@pytest.mark.parametrize("S, chunk", [(1024, 0), (4096, 256)], ids=["one chunk", "chunks with states"])
-@pytest.mark.parametrize("DH", [384, 512])
+@pytest.mark.parametrize("DH, S, chunk", [(384, 1024, 0), (512, 1024, 0), (192, 4096, 256), (384, 4096, 256),
+                                          (512, 4096, 256)])
 def test_score_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH, S, chunk):
-    """The score-matrix path's kernels (launch.uses_score_matrix: DH 384 / 512, one chunk, or chunks of 256 with the
-    state terms) at their shipped tiles: products on the tensor cores' wgmma, within the shared memory, the decay's
+    """The score-matrix path's kernels (launch.uses_score_matrix: DH 384 / 512 in one chunk, DH 192 / 384 / 512 in
+    chunks of 256 with the state terms) at their shipped tiles: products on the tensor cores' wgmma, within the shared memory, the decay's
     exp2 one instruction."""
     from tfla.triton.offline import compile_kernel, sass_report
 

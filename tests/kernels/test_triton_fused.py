@@ -559,7 +559,7 @@ else:
 
     def test_score_matrix_is_the_default_for_wide_heads_in_one_chunk(monkeypatch, fresh_tiles):
         """launch.uses_score_matrix: by default where the matrix kernels slice their outputs (padded head dims above
-        256), in chunks of at most SCORE_MATRIX_MAX_CHUNK rows, with states unless SCORE_MATRIX_STATES is off; the
+        256; chunked calls from 256 up), in chunks of at most SCORE_MATRIX_MAX_CHUNK rows, with states unless SCORE_MATRIX_STATES is off; the
         gate folds stay off there."""
         import os
 
@@ -571,8 +571,14 @@ else:
         assert not launch.uses_score_matrix(192, 192, one, keeps_states=False)
         assert launch.uses_score_matrix(384, 384, one, keeps_states=True)
         assert launch.uses_score_matrix(384, 384, launch.chunk_layout(4096, 256), keeps_states=True)
-        assert not launch.uses_score_matrix(192, 192, launch.chunk_layout(4096, 256), keeps_states=True)
+        # chunked, a step lower (SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM): DH 192 in chunks of 256, not 96, not 1024-row chunks
+        assert launch.uses_score_matrix(192, 192, launch.chunk_layout(4096, 256), keeps_states=True)
+        assert launch.uses_score_matrix(96, 160, launch.chunk_layout(4096, 256), keeps_states=True)
+        assert not launch.uses_score_matrix(96, 96, launch.chunk_layout(4096, 256), keeps_states=True)
+        assert not launch.uses_score_matrix(192, 192, launch.chunk_layout(4096, 1024), keeps_states=True)
+        assert not launch.uses_score_matrix(192, 192, launch.chunk_layout(196, 196), keeps_states=True)
         monkeypatch.setattr(launch, "SCORE_MATRIX_STATES", False)
+        assert not launch.uses_score_matrix(192, 192, launch.chunk_layout(4096, 256), keeps_states=True)
         assert not launch.uses_score_matrix(384, 384, one, keeps_states=True)
         assert not launch.uses_score_matrix(384, 384, launch.chunk_layout(4096, 256), keeps_states=True)
         assert launch.uses_score_matrix(384, 384, one, keeps_states=False)

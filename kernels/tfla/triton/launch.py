@@ -515,6 +515,12 @@ SCORE_MATRIX_MAX_CHUNK = 1024
 # state) take the path too, chunk by chunk with the state terms in its products (score_kernels.py's docstring);
 # SCORE_MATRIX_STATES = False (TFLA_SCORE_MATRIX_STATES=0) keeps the matrix kernels there.
 SCORE_MATRIX_STATES: bool = os.environ.get("TFLA_SCORE_MATRIX_STATES", "1") == "1"
+# Chunked calls (several chunks of at most SCORE_MATRIX_CHUNKED_MAX_CHUNK rows) take the path from this padded head
+# dim up, a step lower than one-chunk calls: at DH 192 / S 4096 (chunks of 256) it ran fwd+bwd 1.10x faster than the
+# matrix kernels on the H100, at DH 96 0.91x (bench/results/session18/ab_score_matrix_s4096.log), while one chunk at
+# DH 192 lost (0.80x at S 196, 0.77x at S 1024 on the H200: bench/results/session14/ab_score_matrix_dh96_192_h200.log).
+SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM = 256
+SCORE_MATRIX_CHUNKED_MAX_CHUNK = 256
 SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of every row tile of its kernels
 # dS and Wr in one launch of mlstm_scores_bwd_kernel (two triangles live in the backward), or (True) in two, one
 # product each: dS, then dq and dk from it, then Wr in dS's memory and dv, so that one triangle lives at a time. The
@@ -532,7 +538,10 @@ def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: boo
         return False
     if SCORE_MATRIX is not None:
         return SCORE_MATRIX
-    return max(_pow2(DQK), _pow2(DHV)) > ONE_PASS_DKDV_MAX_HEAD_DIM
+    padded = max(_pow2(DQK), _pow2(DHV))
+    if lay.NC > 1 and lay.L <= SCORE_MATRIX_CHUNKED_MAX_CHUNK and padded >= SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM:
+        return True
+    return padded > ONE_PASS_DKDV_MAX_HEAD_DIM
 
 
 def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout) -> tuple[torch.Tensor, int]:
