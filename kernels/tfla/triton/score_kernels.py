@@ -18,7 +18,8 @@ bench/results/session14/):
               dq = dS k                                           mlstm_score_rows_kernel
               dk = dS^T q,  dv = Wr^T dh                          mlstm_score_cols_kernel
 
-With several chunks (wide heads at S > 1024) each chunk has its own triangle of L rows, and the products add the
+With several chunks (wide heads at S > 1024, and DH 192 there too: launch.SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM) each
+chunk has its own triangle of L rows, and the products add the
 state terms of the matrix kernels (kernels.py's docstring: g_t, e_j): h += g_t q_t C_c, dq += g_t (rs_t dh_t C_c^T +
 dqn_t n_c), dk += e_j (v_j dC_{c+1}^T + dn_{c+1}), dv += e_j k_j dC_{c+1}, and qn += g_t q_t.n_c in the forming
 kernel. Only the scores within a chunk are stored; the state products are formed once per output slice, as the
