@@ -101,8 +101,8 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
                                           (512, 4096, 256)])
 def test_score_matrix_kernels_compile_for_sm90_with_the_shipped_tiles(DH, S, chunk):
     """The score-matrix path's kernels (launch.uses_score_matrix: DH 384 / 512 in one chunk, DH 192 / 384 / 512 in
-    chunks of 256 with the state terms) at their shipped tiles: products on the tensor cores' wgmma, within the shared memory, the decay's
-    exp2 one instruction."""
+    chunks of 256 with the state terms) at their shipped tiles: products on the tensor cores' wgmma, within the
+    shared memory, the decay's exp2 one instruction."""
     from tfla.triton.offline import compile_kernel, sass_report
 
     for name in ("scores_fwd", "scores_bwd", "score_rows", "score_cols"):

@@ -559,8 +559,8 @@ else:
 
     def test_score_matrix_is_the_default_for_wide_heads_in_one_chunk(monkeypatch, fresh_tiles):
         """launch.uses_score_matrix: by default where the matrix kernels slice their outputs (padded head dims above
-        256; chunked calls from 256 up), in chunks of at most SCORE_MATRIX_MAX_CHUNK rows, with states unless SCORE_MATRIX_STATES is off; the
-        gate folds stay off there."""
+        256; chunked calls from 256 up), in chunks of at most SCORE_MATRIX_MAX_CHUNK rows, with states unless
+        SCORE_MATRIX_STATES is off; the gate folds stay off there."""
         import os
 
         assert launch.SCORE_MATRIX is None or os.environ.get("TFLA_SCORE_MATRIX") in ("0", "1")
@@ -571,7 +571,8 @@ else:
         assert not launch.uses_score_matrix(192, 192, one, keeps_states=False)
         assert launch.uses_score_matrix(384, 384, one, keeps_states=True)
         assert launch.uses_score_matrix(384, 384, launch.chunk_layout(4096, 256), keeps_states=True)
-        # chunked, a step lower (SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM): DH 192 in chunks of 256, not 96, not 1024-row chunks
+        # chunked, a step lower (SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM): DH 192 in chunks of 256; not DH 96, not
+        # chunks of 1024 rows, not one chunk
         assert launch.uses_score_matrix(192, 192, launch.chunk_layout(4096, 256), keeps_states=True)
         assert launch.uses_score_matrix(96, 160, launch.chunk_layout(4096, 256), keeps_states=True)
         assert not launch.uses_score_matrix(96, 96, launch.chunk_layout(4096, 256), keeps_states=True)

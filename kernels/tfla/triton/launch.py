@@ -517,8 +517,9 @@ SCORE_MATRIX_MAX_CHUNK = 1024
 SCORE_MATRIX_STATES: bool = os.environ.get("TFLA_SCORE_MATRIX_STATES", "1") == "1"
 # Chunked calls (several chunks of at most SCORE_MATRIX_CHUNKED_MAX_CHUNK rows) take the path from this padded head
 # dim up, a step lower than one-chunk calls: at DH 192 / S 4096 (chunks of 256) it ran fwd+bwd 1.10x faster than the
-# matrix kernels on the H100, at DH 96 0.91x (bench/results/session18/ab_score_matrix_s4096.log), while one chunk at
-# DH 192 lost (0.80x at S 196, 0.77x at S 1024 on the H200: bench/results/session14/ab_score_matrix_dh96_192_h200.log).
+# matrix kernels on the H100, at DH 96 0.91x (bench/results/session18/ab_score_matrix_s4096_h100.log), while one
+# chunk at DH 192 lost (0.80x at S 196, 0.77x at S 1024 on the H200:
+# bench/results/session14/ab_score_matrix_dh96_192_h200.log).
 SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM = 256
 SCORE_MATRIX_CHUNKED_MAX_CHUNK = 256
 SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of every row tile of its kernels

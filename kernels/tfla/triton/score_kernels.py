@@ -19,11 +19,10 @@ bench/results/session14/):
               dk = dS^T q,  dv = Wr^T dh                          mlstm_score_cols_kernel
 
 With several chunks (wide heads at S > 1024, and DH 192 there too: launch.SCORE_MATRIX_CHUNKED_MIN_HEAD_DIM) each
-chunk has its own triangle of L rows, and the products add the
-state terms of the matrix kernels (kernels.py's docstring: g_t, e_j): h += g_t q_t C_c, dq += g_t (rs_t dh_t C_c^T +
-dqn_t n_c), dk += e_j (v_j dC_{c+1}^T + dn_{c+1}), dv += e_j k_j dC_{c+1}, and qn += g_t q_t.n_c in the forming
-kernel. Only the scores within a chunk are stored; the state products are formed once per output slice, as the
-matrix kernels form them.
+chunk has its own triangle of L rows, and the products add the state terms of the matrix kernels (kernels.py's
+docstring: g_t, e_j): h += g_t q_t C_c, dq += g_t (rs_t dh_t C_c^T + dqn_t n_c), dk += e_j (v_j dC_{c+1}^T +
+dn_{c+1}), dv += e_j k_j dC_{c+1}, and qn += g_t q_t.n_c in the forming kernel. Only the scores within a chunk are
+stored; the state products are formed once per output slice, as the matrix kernels form them.
 
 The stored matrices hold the lower triangle only, in row blocks of PACK rows: block i (rows [i PACK, (i+1) PACK))
 keeps columns [0, (i+1) PACK), row-major, after the blocks before it (_tri_ptrs); chunk c of (batch, head) bh is
