@@ -27,6 +27,7 @@ import torch
 from triton.testing import do_bench
 
 from tfla.triton import function
+from tfla.triton.launch import chunk_layout
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -46,8 +47,7 @@ def main() -> None:
                          f"{function.SINGLE_CHUNK_MAX_SEQ_LEN}")
     L = function.default_chunk_size(args.seq)
     B, NH = max(1, round(args.tokens / args.seq)), 4
-    NC = -(-args.seq // L)
-    batch = B * NH * NC
+    batch = B * NH * chunk_layout(args.seq, L).NC
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, B={B} NH={NH} S={args.seq} "
           f"chunk L={L}: {batch} chunk matrices per product")
     print("| DH | [L, D] @ [D, D] us (TFLOP/s) | [D, L] @ [L, D] us (TFLOP/s) | six state products us | "
