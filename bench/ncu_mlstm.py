@@ -50,6 +50,8 @@ COLUMNS = [
     ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("mem %", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("DRAM %", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("L2 %", "lts__throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("L1 %", "l1tex__throughput.avg.pct_of_peak_sustained_active", 1),
     ("regs", "launch__registers_per_thread", 1),
     ("smem KiB", "launch__shared_mem_per_block_dynamic", 1 / 1024),
     ("occ. theor. %", "sm__maximum_warps_per_active_cycle_pct", 1),

@@ -576,10 +576,15 @@ SCORE_CANDIDATES = {
 SCORE_STATE_CANDIDATES = {
     "score_rows": [(64, 64, 128, 4, 3, 64), (128, 64, 128, 8, 3, 64), (128, 64, 128, 8, 2, 32),
                    (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
-                   (128, 64, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128)],
+                   (128, 64, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128),
+                   # one accumulator since session 19: 128-row tiles with wide slices fit 8 warps
+                   (128, 64, 256, 8, 3, 64), (128, 64, 256, 8, 2, 64), (128, 128, 256, 8, 2, 64),
+                   (128, 64, 128, 4, 3, 64)],
     "score_cols": [(64, 64, 128, 4, 3, 64), (64, 128, 128, 8, 3, 64), (64, 128, 128, 8, 2, 32),
                    (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
-                   (64, 128, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128)],
+                   (64, 128, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128),
+                   (64, 128, 256, 8, 3, 64), (64, 128, 256, 8, 2, 64), (128, 128, 256, 8, 2, 64),
+                   (64, 128, 128, 4, 3, 64)],
 }
 # Which step times each kernel: score_rows makes h in the forward and dq in the backward.
 SCORE_PHASES = {"scores_fwd": "fwd", "score_rows": "both", "scores_bwd": "bwd", "score_cols": "bwd"}
@@ -620,7 +625,10 @@ def tune_score_matrix(args) -> None:
                 entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)
             result["dims"][dh] = entry
             for kernel, cfg in current.items():
-                tuned[f"{kernel}:{_pow2(dh)}:{_pow2(dh)}" + (":states" if chunked else "")] = cfg
+                # chunked entries of a head dim that is not a power of two go under the exact dims (launch.tiles
+                # reads them after the padded ones), so that DH 384 and 512 keep their own output slices
+                dims = dh if chunked else _pow2(dh)
+                tuned[f"{kernel}:{dims}:{dims}" + (":states" if chunked else "")] = cfg
     finally:
         launch.SCORE_MATRIX = shipped_switch
         launch.SHRINK_TILES_THAT_DO_NOT_FIT = True

@@ -82,17 +82,16 @@ def _score_program(Q, K, S, L, NC, SP, DQK: tl.constexpr, NHT: tl.constexpr, BT:
 
 
 @triton.jit
-def _state_product(A, ST, bh, row0, rows, r_ok, offs_o, S, st, DA: tl.constexpr, DO: tl.constexpr,
+def _state_product(acc, A, ST, bh, row0, rows, r_ok, offs_o, S, st, DA: tl.constexpr, DO: tl.constexpr,
                    ST_D: tl.constexpr, ST_O: tl.constexpr, BD: tl.constexpr,
                    PREC: tl.constexpr, NHT: tl.constexpr):
-    """sum_d a[row, d] X[d, o] [rows, offs_o] (float32) for a [*, S, DA] operand a and a slice of chunk state st
-    seen as X [DA, DO]: element [d, o] at d * ST_D + o * ST_O of the state ([DQK, DHV], rows DHV apart), so
+    """acc + sum_d a[row, d] X[d, o] [rows, offs_o] (float32) for a [*, S, DA] operand a and a slice of chunk state
+    st seen as X [DA, DO]: element [d, o] at d * ST_D + o * ST_O of the state ([DQK, DHV], rows DHV apart), so
     that (ST_D, ST_O) = (DHV, 1) is the state and (1, DHV) its transpose. The state goes to a's dtype for the product,
     as in the matrix kernels (a no-op where it is stored in that dtype: function.LOW_PRECISION_STATES)."""
     a_base = _rows_base(A, bh, row0, S, DA, NHT)
     st_base = ST + st * (DA * DO)
     o_ok = offs_o < DO
-    acc = tl.zeros((rows.shape[0], offs_o.shape[0]), dtype=tl.float32)
     for d0 in range(0, DA, BD):
         offs_d = d0 + tl.arange(0, BD)
         d_ok = offs_d < DA
@@ -262,6 +261,22 @@ def mlstm_score_rows_kernel(
     R = NHT * D
     pid_o, bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, vec, offs_o, x_base, acc = _product_program(X, S, L, NC, SP, D,
                                                                                                 NHT, BT, BO)
+    # The state term first, weighted in place, so that the products over the matrix add to the same accumulator: one
+    # [BT, BO] float32 tile live instead of two, which leaves registers for 128-row tiles (each reads the chunk's
+    # state slice once for twice the rows: the kernel was bound by L2 traffic with 64-row tiles, about 90 % of its
+    # peak at DH 512 on the H100: bench/results/session19/).
+    if STATE != 0:
+        st = bh * (NC + 1) + c
+        g = _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale)
+        if STATE == 1:  # h: q [*, DQK] times C [DQK, DHV = D]
+            acc = _state_product(acc, A, ST, bh, row0, t_loc, t_ok, offs_o, S, st, DA, D, SW, 1, BD, PREC, NHT)
+            acc = acc * g[:, None]
+        else:  # dq: dh [*, DHV] times C^T [DHV, DQK = D]
+            acc = _state_product(acc, A, ST, bh, row0, t_loc, t_ok, offs_o, S, st, DA, D, 1, SW, BD, PREC, NHT)
+            rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
+            dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+            n_o = tl.load(NV + st * D + offs_o, mask=offs_o < D, other=0.0)
+            acc = acc * (g * rs_t)[:, None] + (g * dqn_t)[:, None] * n_o[None, :]
     for j0 in range(0, t_lo, BS):
         s_loc = j0 + tl.arange(0, BS)
         m = tl.load(_tri_ptrs(M, mat, TRI, t_lo, t_loc, s_loc, PACK))
@@ -274,18 +289,6 @@ def mlstm_score_rows_kernel(
                     mask=(s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], other=0.0)
         x = _load_rows(x_base, s_loc, s_ok, offs_o, D, R, True, D % BO != 0)
         acc += tl.dot(m, x, input_precision=PREC)
-    if STATE != 0:
-        st = bh * (NC + 1) + c
-        g = _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale)
-        if STATE == 1:  # h: q [*, DQK] times C [DQK, DHV = D]
-            acc += g[:, None] * _state_product(A, ST, bh, row0, t_loc, t_ok, offs_o, S, st, DA, D, SW, 1, BD,
-                                               PREC, NHT)
-        else:  # dq: dh [*, DHV] times C^T [DHV, DQK = D]
-            prod = _state_product(A, ST, bh, row0, t_loc, t_ok, offs_o, S, st, DA, D, 1, SW, BD, PREC, NHT)
-            rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-            dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-            n_o = tl.load(NV + st * D + offs_o, mask=offs_o < D, other=0.0)
-            acc += g[:, None] * (prod * rs_t[:, None] + dqn_t[:, None] * n_o[None, :])
     if NORMALIZE:
         qn = tl.load(QN + vec + t_loc, mask=t_ok, other=0.0)
         m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
@@ -311,6 +314,14 @@ def mlstm_score_cols_kernel(
     R = NHT * D
     pid_o, bh, c, row0, Lc, mat, s_lo, s_loc, s_ok, vec, offs_o, x_base, acc = _product_program(X, S, L, NC, SP, D,
                                                                                                 NHT, BS, BO)
+    if STATE != 0:  # first, into the one accumulator (as in mlstm_score_rows_kernel)
+        st = bh * (NC + 1) + c + 1
+        if STATE == 1:  # dk: v [*, DHV] times dC^T [DHV, DQK = D], plus dn
+            acc = _state_product(acc, A, ST, bh, row0, s_loc, s_ok, offs_o, S, st, DA, D, 1, SW, BD, PREC, NHT)
+            acc += tl.load(NV + st * D + offs_o, mask=offs_o < D, other=0.0)[None, :]
+        else:  # dv: k [*, DQK] times dC [DQK, DHV = D]
+            acc = _state_product(acc, A, ST, bh, row0, s_loc, s_ok, offs_o, S, st, DA, D, SW, 1, BD, PREC, NHT)
+        acc = acc * _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc)[:, None]
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         t_loc = t0 + tl.arange(0, BT)
         t_ok = t_loc < Lc
@@ -324,13 +335,4 @@ def mlstm_score_cols_kernel(
         m = tl.load(_tri_ptrs(M, mat, TRI, t0, t_loc, s_loc, PACK), mask=t_ok[:, None], other=0.0)
         x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
         acc += tl.dot(tl.trans(m), x, input_precision=PREC)
-    if STATE != 0:
-        st = bh * (NC + 1) + c + 1
-        e = _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc)
-        if STATE == 1:  # dk: v [*, DHV] times dC^T [DHV, DQK = D], plus dn
-            prod = _state_product(A, ST, bh, row0, s_loc, s_ok, offs_o, S, st, DA, D, 1, SW, BD, PREC, NHT)
-            prod += tl.load(NV + st * D + offs_o, mask=offs_o < D, other=0.0)[None, :]
-        else:  # dv: k [*, DQK] times dC [DQK, DHV = D]
-            prod = _state_product(A, ST, bh, row0, s_loc, s_ok, offs_o, S, st, DA, D, SW, 1, BD, PREC, NHT)
-        acc += e[:, None] * prod
     _store_slice(OUT, Y, RSUM, acc, bh, row0, pid_o, s_loc, s_ok, offs_o, vec, S, NC, SP, D, NHT, ROW_DOT)
