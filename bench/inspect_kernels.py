@@ -5,6 +5,7 @@ Usage (any machine with Triton installed; repo root):
     PYTHONPATH=kernels python bench/inspect_kernels.py --dh 96 --seq 196
     PYTHONPATH=kernels python bench/inspect_kernels.py --dh 192 --kernel fwd_h --tiles BK=64 BV=256 num_warps=8
     PYTHONPATH=kernels python bench/inspect_kernels.py --dh 96 --seq 1024 --kernel fwd_h dq --sections
+    PYTHONPATH=kernels python bench/inspect_kernels.py --dh 512 --seq 4096 --chunk 256 --kernel score_rows score_cols
 
 Why: on the H100 these kernels are latency-bound (bench/results/ncu_mlstm_h100.md), so registers, spills and the
 instruction count of the inner loop decide their speed, and all three can be read here, on a CPU, before any GPU
@@ -52,6 +53,9 @@ def main():
     ap.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = H100)")
     ap.add_argument("--tiles", nargs="*", default=[], help="KEY=VALUE overrides, e.g. BT=64 num_warps=8")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="score kernels: chunks of this many rows with states (the chunked path's variant, tiles "
+                         "from its ':states' entries); 0: one chunk")
     ap.add_argument("--sections", action="store_true",
                     help="also a table of instructions (barriers, MMAs) before, in and after the loops")
     args = ap.parse_args()
@@ -61,10 +65,11 @@ def main():
     one_chunk = function.default_chunk_size(args.seq) >= args.seq  # what launch.tiles() is told (short entries)
     sections = {}
     for name in args.kernel:
-        tiles = launch.tiles(name, args.dh, args.dh, f"sm{args.arch}", rows=args.seq if one_chunk else 0)
+        tiles = launch.tiles(name, args.dh, args.dh, f"sm{args.arch}", rows=args.seq if one_chunk else 0,
+                             with_states=args.chunk > 0)
         tiles.update(_parse_tiles(args.tiles))
         try:
-            r = sass_report(compile_kernel(name, args.dh, args.dh, args.seq, tiles, args.arch))
+            r = sass_report(compile_kernel(name, args.dh, args.dh, args.seq, tiles, args.arch, chunk=args.chunk))
         except Exception as err:  # a tile shape this GPU cannot hold: report it, keep going
             print(f"| {name} | {tiles} | failed: {type(err).__name__}: {str(err)[:120]} |")
             continue

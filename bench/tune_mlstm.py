@@ -37,8 +37,11 @@ shipped table; winners go under "scores_fwd:512:512"-style entries (padded dims)
 chunk by chunk with states) "scores_fwd:512:512:states", with the state term's reduction slice BD among the
 products kernels' candidates:
     PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 384 --seq 1024 --write
-    PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 384 --seq 4096 --write
-(DH 384 and 512 share the entry of the padded 512: the head dim tuned last wins.)
+    PYTHONPATH=kernels python bench/tune_mlstm.py --score-matrix --dh 512 384 --seq 4096 --kernels score_rows \
+        score_cols --write
+In one chunk DH 384 and 512 share the entry of the padded 512 (the head dim tuned last wins); chunked, a head dim that
+is not a power of two gets its own entry ("score_rows:384:384:states"). --kernels naming score kernels tunes only
+those.
 
 --short tunes the kernels of one short chunk (--seq <= launch.SHORT_CHUNK_ROWS, no states: ViL's 197 tokens) from
 the shipped table and writes the winners as "dkdv:96:96:short"-style entries, which only such calls read:
@@ -577,14 +580,15 @@ SCORE_STATE_CANDIDATES = {
     "score_rows": [(64, 64, 128, 4, 3, 64), (128, 64, 128, 8, 3, 64), (128, 64, 128, 8, 2, 32),
                    (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
                    (128, 64, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128),
-                   # one accumulator since session 19: 128-row tiles with wide slices fit 8 warps
-                   (128, 64, 256, 8, 3, 64), (128, 64, 256, 8, 2, 64), (128, 128, 256, 8, 2, 64),
-                   (128, 64, 128, 4, 3, 64)],
+                   # one accumulator since session 19: 128-row tiles fit 8 warps without spilling (166 registers
+                   # at DH 512 for sm_90 with Triton 3.6, 253 before), 64-row ones 4 warps in 158 (3 blocks per SM);
+                   # a 7th number is a register cap (ptxas .maxnreg): 128 lets two 8-warp blocks share an SM
+                   (128, 64, 128, 8, 3, 64, 128), (128, 64, 256, 8, 2, 64), (128, 64, 128, 4, 3, 64),
+                   (64, 64, 128, 4, 2, 64)],
     "score_cols": [(64, 64, 128, 4, 3, 64), (64, 128, 128, 8, 3, 64), (64, 128, 128, 8, 2, 32),
                    (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
                    (64, 128, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128),
-                   (64, 128, 256, 8, 3, 64), (64, 128, 256, 8, 2, 64), (128, 128, 256, 8, 2, 64),
-                   (64, 128, 128, 4, 3, 64)],
+                   (64, 128, 128, 8, 3, 64, 128), (32, 128, 128, 8, 3, 64), (64, 64, 128, 4, 2, 64)],
 }
 # Which step times each kernel: score_rows makes h in the forward and dq in the backward.
 SCORE_PHASES = {"scores_fwd": "fwd", "score_rows": "both", "scores_bwd": "bwd", "score_cols": "bwd"}
@@ -592,8 +596,9 @@ SCORE_PHASES = {"scores_fwd": "fwd", "score_rows": "both", "scores_bwd": "bwd", 
 
 def score_candidates(kernel: str, chunked: bool = False) -> list[dict]:
     if chunked and kernel in SCORE_STATE_CANDIDATES:
-        return [dict(BT=bt, BS=bs, BO=bo, BD=bd, num_warps=w, num_stages=st)
-                for bt, bs, bo, w, st, bd in SCORE_STATE_CANDIDATES[kernel]]
+        return [dict(dict(BT=c[0], BS=c[1], BO=c[2], num_warps=c[3], num_stages=c[4], BD=c[5]),
+                     **({"maxnreg": c[6]} if len(c) > 6 else {}))
+                for c in SCORE_STATE_CANDIDATES[kernel]]
     slice_key = {"scores_fwd": ("BK",), "scores_bwd": ("BK", "BV")}.get(kernel, ("BO",))
     return [dict({key: width for key in slice_key}, BT=bt, BS=bs, num_warps=w, num_stages=st)
             for bt, bs, width, w, st in SCORE_CANDIDATES[kernel]]
@@ -609,6 +614,8 @@ def tune_score_matrix(args) -> None:
         raise SystemExit("a chunked --seq tunes the path with states, which launch.SCORE_MATRIX_STATES turns off")
     if function.default_chunk_size(S) > launch.SCORE_MATRIX_MAX_CHUNK:
         raise SystemExit(f"--score-matrix tunes chunks of at most {launch.SCORE_MATRIX_MAX_CHUNK} rows")
+    # --kernels naming score kernels tunes only those (the rest keep the shipped tiles); else all four
+    wanted = [k for k in SCORE_PHASES if k in args.kernels] or list(SCORE_PHASES)
     shipped_switch = launch.SCORE_MATRIX
     launch.SCORE_MATRIX = True
     launch.SHRINK_TILES_THAT_DO_NOT_FIT = False
@@ -618,6 +625,8 @@ def tune_score_matrix(args) -> None:
             x = mlstm_inputs(B, args.heads, S, dh)
             current, entry = {}, {}
             for kernel, phase in SCORE_PHASES.items():
+                if kernel not in wanted:
+                    continue
                 best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log,
                                                            cands=score_candidates(kernel, chunked), phase=phase)
                 if best is not None:
