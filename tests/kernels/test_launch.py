@@ -257,6 +257,25 @@ def test_a_tuned_state_entry_gives_the_state_variant_pieces_and_its_tiles(monkey
         launch.reset_tile_caches()
 
 
+def test_score_products_of_a_chunked_head_dim_that_is_no_power_of_two_read_their_exact_entry(monkeypatch):
+    """The score-matrix products kernels of a chunked call look up "score_rows:512:512:states" (the padded dims), then
+    an entry under the exact dims on top: DH 384 may slice its 384 columns differently from DH 512 (bench/tune_mlstm.py
+    --score-matrix writes chunked non-power-of-two head dims there). One-chunk calls and DH 512 ignore it."""
+    monkeypatch.setattr(launch, "TILE_OVERRIDES", {})
+    table = {"score_rows:512:512:states": dict(BT=64, BO=128, num_warps=4),
+             "score_rows:384:384:states": dict(BT=128, num_warps=8)}
+    launch.reset_tile_caches("sm90", table)
+    try:
+        dh384 = launch.tiles("score_rows", 384, 384, "sm90", with_states=True)
+        assert (dh384["BT"], dh384["BO"], dh384["num_warps"]) == (128, 128, 8)
+        dh512 = launch.tiles("score_rows", 512, 512, "sm90", with_states=True)
+        assert (dh512["BT"], dh512["num_warps"]) == (64, 4)
+        one_chunk = launch.tiles("score_rows", 384, 384, "sm90")
+        assert (one_chunk["BT"], one_chunk["num_warps"]) == (64, 4)  # the defaults: no ":states" entry applies
+    finally:
+        launch.reset_tile_caches()
+
+
 def test_tuner_keeps_the_current_tiles_when_a_candidate_wins_by_noise(monkeypatch):
     """bench/tune_mlstm.py writes a candidate only where it beats the current tiles by more than MIN_GAIN (1 %): a
     0.5 % "win" is measurement noise and must not become a table entry; a 2 % one must."""

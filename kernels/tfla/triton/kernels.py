@@ -464,7 +464,7 @@ def _chunk_outer(acc, AS, B, bh, c, S, L, DA, DB, offs_a, a_ok, offs_b, b_ok, BS
 @triton.jit
 def mlstm_fwd_state_kernel(
     KS, V, FV, MROW, MST, CST, NST,
-    S, L, NC, SP, DQK, DHV,
+    S, L, NC, SP, DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_INIT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     NHT: tl.constexpr,
 ):
@@ -603,7 +603,7 @@ def _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_wr
 @triton.jit
 def mlstm_bwd_state_kernel(
     QS, DH, FV, MROW, MST, DCST, DNST, CST, NST, APART,
-    S, L, NC, SP, DQK, DHV,
+    S, L, NC, SP, DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, STATE_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, NHT: tl.constexpr,
 ):

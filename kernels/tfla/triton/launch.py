@@ -480,8 +480,8 @@ def mlstm_fwd(
         else:
             _launch_tiled(
                 mlstm_fwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
-                ks, v, fv, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP, DQK, DHV,
-                HAS_INIT=has_init, PREC=prec, NHT=nht,
+                ks, v, fv, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP,
+                DQK=DQK, DHV=DHV, HAS_INIT=has_init, PREC=prec, NHT=nht,
             )
     if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
         return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
@@ -808,8 +808,8 @@ def mlstm_bwd(
                 mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
                 qs, dh, fv, mrow, mst, dCst, dnst,
                 Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy,
-                S, lay.L, lay.NC, lay.SP, DQK, DHV,
-                HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht,
+                S, lay.L, lay.NC, lay.SP,
+                DQK=DQK, DHV=DHV, HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht,
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
