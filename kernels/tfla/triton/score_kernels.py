@@ -262,9 +262,9 @@ def mlstm_score_rows_kernel(
     pid_o, bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, vec, offs_o, x_base, acc = _product_program(X, S, L, NC, SP, D,
                                                                                                 NHT, BT, BO)
     # The state term first, weighted in place, so that the products over the matrix add to the same accumulator: one
-    # [BT, BO] float32 tile live instead of two, which leaves registers for 128-row tiles (each reads the chunk's
-    # state slice once for twice the rows: the kernel was bound by L2 traffic with 64-row tiles, about 90 % of its
-    # peak at DH 512 on the H100: bench/results/session19/).
+    # [BT, BO] float32 tile live instead of two. For sm_90 (Triton 3.6, DH 512, shipped tiles) 194 -> 158 registers,
+    # three blocks per SM instead of two: 536 -> 473 us per call on the H100 at S 4096 (score_cols 521 -> 481). The
+    # 128-row tiles the freed registers also allow did not win (bench/results/session19/).
     if STATE != 0:
         st = bh * (NC + 1) + c
         g = _entering_weight(FV, MROW, MST, vec, t_loc, t_ok, st, scale)
