@@ -582,7 +582,8 @@ SCORE_STATE_CANDIDATES = {
                    (128, 64, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128),
                    # one accumulator since session 19: 128-row tiles fit 8 warps without spilling (166 registers
                    # at DH 512 for sm_90 with Triton 3.6, 253 before), 64-row ones 4 warps in 158 (3 blocks per SM);
-                   # a 7th number is a register cap (ptxas .maxnreg): 128 lets two 8-warp blocks share an SM
+                   # a 7th number is a register cap (ptxas .maxnreg): 128 lets two 8-warp blocks share an SM. None
+                   # of these beat the first on the H100 but DH 512's score_cols with the cap (session 19)
                    (128, 64, 128, 8, 3, 64, 128), (128, 64, 256, 8, 2, 64), (128, 64, 128, 4, 3, 64),
                    (64, 64, 128, 4, 2, 64)],
     "score_cols": [(64, 64, 128, 4, 3, 64), (64, 128, 128, 8, 3, 64), (64, 128, 128, 8, 2, 32),
@@ -596,8 +597,7 @@ SCORE_PHASES = {"scores_fwd": "fwd", "score_rows": "both", "scores_bwd": "bwd", 
 
 def score_candidates(kernel: str, chunked: bool = False) -> list[dict]:
     if chunked and kernel in SCORE_STATE_CANDIDATES:
-        return [dict(dict(BT=c[0], BS=c[1], BO=c[2], num_warps=c[3], num_stages=c[4], BD=c[5]),
-                     **({"maxnreg": c[6]} if len(c) > 6 else {}))
+        return [dict(zip(("BT", "BS", "BO", "num_warps", "num_stages", "BD", "maxnreg"), c))
                 for c in SCORE_STATE_CANDIDATES[kernel]]
     slice_key = {"scores_fwd": ("BK",), "scores_bwd": ("BK", "BV")}.get(kernel, ("BO",))
     return [dict({key: width for key in slice_key}, BT=bt, BS=bs, num_warps=w, num_stages=st)
@@ -624,11 +624,10 @@ def tune_score_matrix(args) -> None:
         for dh in args.dh:
             x = mlstm_inputs(B, args.heads, S, dh)
             current, entry = {}, {}
-            for kernel, phase in SCORE_PHASES.items():
-                if kernel not in wanted:
-                    continue
+            for kernel in wanted:
                 best, base_ms, best_ms, rows = tune_kernel(kernel, dh, S, x, current, args.budget_s, log,
-                                                           cands=score_candidates(kernel, chunked), phase=phase)
+                                                           cands=score_candidates(kernel, chunked),
+                                                           phase=SCORE_PHASES[kernel])
                 if best is not None:
                     current[kernel] = best
                 entry[kernel] = dict(best=best, base_ms=base_ms, best_ms=best_ms, rows=rows)

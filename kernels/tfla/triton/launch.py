@@ -308,8 +308,7 @@ def _resolve_tiles(kernel: str, DQK: int, DHV: int, arch: str, pieces_on: bool, 
             cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:states", {}))
     elif with_states:  # without pieces, under the padded dims (the score-matrix path's kernels), then the exact ones
         cfg.update(table.get(f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}:states", {}))
-        if (DQK, DHV) != (_pow2(DQK), _pow2(DHV)):  # e.g. DH 384, whose output slices divide it differently
-            cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:states", {}))
+        cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:states", {}))  # e.g. DH 384, whose slices divide it differently
     if short:  # under the key the kernel's own entry has: exact dims with pieces, padded ones without
         cfg.update(table.get(f"{kernel}:{DQK}:{DHV}:short" if pieces else f"{kernel}:{_pow2(DQK)}:{_pow2(DHV)}:short",
                              {}))
