@@ -71,18 +71,19 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
     BL = launch._pow2(L)
     CB = launch._gate_chunks_per_group(lay, BL)
     assert CB == 8
-    ints = dict(S=S, L=L, NC=lay.NC, SP=lay.SP, NKO_Q=2, NKO_K=1, BNH=48)
+    ints = dict(S=S, L=L, NC=lay.NC, SP=lay.SP, NKO_Q=2, NKO_K=1, BNH=48, NPART=6)
     for cb, bl, ints_ in ((CB, BL, ints), (1, 1024, dict(ints, S=1024, L=1024, NC=1, SP=1024))):
         warps = launch._row_warps(cb * bl)
         fwd = compile_launch(K.mlstm_gates_fwd_kernel, dict(EXP_GATE=exp_gate, HAS_M0=True, BL=bl, CB=cb), ints_,
                              dict(num_warps=warps))
-        bwd = compile_launch(K.mlstm_gates_bwd_kernel, dict(EXP_GATE=exp_gate, STATE_TERMS=True, HAS_AEND=True,
-                                                            HAS_DMF=True, HAS_INIT=True, BL=bl, CB=cb), ints_,
-                             dict(num_warps=warps))
-        for name, compiled in (("gates_fwd", fwd), ("gates_bwd", bwd)):
+        bwd = [compile_launch(K.mlstm_gates_bwd_kernel, dict(EXP_GATE=exp_gate, STATE_TERMS=True, A_SHARES=shares,
+                                                             HAS_AEND=not shares, HAS_DMF=True, HAS_INIT=True, BL=bl,
+                                                             BP=16, CB=cb), ints_, dict(num_warps=warps))
+               for shares in (True, False)]  # A_c from the state kernel's shares, or from the row sums
+        for name, compiled in (("gates_fwd", fwd), ("gates_bwd", bwd[0]), ("gates_bwd rows", bwd[1])):
             assert sass_report(compiled)["stack"] <= 16, (name, cb, bl)
     ints = dict(S=S, L=L, NC=lay.NC, SP=lay.SP, DQK=96, DHV=96)
-    for name, kernel, flags in (("bwd_state", K.mlstm_bwd_state_kernel, dict(HAS_FINAL=False)),
+    for name, kernel, flags in (("bwd_state", K.mlstm_bwd_state_kernel, dict(HAS_FINAL=False, STATE_DOTS=True)),
                                 ("fwd_state", K.mlstm_fwd_state_kernel, dict(HAS_INIT=False))):
         tiles = launch.tiles(name, 96, 96, "sm90")
         options = dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])

@@ -170,6 +170,23 @@ else:
         check(1, 1, 45, 16, 16, "sig", torch.float32, init=True, ret=True, chunk_size=7, seed=62)
 
     @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+    def test_state_terms_from_the_row_sums(fused, monkeypatch, parallel):
+        """launch.STATE_TERMS_FROM_ROWS: the gate kernel forms A_c = <C_c, dC_c> + <n_c, dn_c> as A_NC plus the
+        q.dq - k.dk of the rows after boundary c, carried across groups of chunks (two chunks a group here), with
+        the end terms as dots; no state kernel reads the forward states for it. Several chunks with a short last
+        one; states in and out, in only, out only and none; both gates; fp16; and after the parallel state kernels."""
+        monkeypatch.setattr(launch, "STATE_TERMS_FROM_ROWS", True)
+        monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", parallel)
+        monkeypatch.setattr(launch, "GATE_GROUP_ROWS", 32)
+        check(1, 2, 45, 16, 24, "exp", torch.float32, init=True, ret=True, chunk_size=7, seed=71)
+        check(1, 1, 45, 16, 16, "sig", torch.float32, init=True, ret=True, chunk_size=7, seed=72)
+        check(1, 1, 37, 24, 16, "exp", torch.float32, init=True, chunk_size=10, seed=73)
+        check(1, 1, 37, 16, 24, "exp", torch.float32, ret=True, chunk_size=10, seed=74)
+        check(1, 2, 40, 16, 16, "sig", torch.float32, normalize=False, chunk_size=9, seed=75)
+        if not parallel:
+            check(1, 1, 63, 16, 24, "exp", torch.float16, init=True, ret=True, chunk_size=20, seed=76)
+
+    @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
     def test_fused_chunk_states_both_ways(fused, monkeypatch, parallel):
         """Chunk states from one kernel that walks the chunks in sequence, or from every chunk's own product at once
         and a scan over the chunks (launch.PARALLEL_CHUNK_STATES; a scan block of 256 splits the 24 x 40 state over

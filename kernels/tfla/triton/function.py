@@ -407,28 +407,33 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
                                                          state_pass=state_pass, has_final_grad=has_final_grad):
         i, f = i.contiguous(), f.contiguous()
         gate_grads = launch.GateGradsInDkdv(i, f, mst, torch.empty_like(i), torch.empty_like(f), tickets, exp_gate)
-    # The sequential state kernel writes every boundary of the state gradients.
+    # The sequential state kernel writes every boundary of the state gradients (and, unless the gate kernel takes
+    # the state terms from the row sums, launch.STATE_TERMS_FROM_ROWS, the shares of A_c).
     kernel_states = state_pass and not launch.PARALLEL_CHUNK_STATES
     dCst, dnst = _state_grad_buffers(dC, dn, lay, BNH, DQK, DHV, q.device, state_pass or has_final_grad,
                                      zeroed=not kernel_states, final_read=has_final_grad,
                                      dtype=Cst.dtype if keeps else torch.float32)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
-    dq, dk, dv, qdq, kdk = mlstm_bwd(
+    from_rows = launch.STATE_TERMS_FROM_ROWS
+    dq, dk, dv, qdq, kdk, *shares = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
-        row_terms_from=row_terms, gate_grads=gate_grads,
+        row_terms_from=row_terms, state_dots=not from_rows, gate_grads=gate_grads,
     )
     if gate_grads is not None:  # the dk + dv kernel wrote di and df (no initial state here, so no dm0)
         return dq, dk, dv, gate_grads.di, gate_grads.df, None, None, None
+    A = shares[0] if shares else None
+    if not from_rows and A is None and dCst is not None and keeps:  # no sequential state pass: A_c as one share
+        A = ((Cf.float() * dCst.float()).sum((-2, -1)) + (nf * dnst).sum(-1)).unsqueeze(-1)  # [BNH, NC+1, 1]
     a_ends = None  # the end states' terms of the gate gradients; the gate kernel has the others from the row sums
-    if keeps and (has_init or has_final_grad):
+    if from_rows and keeps and (has_init or has_final_grad):
         ends = [0] * has_init + [lay.NC] * has_final_grad  # float32 states at both ends (_state_dtype)
         a_ends = torch.zeros(BNH, 2, device=q.device, dtype=torch.float32)
         dots = (Cf[:, ends].float() * dCst[:, ends].float()).sum((-2, -1)) + (nf[:, ends] * dnst[:, ends]).sum(-1)
         a_ends[:, [0] * has_init + [1] * has_final_grad] = dots
     dm_final = _flat(dm[:, :, lay.NC]).float().contiguous() if dm is not None else None
-    di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, a_ends, dm_final, i, f, lay,
+    di, df, dm0 = launch.mlstm_gates_bwd(qdq, kdk, dm_row, fv, av, mst, a_ends, A, dm_final, i, f, lay,
                                          exp_gate=exp_gate, has_init=has_init)
 
     dC0 = dn0 = dm0_out = None

@@ -593,20 +593,34 @@ def mlstm_bwd_delta_kernel(H, DH, DELTA, S, SP, DHV, BT: tl.constexpr, BV: tl.co
 
 
 @triton.jit
+def _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part):
+    """This program's share of A_c = <C_c, dC_c> + <n_c, dn_c> (what the state at boundary st contributes to the log
+    gates): its tile of the forward state C_c times its tile of the gradient, stored at APART[st, part]; the gate
+    kernel adds up the NPART shares in a fixed order (deterministic, and no [.., DQK, DHV] product in PyTorch)."""
+    c_tile = tl.load(CST + st * DQK * DHV + cv_off, mask=cv_ok, other=0.0).to(tl.float32)
+    n_c = tl.load(NST + st * DQK + offs_d, mask=n_write, other=0.0)
+    dot = tl.sum(tl.sum(c_tile * acc, 1), 0) + tl.sum(n_c * acc_n, 0)
+    tl.store(APART + st * NPART + part, dot)
+
+
+@triton.jit
 def mlstm_bwd_state_kernel(
-    QS, DH, FV, MROW, MST, DCST, DNST,
+    QS, DH, FV, MROW, MST, DCST, DNST, CST, NST, APART,
     S, L, NC, SP, DQK: tl.constexpr, DHV: tl.constexpr,
-    HAS_FINAL: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_FINAL: tl.constexpr, STATE_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, NHT: tl.constexpr,
 ):
     """Reverse pass over chunks: dC_c = sum_{t in c} g_t rs_t q_t dh_t^T + carry_c dC_{c+1} (and dn likewise), from
     QS = g_t rs_t q_t and DNST[c] = the chunk's own sum_t g_t dqn_t q_t (mlstm_state_rows_kernel), as in the
     forward. Writes every boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no
-    zero fill. The recurrence runs in float32 and DCST's dtype is what is stored. The gate gradients need no
-    <C_c, dC_c> from here: _gates_bwd_row gets them from the row sums."""
+    zero fill. The recurrence runs in float32 and DCST's dtype is what is stored.
+    STATE_DOTS (launch.STATE_TERMS_FROM_ROWS off): also this tile's shares of A_c (_state_dot_part) for c = 0..NC,
+    from the forward states CST / NST; by default _gates_bwd_row has A_c from the row sums instead."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
+    part = pid_k * tl.num_programs(1) + pid_v
+    NPART = tl.num_programs(0) * tl.num_programs(1)
     offs_d = pid_k * BK + tl.arange(0, BK)
     d_ok = offs_d < DQK
     offs_v = pid_v * BV + tl.arange(0, BV)
@@ -623,6 +637,8 @@ def mlstm_bwd_state_kernel(
         acc_n = tl.zeros((BK,), dtype=tl.float32)
         tl.store(DCST + st * DQK * DHV + cv_off, acc.to(DCST.dtype.element_ty), mask=cv_ok)
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+    if STATE_DOTS:
+        _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)
     for cc in range(0, NC):
         c = NC - 1 - cc
         carry = _chunk_carry(FV, MROW, MST, bh, c, S, L, NC, SP)
@@ -631,6 +647,8 @@ def mlstm_bwd_state_kernel(
         acc_n = acc_n * carry + tl.load(DNST + st * DQK + offs_d, mask=n_write, other=0.0)
         tl.store(DCST + st * DQK * DHV + cv_off, acc.to(DCST.dtype.element_ty), mask=cv_ok)
         tl.store(DNST + st * DQK + offs_d, acc_n, mask=n_write)
+        if STATE_DOTS:
+            _state_dot_part(CST, NST, APART, acc, acc_n, st, cv_off, cv_ok, offs_d, n_write, DQK, DHV, NPART, part)
 
 
 @triton.jit
@@ -1127,23 +1145,38 @@ def mlstm_bwd_rows_kernel(
 
 
 @triton.jit
+def _state_dot(ACST, st, NPART, BP: tl.constexpr):
+    """A_st from its NPART shares (ACST [BNH, NC + 1, NPART]; see _state_dot_part), added in a fixed order."""
+    offs = tl.arange(0, BP)
+    return tl.sum(tl.load(ACST + st * NPART + offs, mask=offs < NPART, other=0.0), 0)
+
+
+@triton.jit
+def _state_dots(ACST, st, NPART, BP: tl.constexpr):
+    """_state_dot for a vector of state indices st."""
+    offs = tl.arange(0, BP)[None, :]
+    return tl.sum(tl.load(ACST + st[:, None] * NPART + offs, mask=offs < NPART, other=0.0), 1)
+
+
+@triton.jit
 def mlstm_gates_bwd_kernel(
-    QDQ, KDK, DMROW, FV, AV, MST, AEND, DMF, IG, FG, DI, DF, DM0,
-    S, L, NC, SP, NKO_Q, NKO_K, BNH,
-    EXP_GATE: tl.constexpr, STATE_TERMS: tl.constexpr, HAS_AEND: tl.constexpr, HAS_DMF: tl.constexpr,
-    HAS_INIT: tl.constexpr, BL: tl.constexpr, CB: tl.constexpr,
+    QDQ, KDK, DMROW, FV, AV, MST, ACST, AEND, DMF, IG, FG, DI, DF, DM0,
+    S, L, NC, SP, NKO_Q, NKO_K, BNH, NPART,
+    EXP_GATE: tl.constexpr, STATE_TERMS: tl.constexpr, A_SHARES: tl.constexpr, HAS_AEND: tl.constexpr,
+    HAS_DMF: tl.constexpr, HAS_INIT: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr,
 ):
     """One (batch, head) row per program: _gates_bwd_row."""
-    _gates_bwd_row(tl.program_id(0).to(tl.int64), QDQ, KDK, DMROW, FV, AV, MST, AEND, DMF, IG, FG, DI, DF, DM0,
-                   S, L, NC, SP, NKO_Q, NKO_K, BNH, EXP_GATE, STATE_TERMS, HAS_AEND, HAS_DMF, HAS_INIT, BL, CB)
+    _gates_bwd_row(tl.program_id(0).to(tl.int64), QDQ, KDK, DMROW, FV, AV, MST, ACST, AEND, DMF, IG, FG, DI, DF, DM0,
+                   S, L, NC, SP, NKO_Q, NKO_K, BNH, NPART, EXP_GATE, STATE_TERMS, A_SHARES, HAS_AEND, HAS_DMF,
+                   HAS_INIT, BL, BP, CB)
 
 
 @triton.jit
 def _gates_bwd_row(
-    bh, QDQ, KDK, DMROW, FV, AV, MST, AEND, DMF, IG, FG, DI, DF, DM0,
-    S, L, NC, SP, NKO_Q, NKO_K, BNH,
-    EXP_GATE: tl.constexpr, STATE_TERMS: tl.constexpr, HAS_AEND: tl.constexpr, HAS_DMF: tl.constexpr,
-    HAS_INIT: tl.constexpr, BL: tl.constexpr, CB: tl.constexpr,
+    bh, QDQ, KDK, DMROW, FV, AV, MST, ACST, AEND, DMF, IG, FG, DI, DF, DM0,
+    S, L, NC, SP, NKO_Q, NKO_K, BNH, NPART,
+    EXP_GATE: tl.constexpr, STATE_TERMS: tl.constexpr, A_SHARES: tl.constexpr, HAS_AEND: tl.constexpr,
+    HAS_DMF: tl.constexpr, HAS_INIT: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr,
 ):
     """The gate gradients of (batch, head) row bh, chunks in reverse: route dm through the cummax argmax and the
     chunk max states, add the state-transition terms A_c, reverse-cumsum dF inside each chunk, and write di, df (and
@@ -1156,17 +1189,20 @@ def _gates_bwd_row(
     to that log gate with every row max held, so A_c is the sum over the rows after the boundary of
     q.dq - k.dk (dq, dk the full gradients) plus A_NC: the row sums are at hand here, so no state kernel reads C_c
     for A_c. AEND [BNH, 2] (HAS_AEND) holds the two end terms as dots (0 where absent): A_0, which only dm0 takes
-    (the sum over every row cancels too much for it in half precision), and A_NC."""
+    (the sum over every row cancels too much for it in half precision), and A_NC. A_SHARES (with STATE_TERMS;
+    launch.STATE_TERMS_FROM_ROWS off): every A_c from its shares ACST [BNH, NC + 1, NPART] (_state_dot_part)."""
     offs = tl.arange(0, BL)[None, :]
     cidx = tl.arange(0, CB)
     offs2 = tl.broadcast_to(offs, (CB, BL))
     dm_carry = tl.sum(tl.zeros((BL,), dtype=tl.float32), 0)
     a_carry = dm_carry  # A_{c+1} of the next group's highest chunk c
-    if HAS_AEND:
+    if A_SHARES:
+        a_carry += _state_dot(ACST, bh * (NC + 1) + NC, NPART, BP)
+    elif HAS_AEND:
         a_carry += tl.load(AEND + 2 * bh + 1)
     if EXP_GATE and HAS_DMF:
         dm_carry += tl.load(DMF + bh).to(tl.float32)
-    if EXP_GATE and HAS_AEND:
+    if EXP_GATE and (A_SHARES or HAS_AEND):
         dm_carry -= a_carry
     for gg in range(0, NC, CB):
         c = NC - 1 - gg - cidx
@@ -1184,7 +1220,9 @@ def _gates_bwd_row(
             kdk += tl.load(KDK + ko * BNH * SP + vec, mask=ok, other=0.0)
         df_row = qdq - kdk
         da = kdk
-        if STATE_TERMS:  # A_{c+1} from the chunks above c: those of this group come first (descending order)
+        if A_SHARES:
+            a_next = _state_dots(ACST, bh * (NC + 1) + tl.where(c_ok, c + 1, 0), NPART, BP)
+        elif STATE_TERMS:  # A_{c+1} from the chunks above c: those of this group come first (descending order)
             chunk_sum = tl.sum(df_row, 1)  # masked rows loaded as zeros
             a_next = a_carry + tl.cumsum(chunk_sum, 0) - chunk_sum
             a_carry += tl.sum(chunk_sum, 0)
@@ -1225,7 +1263,9 @@ def _gates_bwd_row(
             di = da * tl.sigmoid(-x)
         tl.store(DI + rows, di.to(DI.dtype.element_ty), mask=ok)
     if HAS_INIT:
-        if EXP_GATE:  # HAS_INIT comes with AEND
+        if EXP_GATE and A_SHARES:
+            tl.store(DM0 + bh, dm_carry + _state_dot(ACST, bh * (NC + 1), NPART, BP))
+        elif EXP_GATE:  # HAS_INIT comes with AEND
             tl.store(DM0 + bh, dm_carry + tl.load(AEND + 2 * bh))
         else:
             tl.store(DM0 + bh, dm_carry)
@@ -1416,5 +1456,5 @@ def mlstm_bwd_dkdv_kernel(
         tl.debug_barrier()
         ticket = tl.atomic_add(TICKETS + vec, 1.0, sem="acq_rel", scope="gpu")
         if ticket == tl.num_programs(0) - 1:
-            _gates_bwd_row(bh, QDQ, KDK, DMROW, FV, AV, MST, FV, FV, IG, FG, DI, DF, FV, S, L, NC, SP, NKO_Q, 1, BNH,
-                           EXP_GATE, False, False, False, False, BL, 1)
+            _gates_bwd_row(bh, QDQ, KDK, DMROW, FV, AV, MST, FV, FV, FV, IG, FG, DI, DF, FV, S, L, NC, SP, NKO_Q, 1,
+                           BNH, 1, EXP_GATE, False, False, False, False, False, BL, 1, 1)

@@ -398,6 +398,16 @@ def _launch_tiled(kernel, grid_of, cfg: dict, *args, **consts) -> None:
 # wall time at DH 96, which that host's launch rate sets, got worse with the two extra launches (1.40 -> 1.67-1.95
 # ms; bench/results/parallel_states_ab_h200.log), so they are opt-in: TFLA_PARALLEL_STATES=1.
 PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "0") == "1"
+
+# The gate gradients of a chunked call need A_c = <C_c, dC_c> + <n_c, dn_c> at every chunk boundary. Scaling C_c by
+# e^eps is adding eps to the log forget gate before it with every row max held, so A_c also equals A_NC plus the sum
+# of q.dq - k.dk over the rows after the boundary, which the gate kernel has at hand (kernels._gates_bwd_row,
+# STATE_TERMS). STATE_TERMS_FROM_ROWS takes them from there; mlstm_bwd_state_kernel then no longer reads the forward
+# states for its shares of A_c (STATE_DOTS): 232 -> 168 registers at DH 512 for sm_90 with Triton 3.6, and one read
+# of every chunk state less. The end terms A_0 (initial state) and A_NC (final-state gradient) stay dots
+# (function._bwd_impl_fused): summed over every row, A_0 cancels too much in half precision for dm0.
+# Opt-in (TFLA_STATE_TERMS_FROM_ROWS=1) until a GPU check and timing: the interpreter tests pass both ways.
+STATE_TERMS_FROM_ROWS: bool = os.environ.get("TFLA_STATE_TERMS_FROM_ROWS", "0") == "1"
 SCAN_BLOCK = 1024  # state elements per scan program
 # The state kernels' row weights are applied beforehand: one mlstm_state_rows_kernel launch writes the weighted rows
 # (e_j k_j forward, g_t rs_t q_t backward) and the chunks' own normaliser sums, so that the state kernels multiply
@@ -762,6 +772,7 @@ def mlstm_bwd(
     sum_slices: bool = True,
     fused_dkdv: bool = False,
     row_terms_from: Optional[RowTermInputs] = None,
+    state_dots: bool = False,
     gate_grads: Optional[GateGradsInDkdv] = None,
 ) -> tuple:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
@@ -769,6 +780,9 @@ def mlstm_bwd(
     dk and dv from the one-pass kernel (once, or twice as a split pass) where dkdv_mode() says so. Tiles: see tiles().
     row_terms_from (one chunk, no state pass): rs and dqn are outputs, filled by the dq kernel from these inputs
     together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch.
+    state_dots (STATE_TERMS_FROM_ROWS off): return a sixth tensor, the shares [BNH, NC+1, NPART] of A_c that the
+    sequential state kernel computes (kernels._state_dot_part; mlstm_gates_bwd adds them up), or None where that kernel
+    did not run (no state pass, or PARALLEL_CHUNK_STATES): the caller then computes A itself.
     dCst / dnst: every boundary is written by the sequential state kernel (index NC is read instead when
     has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
     pass need them zeroed.
@@ -783,6 +797,7 @@ def mlstm_bwd(
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     dummy = fv
+    apart = None
     if state_pass:
         cfg = tiles("bwd_state", DQK, DHV, gpu_arch(q.device))
         qs = _state_rows(q, fv, av, mrow, mst, rs, dqn, dnst, lay, nht, backward=True, scale=scale)
@@ -793,10 +808,17 @@ def mlstm_bwd(
             )
             _scan_states(dCst, dnst, fv, mrow, mst, S, lay, DQK, DHV, BNH, has_start=has_final_grad, reverse=True)
         else:
+            # Head-dim tiles never shrink (_smaller), so the grid's state tiles are cfg's.
+            dots = state_dots and Cst is not None
+            if dots:
+                apart = torch.empty(BNH, lay.NC + 1, _cdiv(DQK, cfg["BK"]) * _cdiv(DHV, cfg["BV"]), device=q.device,
+                                    dtype=torch.float32)
             _launch_tiled(
                 mlstm_bwd_state_kernel, lambda t: (_cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"]), BNH), cfg,
-                qs, dh, fv, mrow, mst, dCst, dnst, S, lay.L, lay.NC, lay.SP,
-                DQK=DQK, DHV=DHV, HAS_FINAL=has_final_grad, PREC=prec, NHT=nht,
+                qs, dh, fv, mrow, mst, dCst, dnst,
+                Cst if dots else dummy, nst if dots else dummy, apart if dots else dummy,
+                S, lay.L, lay.NC, lay.SP,
+                DQK=DQK, DHV=DHV, HAS_FINAL=has_final_grad, STATE_DOTS=dots, PREC=prec, NHT=nht,
             )
     has_final = dCst is not None
     arch = gpu_arch(q.device)
@@ -808,7 +830,7 @@ def mlstm_bwd(
         dq, dk, dv, qdq, kdk = mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows, rs, dqn, lay, Cst=Cst,
                                                       nst=nst, mst=mst, dCst=dCst, dnst=dnst)
         out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
-        return out
+        return (*out, apart) if state_dots else out
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
     common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
 
@@ -849,7 +871,7 @@ def mlstm_bwd(
                 DO_K=do_k, DO_V=do_v, **gate_consts, **common,
             )
         out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
-        return out
+        return (*out, apart) if state_dots else out
 
     cfg = tiles("dk", DQK, DHV, arch, with_states=has_final, rows=_one_chunk_rows(lay))
     nko_k = _cdiv(DQK, cfg["BKO"])
@@ -868,7 +890,7 @@ def mlstm_bwd(
         S, lay.L, lay.NC, lay.SP, scale, HAS_FINAL=has_final, **common,
     )
     out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
-    return out
+    return (*out, apart) if state_dots else out
 
 
 # Fused paths (the default, see function.FUSED_KERNELS).
@@ -1035,6 +1057,7 @@ def mlstm_gates_bwd(
     av: torch.Tensor,
     mst: torch.Tensor,  # [BNH, NC+1]
     a_ends: Optional[torch.Tensor],  # [BNH, 2] float32: A_0, A_NC (A_c = <C_c, dC_c> + <n_c, dn_c>; 0 where absent)
+    a_shares: Optional[torch.Tensor],  # [BNH, NC+1, NPART]: every A_c in NPART shares (STATE_TERMS_FROM_ROWS off)
     dm_final: Optional[torch.Tensor],  # [BNH] gradient of the final max state
     i: torch.Tensor,  # [BNH, S]
     f: torch.Tensor,  # [BNH, S]
@@ -1044,22 +1067,24 @@ def mlstm_gates_bwd(
     has_init: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """di, df (shaped as i, f, in their dtypes) and dm0 [BNH] (float32; None without has_init), in one launch. The
-    other state terms A_c come from the row sums (kernels._gates_bwd_row, STATE_TERMS). a_ends is needed with
-    has_init."""
-    if has_init and a_ends is None:
-        raise ValueError("mlstm_gates_bwd: an initial state needs a_ends (its A_0)")
+    state terms A_c come from a_shares where given, else from the row sums (kernels._gates_bwd_row, STATE_TERMS)
+    with a_ends, which an initial state needs (its A_0)."""
+    if has_init and a_ends is None and a_shares is None:
+        raise ValueError("mlstm_gates_bwd: an initial state needs a_ends (its A_0) or a_shares")
     NKO_Q, BNH, _ = qdq.shape
     i, f = i.contiguous(), f.contiguous()
     di, df = torch.empty_like(i), torch.empty_like(f)
     dm0 = _row_sums(BNH, device=i.device, zeroed=False) if has_init else None  # written for every row when has_init
     BL = _pow2(lay.L)
+    nparts = a_shares.shape[-1] if a_shares is not None else 1
     CB = _gate_chunks_per_group(lay, BL)
     direct_launch(
         mlstm_gates_bwd_kernel, (BNH,),
-        qdq, kdk, dm_row, fv, av, mst, a_ends if a_ends is not None else fv,
+        qdq, kdk, dm_row, fv, av, mst, a_shares if a_shares is not None else fv, a_ends if a_ends is not None else fv,
         dm_final if dm_final is not None else fv,
-        i, f, di, df, dm0 if has_init else fv, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH,
-        EXP_GATE=exp_gate, STATE_TERMS=lay.NC > 1 or a_ends is not None, HAS_AEND=a_ends is not None,
-        HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL, CB=CB, num_warps=_row_warps(CB * BL),
+        i, f, di, df, dm0 if has_init else fv, lay.S, lay.L, lay.NC, lay.SP, NKO_Q, kdk.shape[0], BNH, nparts,
+        EXP_GATE=exp_gate, STATE_TERMS=lay.NC > 1 or a_ends is not None or a_shares is not None,
+        A_SHARES=a_shares is not None, HAS_AEND=a_shares is None and a_ends is not None,
+        HAS_DMF=dm_final is not None, HAS_INIT=has_init, BL=BL, BP=_pow2(nparts), CB=CB, num_warps=_row_warps(CB * BL),
     )
     return di, df, dm0
