@@ -176,6 +176,7 @@ else:
         the end terms as dots; no state kernel reads the forward states for it. Several chunks with a short last
         one; states in and out, in only, out only and none; both gates; fp16; and after the parallel state kernels."""
         monkeypatch.setattr(launch, "STATE_TERMS_FROM_ROWS", True)
+        monkeypatch.setattr(launch, "SIG_STATE_TERMS_FROM_ROWS", True)
         monkeypatch.setattr(launch, "PARALLEL_CHUNK_STATES", parallel)
         monkeypatch.setattr(launch, "GATE_GROUP_ROWS", 32)
         check(1, 2, 45, 16, 24, "exp", torch.float32, init=True, ret=True, chunk_size=7, seed=71)

@@ -415,7 +415,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
                                      dtype=Cst.dtype if keeps else torch.float32)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
-    from_rows = launch.STATE_TERMS_FROM_ROWS
+    from_rows = launch.STATE_TERMS_FROM_ROWS and (exp_gate or launch.SIG_STATE_TERMS_FROM_ROWS)
     dq, dk, dv, qdq, kdk, *shares = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,

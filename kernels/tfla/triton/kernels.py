@@ -614,8 +614,9 @@ def mlstm_bwd_state_kernel(
     QS = g_t rs_t q_t and DNST[c] = the chunk's own sum_t g_t dqn_t q_t (mlstm_state_rows_kernel), as in the
     forward. Writes every boundary 0..NC of DCST / DNST (NC: zeros without a final-state gradient), so they need no
     zero fill. The recurrence runs in float32 and DCST's dtype is what is stored.
-    STATE_DOTS (launch.STATE_TERMS_FROM_ROWS off): also this tile's shares of A_c (_state_dot_part) for c = 0..NC,
-    from the forward states CST / NST; by default _gates_bwd_row has A_c from the row sums instead."""
+    STATE_DOTS (the sig gate, or launch.STATE_TERMS_FROM_ROWS off): also this tile's shares of A_c
+    (_state_dot_part) for c = 0..NC, from the forward states CST / NST; otherwise _gates_bwd_row has A_c from the
+    row sums."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -1189,8 +1190,9 @@ def _gates_bwd_row(
     to that log gate with every row max held, so A_c is the sum over the rows after the boundary of
     q.dq - k.dk (dq, dk the full gradients) plus A_NC: the row sums are at hand here, so no state kernel reads C_c
     for A_c. AEND [BNH, 2] (HAS_AEND) holds the two end terms as dots (0 where absent): A_0, which only dm0 takes
-    (the sum over every row cancels too much for it in half precision), and A_NC. A_SHARES (with STATE_TERMS;
-    launch.STATE_TERMS_FROM_ROWS off): every A_c from its shares ACST [BNH, NC + 1, NPART] (_state_dot_part)."""
+    (the sum over every row cancels too much for it in half precision), and A_NC. A_SHARES (with STATE_TERMS; the
+    sig gate, see launch.STATE_TERMS_FROM_ROWS): every A_c from its shares ACST [BNH, NC + 1, NPART]
+    (_state_dot_part)."""
     offs = tl.arange(0, BL)[None, :]
     cidx = tl.arange(0, CB)
     offs2 = tl.broadcast_to(offs, (CB, BL))

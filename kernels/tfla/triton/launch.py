@@ -406,8 +406,14 @@ PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "0") == "1"
 # states for its shares of A_c (STATE_DOTS): 232 -> 168 registers at DH 512 for sm_90 with Triton 3.6, and one read
 # of every chunk state less. The end terms A_0 (initial state) and A_NC (final-state gradient) stay dots
 # (function._bwd_impl_fused): summed over every row, A_0 cancels too much in half precision for dm0.
-# Opt-in (TFLA_STATE_TERMS_FROM_ROWS=1) until a GPU check and timing: the interpreter tests pass both ways.
-STATE_TERMS_FROM_ROWS: bool = os.environ.get("TFLA_STATE_TERMS_FROM_ROWS", "0") == "1"
+# On an H100 at S 4096, bf16, exp gate, fwd+bwd: DH 512 4.120 -> 3.876 ms wall (GPU 4.111 -> 3.866), DH 384 2.908
+# -> 2.778 (bench/results/session20/ab_state_terms_from_rows_*_h100.log); df's error against float64 unchanged
+# (DH 96 / 384 / 512: 4.9e-3 / 3.4e-3 / 5.2e-3, 4.8e-3 / 3.0e-3 / 5.2e-3 before). With the sig gate the long sum's
+# rounding showed in df (relative L2 4.6e-3 -> 2.5e-2 at DH 384, 4.8e-3 -> 1.1e-2 at DH 512, within bf16's 3e-2
+# but too close), so that gate keeps the dots unless SIG_STATE_TERMS_FROM_ROWS. TFLA_STATE_TERMS_FROM_ROWS=0 /
+# TFLA_SIG_STATE_TERMS_FROM_ROWS=1 in the environment set them.
+STATE_TERMS_FROM_ROWS: bool = os.environ.get("TFLA_STATE_TERMS_FROM_ROWS", "1") != "0"
+SIG_STATE_TERMS_FROM_ROWS: bool = os.environ.get("TFLA_SIG_STATE_TERMS_FROM_ROWS", "0") == "1"
 SCAN_BLOCK = 1024  # state elements per scan program
 # The state kernels' row weights are applied beforehand: one mlstm_state_rows_kernel launch writes the weighted rows
 # (e_j k_j forward, g_t rs_t q_t backward) and the chunks' own normaliser sums, so that the state kernels multiply
@@ -780,8 +786,8 @@ def mlstm_bwd(
     dk and dv from the one-pass kernel (once, or twice as a split pass) where dkdv_mode() says so. Tiles: see tiles().
     row_terms_from (one chunk, no state pass): rs and dqn are outputs, filled by the dq kernel from these inputs
     together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch.
-    state_dots (STATE_TERMS_FROM_ROWS off): return a sixth tensor, the shares [BNH, NC+1, NPART] of A_c that the
-    sequential state kernel computes (kernels._state_dot_part; mlstm_gates_bwd adds them up), or None where that kernel
+    state_dots (where A_c does not come from the row sums, STATE_TERMS_FROM_ROWS): return a sixth tensor, the
+    shares [BNH, NC+1, NPART] of A_c that the sequential state kernel computes (kernels._state_dot_part; mlstm_gates_bwd adds them up), or None where that kernel
     did not run (no state pass, or PARALLEL_CHUNK_STATES): the caller then computes A itself.
     dCst / dnst: every boundary is written by the sequential state kernel (index NC is read instead when
     has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
@@ -1057,7 +1063,7 @@ def mlstm_gates_bwd(
     av: torch.Tensor,
     mst: torch.Tensor,  # [BNH, NC+1]
     a_ends: Optional[torch.Tensor],  # [BNH, 2] float32: A_0, A_NC (A_c = <C_c, dC_c> + <n_c, dn_c>; 0 where absent)
-    a_shares: Optional[torch.Tensor],  # [BNH, NC+1, NPART]: every A_c in NPART shares (STATE_TERMS_FROM_ROWS off)
+    a_shares: Optional[torch.Tensor],  # [BNH, NC+1, NPART]: every A_c in NPART shares (or None: row sums)
     dm_final: Optional[torch.Tensor],  # [BNH] gradient of the final max state
     i: torch.Tensor,  # [BNH, S]
     f: torch.Tensor,  # [BNH, S]
