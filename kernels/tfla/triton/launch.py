@@ -787,8 +787,9 @@ def mlstm_bwd(
     row_terms_from (one chunk, no state pass): rs and dqn are outputs, filled by the dq kernel from these inputs
     together with the max-state gradient (see RowTermInputs), in place of a mlstm_bwd_rows launch.
     state_dots (where A_c does not come from the row sums, STATE_TERMS_FROM_ROWS): return a sixth tensor, the
-    shares [BNH, NC+1, NPART] of A_c that the sequential state kernel computes (kernels._state_dot_part; mlstm_gates_bwd adds them up), or None where that kernel
-    did not run (no state pass, or PARALLEL_CHUNK_STATES): the caller then computes A itself.
+    shares [BNH, NC+1, NPART] of A_c that the sequential state kernel computes (kernels._state_dot_part;
+    mlstm_gates_bwd adds them up), or None where that kernel did not run (no state pass, or PARALLEL_CHUNK_STATES):
+    the caller then computes A itself.
     dCst / dnst: every boundary is written by the sequential state kernel (index NC is read instead when
     has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
     pass need them zeroed.
