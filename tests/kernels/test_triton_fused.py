@@ -611,3 +611,57 @@ else:
         monkeypatch.setattr(launch, "TILE_OVERRIDES", {"score_rows": dict(BT=256, BS=64)})
         with pytest.raises(ValueError, match="SCORE_PACK_ROWS"):
             launch._score_tiles("score_rows", 24, 16, "cpu", False)
+
+    # launch.FACTORED_DECAY: tiles off the causal diagonal take the decay as a row factor times a key factor. 16-row
+    # tiles, so that most tiles are off the diagonal, and gates that forget hard in places (log forget gates down to
+    # about -10) with spikes of the input gate that move the max state: the two factors span many orders of magnitude
+    # and either may underflow.
+    FACTORED_CASES = {
+        "exp 24x16 S70": ((1, 2, 70, 24, 16, "exp", torch.float32), dict(seed=81)),
+        "sig 16x24 S70 unnormalised": ((1, 2, 70, 16, 24, "sig", torch.float32), dict(normalize=False, seed=82)),
+        "exp 16x24 S97 chunks of 40 states fp16": ((1, 1, 97, 16, 24, "exp", torch.float16),
+                                                   dict(init=True, ret=True, chunk_size=40, seed=83)),
+        "sig 24x24 S80 chunks of 33 states": ((2, 1, 80, 24, 24, "sig", torch.float32),
+                                              dict(init=True, ret=True, chunk_size=33, seed=84)),
+    }
+    FACTORED_TILES = {kernel: dict(BT=16, BS=16) for kernel in ("fwd_h", "dq", "dkdv", "dk", "dv")}
+
+    @pytest.mark.parametrize("kernels", ["one_pass", "dk_and_dv", "score_matrix"])
+    @pytest.mark.parametrize("case", list(FACTORED_CASES), ids=list(FACTORED_CASES))
+    def test_factored_decay(fused, monkeypatch, fresh_tiles, case, kernels):
+        """Outputs and every gradient with the factored decay against the per-element decay (same tiles, same
+        inputs: equal to rounding) and against float64, on each kernel family that forms weights: the matrix
+        kernels with one dk + dv pass or with the dk and dv kernels, and the score-matrix kernels."""
+        (B, NH, S, DQK, DHV, gate, dtype), kw = FACTORED_CASES[case]
+        monkeypatch.setattr(launch, "TILE_OVERRIDES", {**FACTORED_TILES, **SMALL_SCORE_TILES})
+        monkeypatch.setattr(launch, "SCORE_PACK_ROWS", 32)
+        monkeypatch.setattr(launch, "SCORE_MATRIX", kernels == "score_matrix")
+        monkeypatch.setattr(launch, "ONE_PASS_DKDV", kernels == "one_pass")
+        init, ret, normalize, seed = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True), kw["seed"]
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, init)
+        g = torch.Generator().manual_seed(seed)
+        spikes = (torch.rand(B, NH, S, generator=g) < 0.08).double() * 12.0
+        xs[3] = (torch.randn(B, NH, S, generator=g) * 3.0 + spikes).to(DEVICE)
+        xs[4] = (torch.randn(B, NH, S, generator=g) * 4.0 - 1.0).to(DEVICE)
+        launched = _record_launches(monkeypatch)
+        results = {}
+        for on in (False, True):
+            monkeypatch.setattr(launch, "FACTORED_DECAY", on)
+            launch.POISON_OUTPUTS = True
+            try:
+                results[on] = _run(mlstm_triton, xs, gate, normalize, ret, seed, chunk_size=kw.get("chunk_size"))
+            finally:
+                launch.POISON_OUTPUTS = False
+        expected = {"one_pass": "mlstm_bwd_dkdv_kernel", "dk_and_dv": "mlstm_bwd_dk_kernel",
+                    "score_matrix": "mlstm_scores_bwd_kernel"}[kernels]
+        assert expected in launched, launched
+        ref = _run(mlstm_parallel, [t.double() for t in xs], gate, normalize, ret, seed)
+        r32 = _run(mlstm_parallel, [t.float() for t in xs], gate, normalize, ret, seed)
+        names = ["h", "C", "n", "m"][:len(ref[0])] + ["d" + n for n in NAMES]
+        for name, off, on, b, b32 in zip(names, *(outs + grads for outs, grads in (results[False], results[True],
+                                                                                      ref, r32))):
+            if b is None or (name == "m" and gate == "sig") or (name == "dm0" and gate == "sig"):
+                continue
+            assert torch.isfinite(on).all(), name
+            assert _rel(on, off) <= TOL_VS_DEFAULT[dtype], (name, _rel(on, off))
+            assert _rel(on, b) <= max(TOL[dtype], 5 * _rel(b32, b)), (name, _rel(on, b), _rel(off, b))
