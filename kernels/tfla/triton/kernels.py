@@ -21,14 +21,11 @@ Layout shared by every kernel (see function.py for how the vectors are made):
   tl.exp would add a multiply and a four-instruction denormal fix-up per element. The kernels wait on the latency of
   this elementwise chain, with the tensor cores 12-33 % busy (bench/results/ncu_mlstm_h100.md). Rows past the
   sequence's end get r_t = -inf in the key-side kernels, so their weights vanish without a per-element mask.
-- FACTORED (launch.FACTORED_DECAY): tiles off the diagonal take no exp2 per element. The row term never increases
-  along a chunk (-r_t is a running max of the key terms, plus the entering max state), so for a query tile whose
-  rows all come after the key tile's, one reference R splits the weight into two factors of at most 1:
-  2^(r_t + b_j) = 2^(r_t - R) 2^(b_j + R), with R the query tile's largest row term (query-side kernels: fwd_h,
-  dq, the score-forming kernels) or minus the key tile's largest key term (key-side kernels: dk, dv). A program's
-  own factor is the same for every tile it walks, so it multiplies its accumulator once, after the off-diagonal
-  tiles; the other factor is one exp2 per row of a tile. Both factors are <= 1, so neither overflows, and one that
-  underflows stands for a weight below 2^-126. Diagonal tiles keep the exp2 per element.
+  The exp2 itself is not what they wait on: session 21 took it out of every tile off the diagonal (2^(r_t + b_j) =
+  2^(r_t - R) 2^(b_j + R), R the query tile's largest row term, so both factors are <= 1; one factor applied to
+  the accumulator once, the other one exp2 per row of a tile: half the MUFU per thread in fwd_h and dq, 15 % fewer
+  instructions in dkdv's loop). Exact and GPU-checked, it changed fwd+bwd GPU time by -1.4 to +1.7 % on an H100
+  (bench/results/session21/ab_factored_decay.log), so it was removed again (commit b96a6e0 has it).
 Matrix products take operands in the input dtype and accumulate in float32. Every output element is written by
 exactly one program, with a fixed order of arithmetic, so results are identical run to run. The one atomic is a
 ticket counter that picks which program computes a row's gate gradients (mlstm_bwd_dkdv_kernel's GATES_BWD), not
@@ -53,14 +50,6 @@ def _exp2(x, FAST: tl.constexpr):
     else:
         y = tl.exp2(x)
     return y
-
-
-@triton.jit
-def _decay_reference(x, ok):
-    """FACTORED's reference: the largest of x over the valid entries (0 where none is valid: a program past the
-    chunk's end, whose results are never stored)."""
-    ref = tl.max(tl.where(ok, x, -float("inf")), 0)
-    return tl.where(ref > -float("inf"), ref, 0.0)
 
 
 @triton.jit
@@ -207,37 +196,32 @@ def _gate_tile(IG, FG, g_base, rows, ok, F_before, EXP_GATE: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, r_ref, Lc, DQK: tl.constexpr,
+def _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK: tl.constexpr,
                  RQK: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, DIAG: tl.constexpr,
-                 PREC: tl.constexpr, FAST_EXP2: tl.constexpr, FACTORED: tl.constexpr):
+                 PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     """The forward's weights (q_t.k_j) exp(D_tj - m_t)/sqrt(d) [BT, BS] (float32) of the key tile at j0, zero above
     the diagonal and past the chunk's end, with the key rows and their mask. r_t: the row term, log2(scale) included.
-    DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks.
-    FACTORED (off-diagonal tiles only): the weights without their row factor 2^(r_t - r_ref) (the module
-    docstring), which the caller applies."""
+    DIAG: the tile straddles the causal diagonal or the sequence's end, so it takes the masks."""
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
     sc = _scores(q_res, q_res2, q_base, t_loc, t_ok, k_base, s_loc, s_ok, DQK, RQK, BK, BK2, True, DIAG, PREC)
-    if FACTORED:
-        w = sc * _exp2(b_s + r_ref, FAST_EXP2)[None, :]
-    else:
-        w = sc * _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
+    w = sc * _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
     if DIAG:
         w = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], w, 0.0)
     return w, s_loc, s_ok
 
 
 @triton.jit
-def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, r_ref, Lc,
-                offs_v, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+def _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, offs_v,
+                DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                 BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
                 BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
-                FAST_EXP2: tl.constexpr, FACTORED: tl.constexpr):
-    w, s_loc, s_ok = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, r_ref, Lc, DQK,
-                                  RQK, BS, BK, BK2, DIAG, PREC, FAST_EXP2, FACTORED)
+                FAST_EXP2: tl.constexpr):
+    w, s_loc, s_ok = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK, BS,
+                                  BK, BK2, DIAG, PREC, FAST_EXP2)
     qn += tl.sum(w, 1)
     acc, acc2 = _product_into_pieces(acc, acc2, w, v_base, s_loc, s_ok, offs_v, DHV, RHV, BV, BV2, DIAG, PREC)
     return acc, acc2, qn
@@ -261,7 +245,7 @@ def mlstm_fwd_h_kernel(
     HAS_INIT: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-    NHT: tl.constexpr, GATES_FWD: tl.constexpr = False, GT: tl.constexpr = 16, FACTORED: tl.constexpr = False,
+    NHT: tl.constexpr, GATES_FWD: tl.constexpr = False, GT: tl.constexpr = 16,
 ):
     """h[t, v-slice] for one query tile of one chunk: sum_j (q_t.k_j) exp(D_tj-m_t) v_j + g_t q_t C_c, normalised.
     BT is a multiple of BS: key tiles before the query tile's first row need no mask, those from it on do.
@@ -321,24 +305,18 @@ def mlstm_fwd_h_kernel(
         m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, BK2, Q.dtype.element_ty)
     r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
-    r_ref = _decay_reference(r_t, t_ok)
 
     acc = tl.zeros((BT, BV), dtype=tl.float32)
     acc2 = _acc_piece(BT, BV2)
     qn = tl.zeros((BT,), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
         acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
-                                    t_ok, r_t, r_ref, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, False,
-                                    PREC, FAST_EXP2, FACTORED)
-    if FACTORED:  # the off-diagonal tiles' row factor, once
-        alpha = _exp2(r_t - r_ref, FAST_EXP2)
-        acc *= alpha[:, None]
-        acc2 *= alpha[:, None]
-        qn *= alpha
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, False, PREC,
+                                    FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         acc, acc2, qn = _fwd_h_tile(acc, acc2, qn, q_res, q_res2, j0, q_base, k_base, v_base, FV, AV, vec, t_loc,
-                                    t_ok, r_t, r_ref, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, True,
-                                    PREC, FAST_EXP2, False)
+                                    t_ok, r_t, Lc, offs_v, DQK, DHV, RQK, RHV, BS, BK, BK2, BV, BV2, True, PREC,
+                                    FAST_EXP2)
     offs_v2 = _piece_cols(BV, BV2)
     v2_ok = offs_v2 < DHV
 
@@ -701,23 +679,19 @@ def mlstm_bwd_chunk_state_kernel(
 
 
 @triton.jit
-def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, r_ref, rs_t,
-                 dqn_t, Lc, offs_k, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
+def _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, rs_t, dqn_t,
+                 Lc, offs_k, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                  BS: tl.constexpr, BV: tl.constexpr,
                  BV2: tl.constexpr, BKO: tl.constexpr, BKO2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
-                 FAST_EXP2: tl.constexpr, FACTORED: tl.constexpr):
-    """FACTORED (off-diagonal tiles only): without the row factor 2^(r_t - r_ref), which the caller applies."""
+                 FAST_EXP2: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = _load_vec(FV + vec, s_loc, s_ok, DIAG)
     a_s = _load_vec(AV + vec, s_loc, s_ok, DIAG)
     b_s = (a_s - f_s) * LOG2E
     dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, RHV, BV, BV2, True, DIAG, PREC)
-    if FACTORED:
-        ds = (dw * rs_t[:, None] + dqn_t[:, None]) * _exp2(b_s + r_ref, FAST_EXP2)[None, :]
-    else:
-        p = _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
-        ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
+    p = _exp2(r_t[:, None] + b_s[None, :], FAST_EXP2)
+    ds = (dw * rs_t[:, None] + dqn_t[:, None]) * p
     if DIAG:
         ds = tl.where((s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :], ds, 0.0)
     acc, acc2 = _product_into_pieces(acc, acc2, ds, k_base, s_loc, s_ok, offs_k, DQK, RQK, BKO, BKO2, DIAG, PREC)
@@ -732,7 +706,7 @@ def mlstm_bwd_dq_kernel(
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     BKO: tl.constexpr, BKO2: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
     ROW_TERMS: tl.constexpr, NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr,
-    NHT: tl.constexpr, ZERO_TICKETS: tl.constexpr = False, FACTORED: tl.constexpr = False,
+    NHT: tl.constexpr, ZERO_TICKETS: tl.constexpr = False,
 ):
     """dq[t, k-slice] = sum_j dW_tj exp(D_tj-m_t)/sqrt(d) k_j + g_t (dh~_t C_c^T + dqn_t n_c); dW = dh~ v^T + dqn.
     BT is a multiple of BS, as in the forward. BV2 / BKO2 > 0: dh and dq in two head-dim pieces (_scores); with BKO2
@@ -788,22 +762,17 @@ def mlstm_bwd_dq_kernel(
         rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
         dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
     r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
-    r_ref = _decay_reference(r_t, t_ok)
 
     acc = tl.zeros((BT, BKO), dtype=tl.float32)
     acc2 = _acc_piece(BT, BKO2)
     for j0 in range(0, t_lo, BS):
         acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
-                                 r_t, r_ref, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2,
-                                 False, PREC, FAST_EXP2, FACTORED)
-    if FACTORED:  # the off-diagonal tiles' row factor, once
-        alpha = _exp2(r_t - r_ref, FAST_EXP2)
-        acc *= alpha[:, None]
-        acc2 *= alpha[:, None]
+                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2, False, PREC,
+                                 FAST_EXP2)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         acc, acc2 = _bwd_dq_tile(acc, acc2, dh_res, dh_res2, j0, dh_base, v_base, k_base, FV, AV, vec, t_loc, t_ok,
-                                 r_t, r_ref, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2,
-                                 True, PREC, FAST_EXP2, False)
+                                 r_t, rs_t, dqn_t, Lc, offs_k, DQK, DHV, RQK, RHV, BS, BV, BV2, BKO, BKO2, True, PREC,
+                                 FAST_EXP2)
 
     if HAS_INIT:
         st = bh * (NC + 1) + c
@@ -858,34 +827,16 @@ def _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG: tl.co
 
 
 @triton.jit
-def _key_side_row_weights(FV, MROW, RS, DQN, vec, t_loc, t_ok, r_key, FAST_EXP2: tl.constexpr):
-    """FACTORED, off-diagonal tiles of the key-side kernels: rs_t and dqn_t times the row factor 2^(r_t + r_key)
-    (zero past the chunk), r_key the key tile's largest key term; the key factor 2^(b_j - r_key) is the caller's
-    (the module docstring)."""
-    f_t = tl.load(FV + vec + t_loc, mask=t_ok, other=0.0)
-    m_t = tl.load(MROW + vec + t_loc, mask=t_ok, other=0.0)
-    rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
-    dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
-    alpha = tl.where(t_ok, _exp2((f_t - m_t) * LOG2E + r_key, FAST_EXP2), 0.0)
-    return rs_t * alpha, dqn_t * alpha
-
-
-@triton.jit
-def _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, r_key, Lc,
+def _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, Lc,
                  offs_k, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                  BT: tl.constexpr, BV: tl.constexpr,
-                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-                 FACTORED: tl.constexpr):
+                 BKO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
     dw_tr = _scores(v_res, v_res, v_base, s_loc, s_ok, dh_base, t_loc, t_ok, DHV, RHV, BV, 0, True, True,
                     PREC)  # v dh^T
-    if FACTORED:
-        rs_w, dqn_w = _key_side_row_weights(FV, MROW, RS, DQN, vec, t_loc, t_ok, r_key, FAST_EXP2)
-        ds_tr = dw_tr * rs_w[None, :] + dqn_w[None, :]
-    else:
-        p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-        ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
+    ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
     q_t = _load_rows(q_base, t_loc, t_ok, offs_k, DQK, RQK, True, DQK % BKO != 0)
     acc += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
     return acc
@@ -898,11 +849,10 @@ def mlstm_bwd_dk_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, BKO: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-    NHT: tl.constexpr, FACTORED: tl.constexpr = False,
+    NHT: tl.constexpr,
 ):
     """dk[j, k-slice] = sum_{t>=j} dW_tj exp(D_tj-m_t)/sqrt(d) q_t + e_j (dC_{c+1} v_j + dn_{c+1}).
-    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not.
-    FACTORED: the later ones first, then their key factor, then the diagonal ones (the module docstring)."""
+    BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
@@ -927,21 +877,13 @@ def mlstm_bwd_dk_kernel(
     v_res, _ = _resident(v_base, s_loc, s_ok, DHV, RHV, BV, 0, V.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
-    r_key = _decay_reference(b_s, s_ok)
-
     acc = tl.zeros((BS, BKO), dtype=tl.float32)
-    if FACTORED:
-        for t0 in range(s_lo + BS, Lc, BT):
-            acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                               r_key, Lc, offs_k, DQK, DHV, RQK, RHV, BT, BV, BKO, False, PREC, FAST_EXP2, True)
-        acc *= _exp2(b_s - r_key, FAST_EXP2)[:, None]
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                           r_key, Lc, offs_k, DQK, DHV, RQK, RHV, BT, BV, BKO, True, PREC, FAST_EXP2, False)
-    if not FACTORED:
-        for t0 in range(s_lo + BS, Lc, BT):
-            acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                               r_key, Lc, offs_k, DQK, DHV, RQK, RHV, BT, BV, BKO, False, PREC, FAST_EXP2, False)
+                           Lc, offs_k, DQK, DHV, RQK, RHV, BT, BV, BKO, True, PREC, FAST_EXP2)
+    for t0 in range(s_lo + BS, Lc, BT):
+        acc = _bwd_dk_tile(acc, v_res, t0, q_base, v_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
+                           Lc, offs_k, DQK, DHV, RQK, RHV, BT, BV, BKO, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -969,20 +911,15 @@ def mlstm_bwd_dk_kernel(
 
 
 @triton.jit
-def _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, r_key, Lc,
+def _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s, Lc,
                  offs_v, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr,
-                 BVO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-                 FACTORED: tl.constexpr):
+                 BVO: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
     sc_tr = _scores(k_res, k_res, k_base, s_loc, s_ok, q_base, t_loc, t_ok, DQK, RQK, BK, 0, True, True, PREC)  # k q^T
-    if FACTORED:
-        rs_w, _ = _key_side_row_weights(FV, MROW, RS, DQN, vec, t_loc, t_ok, r_key, FAST_EXP2)
-        w_tr = sc_tr * rs_w[None, :]
-    else:
-        p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
-        w_tr = sc_tr * (p_tr * rs_t[None, :])
+    w_tr = sc_tr * (p_tr * rs_t[None, :])
     dh_t = _load_rows(dh_base, t_loc, t_ok, offs_v, DHV, RHV, True, DHV % BVO != 0)
     acc += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
     return acc
@@ -995,10 +932,9 @@ def mlstm_bwd_dv_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr,
     HAS_FINAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BVO: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
-    NHT: tl.constexpr, FACTORED: tl.constexpr = False,
+    NHT: tl.constexpr,
 ):
-    """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(D_tj-m_t)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}. BS multiple of BT.
-    FACTORED: as in mlstm_bwd_dk_kernel."""
+    """dv[j, v-slice] = sum_{t>=j} (q_t.k_j) exp(D_tj-m_t)/sqrt(d) dh~_t + e_j k_j^T dC_{c+1}. BS multiple of BT."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
@@ -1022,21 +958,13 @@ def mlstm_bwd_dv_kernel(
     k_res, _ = _resident(k_base, s_loc, s_ok, DQK, RQK, BK, 0, K.dtype.element_ty)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
 
-    r_key = _decay_reference(b_s, s_ok)
-
     acc = tl.zeros((BS, BVO), dtype=tl.float32)
-    if FACTORED:
-        for t0 in range(s_lo + BS, Lc, BT):
-            acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                               r_key, Lc, offs_v, DQK, DHV, RQK, RHV, BT, BK, BVO, False, PREC, FAST_EXP2, True)
-        acc *= _exp2(b_s - r_key, FAST_EXP2)[:, None]
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                           r_key, Lc, offs_v, DQK, DHV, RQK, RHV, BT, BK, BVO, True, PREC, FAST_EXP2, False)
-    if not FACTORED:
-        for t0 in range(s_lo + BS, Lc, BT):
-            acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
-                               r_key, Lc, offs_v, DQK, DHV, RQK, RHV, BT, BK, BVO, False, PREC, FAST_EXP2, False)
+                           Lc, offs_v, DQK, DHV, RQK, RHV, BT, BK, BVO, True, PREC, FAST_EXP2)
+    for t0 in range(s_lo + BS, Lc, BT):
+        acc = _bwd_dv_tile(acc, k_res, t0, q_base, k_base, dh_base, FV, MROW, RS, DQN, vec, s_loc, s_ok, b_s,
+                           Lc, offs_v, DQK, DHV, RQK, RHV, BT, BK, BVO, False, PREC, FAST_EXP2)
 
     if HAS_FINAL:
         st = bh * (NC + 1) + c + 1
@@ -1355,13 +1283,10 @@ def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_bas
                    s_loc, b_s, Lc, DQK: tl.constexpr, DHV: tl.constexpr, RQK: tl.constexpr, RHV: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr,
                    BK2: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr,
-                   FAST_EXP2: tl.constexpr, DO_K: tl.constexpr, DO_V: tl.constexpr, r_key, FACTORED: tl.constexpr):
+                   FAST_EXP2: tl.constexpr, DO_K: tl.constexpr, DO_V: tl.constexpr):
     t_loc = t0 + tl.arange(0, BT)
     t_ok = t_loc < Lc
-    if FACTORED:  # the row factor joins rs and dqn; p_tr stands in as 1 (the module docstring)
-        rs_t, dqn_t = _key_side_row_weights(FV, MROW, RS, DQN, vec, t_loc, t_ok, r_key, FAST_EXP2)
-    else:
-        p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
+    p_tr, rs_t, dqn_t = _key_side_decay(FV, MROW, RS, DQN, vec, t_loc, t_ok, s_loc, b_s, DIAG, FAST_EXP2)
     q_t = _load_piece(q_base, t_loc, t_ok, 0, BK, DQK, RQK, True)
     dh_t = _load_piece(dh_base, t_loc, t_ok, 0, BV, DHV, RHV, True)
     if BK2 > 0:
@@ -1372,10 +1297,7 @@ def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_bas
         sc_tr = tl.dot(k_s, tl.trans(q_t), input_precision=PREC)  # [BS, BT]
         if BK2 > 0:
             sc_tr += tl.dot(k_s2, tl.trans(q_t2), input_precision=PREC)
-        if FACTORED:
-            w_tr = sc_tr * rs_t[None, :]
-        else:
-            w_tr = sc_tr * (p_tr * rs_t[None, :])
+        w_tr = sc_tr * (p_tr * rs_t[None, :])
         acc_v += tl.dot(w_tr.to(dh_t.dtype), dh_t, input_precision=PREC)
         if BV2 > 0:
             acc_v2 += tl.dot(w_tr.to(dh_t2.dtype), dh_t2, input_precision=PREC)
@@ -1383,10 +1305,7 @@ def _bwd_dkdv_tile(acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_bas
         dw_tr = tl.dot(v_s, tl.trans(dh_t), input_precision=PREC)  # [BS, BT]
         if BV2 > 0:
             dw_tr += tl.dot(v_s2, tl.trans(dh_t2), input_precision=PREC)
-        if FACTORED:
-            ds_tr = dw_tr * rs_t[None, :] + dqn_t[None, :]
-        else:
-            ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
+        ds_tr = (dw_tr * rs_t[None, :] + dqn_t[None, :]) * p_tr
         acc_k += tl.dot(ds_tr.to(q_t.dtype), q_t, input_precision=PREC)
         if BK2 > 0:
             acc_k2 += tl.dot(ds_tr.to(q_t2.dtype), q_t2, input_precision=PREC)
@@ -1420,7 +1339,6 @@ def mlstm_bwd_dkdv_kernel(
     BV: tl.constexpr, BV2: tl.constexpr, SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
     NHT: tl.constexpr, DO_K: tl.constexpr = True, DO_V: tl.constexpr = True,
     GATES_BWD: tl.constexpr = False, EXP_GATE: tl.constexpr = True, BL: tl.constexpr = 16,
-    FACTORED: tl.constexpr = False,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK + BK2, BV + BV2: one program covers them), both
     accumulators live:
@@ -1436,9 +1354,7 @@ def mlstm_bwd_dkdv_kernel(
     of all its key tiles, so the program that finishes its row's last key tile computes them (_gates_bwd_row),
     instead of a mlstm_gates_bwd_kernel launch after this one. Programs of a row take tickets from a counter
     TICKETS[bh * SP] (float32, zeroed by the dq kernel before); the ticket's order varies from run to run, the
-    arithmetic of whoever holds the last one does not, so results stay bitwise deterministic.
-    FACTORED: the query tiles after the key tile first, then their key factor, then the diagonal ones (the module
-    docstring)."""
+    arithmetic of whoever holds the last one does not, so results stay bitwise deterministic."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
@@ -1470,29 +1386,15 @@ def mlstm_bwd_dkdv_kernel(
     v_s, v_s2, acc_k, acc_k2 = _key_tile_and_acc(v_base, s_loc, s_ok, DHV, RHV, BV, BV2, BK, BK2, BS,
                                                  V.dtype.element_ty, DO_K)
     b_s = (a_s - f_s) * LOG2E + tl.log2(scale)
-    r_key = _decay_reference(b_s, s_ok)
 
-    if FACTORED:
-        for t0 in range(s_lo + BS, Lc, BT):
-            acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
-                acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec,
-                s_loc, b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2, DO_K, DO_V, r_key,
-                True)
-        beta = _exp2(b_s - r_key, FAST_EXP2)[:, None]
-        acc_k *= beta
-        acc_k2 *= beta
-        acc_v *= beta
-        acc_v2 *= beta
     for t0 in range(s_lo, tl.minimum(s_lo + BS, Lc), BT):
         acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
             acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
-            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2, DO_K, DO_V, r_key, False)
-    if not FACTORED:
-        for t0 in range(s_lo + BS, Lc, BT):
-            acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
-                acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec,
-                s_loc, b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2, DO_K, DO_V, r_key,
-                False)
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, True, PREC, FAST_EXP2, DO_K, DO_V)
+    for t0 in range(s_lo + BS, Lc, BT):
+        acc_k, acc_k2, acc_v, acc_v2 = _bwd_dkdv_tile(
+            acc_k, acc_k2, acc_v, acc_v2, k_s, k_s2, v_s, v_s2, t0, q_base, dh_base, FV, MROW, RS, DQN, vec, s_loc,
+            b_s, Lc, DQK, DHV, RQK, RHV, BT, BK, BK2, BV, BV2, False, PREC, FAST_EXP2, DO_K, DO_V)
 
     if HAS_FINAL:
         # The state's gradient enters in SL-wide slices: the whole [BK, BV] tile of dC would need more shared memory

@@ -414,12 +414,6 @@ PARALLEL_CHUNK_STATES: bool = os.environ.get("TFLA_PARALLEL_STATES", "0") == "1"
 # TFLA_SIG_STATE_TERMS_FROM_ROWS=1 in the environment set them.
 STATE_TERMS_FROM_ROWS: bool = os.environ.get("TFLA_STATE_TERMS_FROM_ROWS", "1") != "0"
 SIG_STATE_TERMS_FROM_ROWS: bool = os.environ.get("TFLA_SIG_STATE_TERMS_FROM_ROWS", "0") == "1"
-# Tiles off the causal diagonal take their decay weights as a row factor times a key factor (kernels.py's docstring:
-# FACTORED), one exp2 per row of a tile instead of one per element: the per-element chain the matrix kernels wait
-# on loses its ex2 and an add. Both factors are <= 1 by construction (the row term never increases along a chunk).
-# Exact for every input the unfactored form takes (tests/kernels: both gates, states, odd sizes, fp32 and fp16 under
-# the interpreter); opt-in (TFLA_FACTORED_DECAY=1) until its GPU check and timing.
-FACTORED_DECAY: bool = os.environ.get("TFLA_FACTORED_DECAY", "0") == "1"
 SCAN_BLOCK = 1024  # state elements per scan program
 # The state kernels' row weights are applied beforehand: one mlstm_state_rows_kernel launch writes the weighted rows
 # (e_j k_j forward, g_t rs_t q_t backward) and the chunks' own normaliser sums, so that the state kernels multiply
@@ -520,7 +514,6 @@ def mlstm_fwd(
         *(gates_from if gates_from is not None else (dummy, dummy)),
         S, lay.L, lay.NC, lay.SP, scale, eps, DQK=DQK, DHV=DHV,
         HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=_fast_exp2(q),
-        FACTORED=FACTORED_DECAY,
         NHT=nht, **(dict(GATES_FWD=True, GT=min(GATE_TILE_ROWS, _pow2(lay.L))) if gates_from is not None else {}),
     )
     return h, qn
@@ -641,8 +634,7 @@ def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate:
         _score_tiles("scores_fwd", DQK, DHV, arch, lay.NC > 1 or has_state),
         q, k, fv, av, mrow, qn, w, nst if has_state else fv, mst if has_state else fv,
         S, lay.L, lay.NC, lay.SP, per_matrix, scale,
-        DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), FACTORED=FACTORED_DECAY, NHT=nht, PACK=SCORE_PACK_ROWS,
-        HAS_STATE=has_state,
+        DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS, HAS_STATE=has_state,
     )
     h = _new(v)
     _apply_scores("score_rows", w, per_matrix, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,
@@ -672,8 +664,8 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInpu
             q, k, v, dh, rows.h if rows else dh, fv, av, mrow, rows.qn if rows else fv, rs, dqn,
             rows.dm_row if rows else fv, ds, wr,
             S, lay.L, lay.NC, lay.SP, per_matrix, scale, rows.eps if rows else 0.0,
-            DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), FACTORED=FACTORED_DECAY, NHT=nht,
-            PACK=SCORE_PACK_ROWS, NORMALIZE=bool(rows and rows.normalize), EXP_GATE=bool(rows and rows.exp_gate), DO_DS=do_ds,
+            DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS,
+            NORMALIZE=bool(rows and rows.normalize), EXP_GATE=bool(rows and rows.exp_gate), DO_DS=do_ds,
             DO_WR=do_wr, ROW_TERMS=rows is not None,
         )
 
@@ -847,7 +839,7 @@ def mlstm_bwd(
         out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
         return (*out, apart) if state_dots else out
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)
-    common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), FACTORED=FACTORED_DECAY, NHT=nht)
+    common = dict(DQK=DQK, DHV=DHV, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht)
 
     cfg = tiles("dq", DQK, DHV, arch, with_states=Cst is not None, rows=_one_chunk_rows(lay))
     nko = _cdiv(DQK, cfg["BKO"] + cfg["BKO2"])

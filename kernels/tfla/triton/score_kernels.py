@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .kernels import LOG2E, _exp2, _load_rows, _resident, _row_dot, _row_terms, _rows_base, _scores, _weight_tile
-from .kernels import _decay_reference, _denominator, _entering_weight, _leaving_weight
+from .kernels import _denominator, _entering_weight, _leaving_weight
 
 
 @triton.jit
@@ -109,30 +109,24 @@ def mlstm_scores_fwd_kernel(
     S, L, NC, SP, TRI, scale,
     DQK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
-    HAS_STATE: tl.constexpr = False, FACTORED: tl.constexpr = False,
+    HAS_STATE: tl.constexpr = False,
 ):
     """W[t, j] for one query tile of one chunk (the weights of kernels._weight_tile, in W's dtype; zeros above the
     diagonal of the diagonal tiles) and qn_t = sum_j W[t, j] of the float32 weights, plus g_t q_t.n_c with
-    HAS_STATE (NST, MST: the chunk states' n and m). BT is a multiple of BS.
-    FACTORED: off-diagonal weights as a row factor times a key factor (kernels.py's docstring), both applied to
-    each stored weight."""
+    HAS_STATE (NST, MST: the chunk states' n and m). BT is a multiple of BS."""
     RQK = NHT * DQK
     bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, L, NC, SP, DQK, NHT, BT)
     r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
-    r_ref = _decay_reference(r_t, t_ok)
-    alpha = _exp2(r_t - r_ref, FAST_EXP2)[:, None]
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
     qn = tl.zeros((BT,), dtype=tl.float32)
     for j0 in range(0, t_lo, BS):
-        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, r_ref, Lc, DQK,
-                                   RQK, BS, BK, 0, False, PREC, FAST_EXP2, FACTORED)
-        if FACTORED:
-            w = w * alpha
+        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK,
+                                   BS, BK, 0, False, PREC, FAST_EXP2)
         qn += tl.sum(w, 1)
         tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
-        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, r_ref, Lc, DQK,
-                                   RQK, BS, BK, 0, True, PREC, FAST_EXP2, False)
+        w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK,
+                                   BS, BK, 0, True, PREC, FAST_EXP2)
         qn += tl.sum(w, 1)
         tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
     if HAS_STATE:
@@ -155,7 +149,7 @@ def mlstm_scores_bwd_kernel(
     DQK: tl.constexpr, DHV: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
     NORMALIZE: tl.constexpr, EXP_GATE: tl.constexpr, DO_DS: tl.constexpr = True, DO_WR: tl.constexpr = True,
-    ROW_TERMS: tl.constexpr = True, FACTORED: tl.constexpr = False,
+    ROW_TERMS: tl.constexpr = True,
 ):
     """For one query tile of one chunk: the per-row terms rs, dqn, dm (from delta = dh.h, as the dq kernel's
     ROW_TERMS; without ROW_TERMS they are inputs, written by mlstm_bwd_rows_kernel for the state pass), then
@@ -181,42 +175,29 @@ def mlstm_scores_bwd_kernel(
         else:
             dqn_t = rs_t
     r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
-    r_ref = _decay_reference(r_t, t_ok)
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
     dh_res, dh_res2 = _resident(dh_base, t_loc, t_ok, DHV, RHV, BV, 0, DH.dtype.element_ty)
-    if FACTORED:  # off-diagonal tiles: the row factor joins rs and dqn (kernels.py's docstring)
-        alpha = _exp2(r_t - r_ref, FAST_EXP2)
-        rs_off = rs_t * alpha
-        dqn_off = dqn_t * alpha
-    else:
-        rs_off = rs_t
-        dqn_off = dqn_t
     for j0 in range(0, t_lo, BS):
         _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, mat,
-                        TRI, vec, t_lo, t_loc, t_ok, r_t, r_ref, rs_off, dqn_off, Lc, DQK, DHV, RQK, RHV, BS, BK, BV,
-                        False, PREC, FAST_EXP2, PACK, DO_DS, DO_WR, FACTORED)
+                        TRI, vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, Lc, DQK, DHV, RQK, RHV, BS, BK, BV, False,
+                        PREC, FAST_EXP2, PACK, DO_DS, DO_WR)
     for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
         _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, mat,
-                        TRI, vec, t_lo, t_loc, t_ok, r_t, r_ref, rs_t, dqn_t, Lc, DQK, DHV, RQK, RHV, BS, BK, BV,
-                        True, PREC, FAST_EXP2, PACK, DO_DS, DO_WR, False)
+                        TRI, vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, Lc, DQK, DHV, RQK, RHV, BS, BK, BV, True,
+                        PREC, FAST_EXP2, PACK, DO_DS, DO_WR)
 
 
 @triton.jit
 def _bwd_score_tile(q_res, q_res2, dh_res, dh_res2, j0, q_base, k_base, v_base, dh_base, FV, AV, DS, WR, mat, TRI,
-                    vec, t_lo, t_loc, t_ok, r_t, r_ref, rs_t, dqn_t, Lc, DQK: tl.constexpr, DHV: tl.constexpr,
+                    vec, t_lo, t_loc, t_ok, r_t, rs_t, dqn_t, Lc, DQK: tl.constexpr, DHV: tl.constexpr,
                     RQK: tl.constexpr, RHV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     DIAG: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr, PACK: tl.constexpr,
-                    DO_DS: tl.constexpr, DO_WR: tl.constexpr, FACTORED: tl.constexpr):
-    """FACTORED (off-diagonal tiles only): rs_t and dqn_t come with the row factor; the decay here is the key
-    factor 2^(b_j + r_ref) alone."""
+                    DO_DS: tl.constexpr, DO_WR: tl.constexpr):
     s_loc = j0 + tl.arange(0, BS)
     s_ok = s_loc < Lc
     f_s = tl.load(FV + vec + s_loc, mask=s_ok, other=0.0)
     a_s = tl.load(AV + vec + s_loc, mask=s_ok, other=0.0)
-    if FACTORED:
-        p = _exp2((a_s - f_s) * LOG2E + r_ref, FAST_EXP2)[None, :]
-    else:
-        p = _exp2(r_t[:, None] + ((a_s - f_s) * LOG2E)[None, :], FAST_EXP2)
+    p = _exp2(r_t[:, None] + ((a_s - f_s) * LOG2E)[None, :], FAST_EXP2)
     keep = (s_loc[None, :] <= t_loc[:, None]) & s_ok[None, :]
     if DO_DS:
         dw = _scores(dh_res, dh_res2, dh_base, t_loc, t_ok, v_base, s_loc, s_ok, DHV, RHV, BV, 0, True, DIAG, PREC)
