@@ -179,7 +179,8 @@ def _ab_switches() -> dict:
             "split_scores_bwd": (launch, "SPLIT_SCORES_BWD"),
             "score_matrix_states": (launch, "SCORE_MATRIX_STATES"),
             "low_precision_states": (function, "LOW_PRECISION_STATES"),
-            "state_terms_from_rows": (launch, "STATE_TERMS_FROM_ROWS")}
+            "state_terms_from_rows": (launch, "STATE_TERMS_FROM_ROWS"),
+            "row_terms_in_state_rows": (launch, "ROW_TERMS_IN_STATE_ROWS")}
 
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
@@ -187,7 +188,8 @@ def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates_fwd / _bwd: launch.FOLD_GATES_FWD /
     _BWD; score_matrix: launch.SCORE_MATRIX forced off / on; score_matrix_states: launch.SCORE_MATRIX_STATES, the
     path chunk by chunk with states; low_precision_states: function.LOW_PRECISION_STATES, chunk states stored in the
-    input dtype; state_terms_from_rows: launch.STATE_TERMS_FROM_ROWS, the gate gradients' A_c from the row sums),
+    input dtype; state_terms_from_rows: launch.STATE_TERMS_FROM_ROWS, the gate gradients' A_c from the row sums;
+    row_terms_in_state_rows: launch.ROW_TERMS_IN_STATE_ROWS, the backward's row terms from the state-rows launch),
     alternating `rounds` times in this one process, since this host's speed drifts between processes
     more than the difference (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a
     CUDA-graph replay)."""

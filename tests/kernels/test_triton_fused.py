@@ -611,3 +611,38 @@ else:
         monkeypatch.setattr(launch, "TILE_OVERRIDES", {"score_rows": dict(BT=256, BS=64)})
         with pytest.raises(ValueError, match="SCORE_PACK_ROWS"):
             launch._score_tiles("score_rows", 24, 16, "cpu", False)
+
+    # launch.ROW_TERMS_IN_STATE_ROWS: the backward's per-row terms (rs, dqn, dm) of a chunked call made by the
+    # state-rows launch instead of a mlstm_bwd_rows launch: the same sums in the same order, so the same bits.
+    ROW_TERM_CASES = {
+        "exp 24x16 L16 states": ((1, 2, 45, 24, 16, "exp", torch.float32), dict(init=True, ret=True, chunk_size=16)),
+        "sig 16x24 L10 unnormalised": ((2, 1, 37, 16, 24, "sig", torch.float32), dict(normalize=False, chunk_size=10)),
+        "exp 136x40 L32 (32-row steps)": ((1, 1, 70, 136, 40, "exp", torch.float32), dict(chunk_size=32)),
+        "exp 24x24 L16 token-major fp16": ((2, 3, 40, 24, 24, "exp", torch.float16),
+                                           dict(chunk_size=16, token_major=True)),
+    }
+
+    @pytest.mark.parametrize("case", list(ROW_TERM_CASES), ids=list(ROW_TERM_CASES))
+    def test_row_terms_in_the_state_rows_launch(fused, monkeypatch, fresh_tiles, case):
+        (B, NH, S, DQK, DHV, gate, dtype), kw = ROW_TERM_CASES[case]
+        init, ret, normalize = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True)
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, 91, init)
+        if kw.get("token_major"):
+            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
+        launched = _record_launches(monkeypatch)
+        results = {}
+        for on in (False, True):
+            monkeypatch.setattr(launch, "ROW_TERMS_IN_STATE_ROWS", on)
+            launched.clear()
+            launch.POISON_OUTPUTS = True
+            try:
+                results[on] = _run(mlstm_triton, xs, gate, normalize, ret, 91, chunk_size=kw["chunk_size"])
+            finally:
+                launch.POISON_OUTPUTS = False
+            assert ("mlstm_bwd_rows_kernel" in launched) != on, launched
+        for name, a, b in zip(["h", "C", "n", "m"] + NAMES, sum(results[False], []), sum(results[True], [])):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(a, b), (name, _rel(b, a))
+        check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
+              seed=91)

@@ -395,7 +395,12 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     fv, av, mrow, mst = gates[:4]
     keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
-    if state_pass:  # the state pass reads rs and dqn before the dq kernel runs
+    state_row_terms = None
+    if state_pass and launch.row_terms_in_state_rows(DQK):  # the state pass's first launch makes rs, dqn and dm
+        rs, dqn, dm_row = launch._row_sums(3, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
+        state_row_terms = launch.RowTermInputs(_in_layout(h, token_major), qn, dm_row, normalize, exp_gate, eps)
+        row_terms = None
+    elif state_pass:  # the state pass reads rs and dqn before the dq kernel runs
         rs, dqn, dm_row = launch.mlstm_bwd_rows(_in_layout(h, token_major), dh, qn, mrow, lay, exp_gate=exp_gate,
                                                 normalize=normalize, eps=eps)
         row_terms = None
@@ -419,7 +424,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     dq, dk, dv, qdq, kdk, *shares = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
-        row_terms_from=row_terms, state_dots=not from_rows, gate_grads=gate_grads,
+        row_terms_from=row_terms, state_dots=not from_rows, gate_grads=gate_grads, state_row_terms=state_row_terms,
     )
     if gate_grads is not None:  # the dk + dv kernel wrote di and df (no initial state here, so no dm0)
         return dq, dk, dv, gate_grads.di, gate_grads.df, None, None, None

@@ -403,9 +403,11 @@ def _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc):
 
 @triton.jit
 def mlstm_state_rows_kernel(
-    X, XS, NSUM, FV, AV, MROW, MST, RS, DQN,
-    S, L, NC, SP, scale,
+    X, XS, NSUM, FV, AV, MROW, MST, RS, DQN, H, DH, QN, DMROW,
+    S, L, NC, SP, DHV, scale, eps,
     D: tl.constexpr, BACKWARD: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NHT: tl.constexpr,
+    ROW_TERMS: tl.constexpr = False, NORMALIZE: tl.constexpr = True, EXP_GATE: tl.constexpr = True,
+    BV: tl.constexpr = 16,
 ):
     """The rows of one chunk weighted for its state sums (one program per head-dim slice and (batch, head, chunk)),
     so that the state kernels' products are plain matrix products of loaded tiles (_chunk_outer).
@@ -413,7 +415,10 @@ def mlstm_state_rows_kernel(
     Backward (x = q): XS_t = g_t rs_t q_t and NSUM[c] = sum_t g_t dqn_t q_t, g_t = exp(F_t + m_c - m_t) / sqrt(d).
     Weights and products in float32, the weighted rows rounded to the input dtype (the dot's operand dtype), the sums
     not. XS: [BNH, S, D] contiguous; NSUM: a state's normaliser part [BNH, NC + 1, D] (float32), the chunk's own
-    term, which the sequential state kernel then carries in place (the parallel one's scan does)."""
+    term, which the sequential state kernel then carries in place (the parallel one's scan does).
+    ROW_TERMS (backward, one head-dim slice: launch.ROW_TERMS_IN_STATE_ROWS): rs, dqn and dm are computed here from
+    delta = dh.h (_row_terms) and written to RS, DQN, DMROW, for every row of the padded chunk as
+    mlstm_bwd_rows_kernel writes them, in place of that kernel's launch."""
     pid_d = tl.program_id(0)
     pid_bc = tl.program_id(1)
     bh = (pid_bc // NC).to(tl.int64)
@@ -429,13 +434,22 @@ def mlstm_state_rows_kernel(
     if not BACKWARD:
         st += 1  # ... the leaving state's forward
     nsum = tl.zeros((BD,), dtype=tl.float32)
-    for t0 in range(0, Lc, BT):
+    for t0 in range(0, L if ROW_TERMS else Lc, BT):
         rows = t0 + tl.arange(0, BT)
         ok = rows < Lc
         if BACKWARD:
             g = _entering_weight(FV, MROW, MST, vec, rows, ok, st, scale)
-            w = g * tl.load(RS + vec + rows, mask=ok, other=0.0)
-            w_n = g * tl.load(DQN + vec + rows, mask=ok, other=0.0)
+            if ROW_TERMS:  # rows up to the padded chunk's end, as mlstm_bwd_rows_kernel (zero past S)
+                delta = _row_dot(H, DH, bh, row0 + rows, ok, S, DHV, BV, NHT)
+                rs_t, dqn_t, dm_t = _row_terms(delta, QN, MROW, vec + rows, rows < L, eps, NORMALIZE, EXP_GATE)
+                tl.store(RS + vec + rows, rs_t, mask=rows < L)
+                tl.store(DQN + vec + rows, dqn_t, mask=rows < L)
+                tl.store(DMROW + vec + rows, dm_t, mask=rows < L)
+                w = g * rs_t
+                w_n = g * dqn_t
+            else:
+                w = g * tl.load(RS + vec + rows, mask=ok, other=0.0)
+                w_n = g * tl.load(DQN + vec + rows, mask=ok, other=0.0)
         else:
             w = _leaving_weight(FV, AV, MROW, vec, rows, ok, Lc)
             w_n = w

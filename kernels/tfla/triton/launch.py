@@ -425,21 +425,52 @@ SCAN_BLOCK = 1024  # state elements per scan program
 # with the switch that chose between them, since removed): fewer registers and barriers per step (at DH 192 the
 # forward state kernel compiled to 136 registers instead of 229 for sm_90).
 STATE_ROWS_TILE = (64, 128)  # rows per step and head-dim columns per program of mlstm_state_rows_kernel
+# The backward's per-row terms of a chunked call (rs, dqn and dm, from delta = dh.h) made by its state-rows launch
+# (kernels.mlstm_state_rows_kernel's ROW_TERMS) instead of a mlstm_bwd_rows launch before it: one launch, and its
+# host time, less where one program covers the head dim (padded DQK <= ROW_TERMS_MAX_HEAD_DIM; wider, every slice
+# would read h and dh again). Chunked calls at DH 96 / 192 are bound by the host on the H100 machine (S 4096: DH 96
+# 1.13 ms wall against 0.74 ms of GPU time, bench/results/session21/). Opt-in until its GPU check:
+# TFLA_ROW_TERMS_IN_STATE_ROWS=1.
+ROW_TERMS_IN_STATE_ROWS: bool = os.environ.get("TFLA_ROW_TERMS_IN_STATE_ROWS", "0") == "1"
+ROW_TERMS_MAX_HEAD_DIM = 256
+
+
+def row_terms_in_state_rows(DQK: int) -> bool:
+    """Whether the backward's state-rows launch makes the per-row terms (see ROW_TERMS_IN_STATE_ROWS)."""
+    return ROW_TERMS_IN_STATE_ROWS and _pow2(DQK) <= ROW_TERMS_MAX_HEAD_DIM
+
+
+def state_rows_tile(D: int, *, row_terms: bool = False) -> tuple[int, int]:
+    """(rows per step, head-dim columns per program) of mlstm_state_rows_kernel: with the row terms, one program
+    covers the whole (padded) head dim, in 32-row steps above 128 columns."""
+    if row_terms:
+        BD = _pow2(D)
+        return (STATE_ROWS_TILE[0] if BD <= 128 else 32), BD
+    return STATE_ROWS_TILE[0], min(_pow2(D), STATE_ROWS_TILE[1])
 
 
 def _state_rows(x: torch.Tensor, fv, av, mrow, mst, rs, dqn, nsum: torch.Tensor, lay: ChunkLayout, nht: int, *,
-                backward: bool, scale: float = 1.0) -> torch.Tensor:
+                backward: bool, scale: float = 1.0, dh: Optional[torch.Tensor] = None,
+                rows: Optional["RowTermInputs"] = None) -> torch.Tensor:
     """mlstm_state_rows_kernel: the weighted rows of x (k forward, q backward) as a new contiguous [BNH, S, D]
     tensor in x's dtype; the chunks' own normaliser sums go into nsum ([BNH, NC + 1, D]: indices 1..NC forward,
-    0..NC-1 backward)."""
+    0..NC-1 backward). rows (backward, with dh; see ROW_TERMS_IN_STATE_ROWS): rs, dqn and rows.dm_row are outputs,
+    made here from h, dh and qn."""
     S, D = x.shape[-2:]
     BNH = _rows_of(x, S, D)
     xs = torch.empty(BNH, S, D, device=x.device, dtype=x.dtype)
-    BT, BD = STATE_ROWS_TILE[0], min(_pow2(D), STATE_ROWS_TILE[1])
+    BT, BD = state_rows_tile(D, row_terms=rows is not None)
+    if rows is not None and (not backward or dh is None or BD < D):
+        raise ValueError("the row terms need the backward, dh and one program per head dim (row_terms_in_state_rows)")
+    DHV = dh.shape[-1] if rows is not None else 1
+    row_consts = dict(ROW_TERMS=True, NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate,
+                      BV=min(_pow2(DHV), 128)) if rows is not None else {}
     direct_launch(
         mlstm_state_rows_kernel, (_cdiv(D, BD), BNH * lay.NC),
         x, xs, nsum, fv, av, mrow, mst, fv if rs is None else rs, fv if dqn is None else dqn,
-        S, lay.L, lay.NC, lay.SP, scale, D=D, BACKWARD=backward, BT=BT, BD=BD, NHT=nht, num_warps=4,
+        *((rows.h, dh, rows.qn, rows.dm_row) if rows is not None else (x, x, fv, fv)),
+        S, lay.L, lay.NC, lay.SP, DHV, scale, rows.eps if rows is not None else 0.0,
+        D=D, BACKWARD=backward, BT=BT, BD=BD, NHT=nht, **row_consts, num_warps=4,
     )
     return xs
 
@@ -780,6 +811,7 @@ def mlstm_bwd(
     row_terms_from: Optional[RowTermInputs] = None,
     state_dots: bool = False,
     gate_grads: Optional[GateGradsInDkdv] = None,
+    state_row_terms: Optional[RowTermInputs] = None,
 ) -> tuple:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
@@ -796,18 +828,22 @@ def mlstm_bwd(
     gate_grads (where folds_gate_grads says so, with row_terms_from): the one-pass dk + dv kernel also writes di and
     df into gate_grads' buffers, in place of a mlstm_gates_bwd launch by the caller.
     With row_terms_from and no state terms, where uses_score_matrix says so, dq, dk and dv come from the score-matrix
-    kernels (mlstm_bwd_score_matrix) instead of the matrix kernels."""
+    kernels (mlstm_bwd_score_matrix) instead of the matrix kernels.
+    state_row_terms (with a state pass, where row_terms_in_state_rows says so): rs and dqn are outputs, filled with
+    state_row_terms.dm_row by the state-rows launch (ROW_TERMS_IN_STATE_ROWS), in place of a mlstm_bwd_rows launch
+    by the caller."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
-    nht = heads_per_row(q, k, v, dh, *([row_terms_from.h] if row_terms_from is not None else []))
+    nht = heads_per_row(q, k, v, dh, *(t.h for t in (row_terms_from, state_row_terms) if t is not None))
     prec = _precision(q.dtype)
     scale = 1.0 / math.sqrt(DQK)
     dummy = fv
     apart = None
     if state_pass:
         cfg = tiles("bwd_state", DQK, DHV, gpu_arch(q.device))
-        qs = _state_rows(q, fv, av, mrow, mst, rs, dqn, dnst, lay, nht, backward=True, scale=scale)
+        qs = _state_rows(q, fv, av, mrow, mst, rs, dqn, dnst, lay, nht, backward=True, scale=scale, dh=dh,
+                         rows=state_row_terms)
         if PARALLEL_CHUNK_STATES:
             _launch_tiled(
                 mlstm_bwd_chunk_state_kernel, lambda t: (BNH * lay.NC, _cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"])), cfg,
