@@ -171,7 +171,8 @@ def host_timeline(DH: int, S: int, gate: str) -> None:
 
 
 def _ab_switches() -> dict:
-    """--ab's switches: name -> (module, attribute), each a bool the op reads on every call."""
+    """--ab's switches: name -> (module, attribute or a tuple of them, switched together), each a bool the op reads
+    on every call."""
     from tfla.triton import direct_launch, function
 
     return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates_fwd": (launch, "FOLD_GATES_FWD"),
@@ -180,7 +181,10 @@ def _ab_switches() -> dict:
             "score_matrix_states": (launch, "SCORE_MATRIX_STATES"),
             "low_precision_states": (function, "LOW_PRECISION_STATES"),
             "state_terms_from_rows": (launch, "STATE_TERMS_FROM_ROWS"),
-            "row_terms_in_state_rows": (launch, "ROW_TERMS_IN_STATE_ROWS")}
+            "row_terms_in_state_rows": (launch, "ROW_TERMS_IN_STATE_ROWS"),
+            "fold_gates_fwd_chunked": (launch, "FOLD_GATES_FWD_CHUNKED"),
+            "fold_gates_bwd_chunked": (launch, "FOLD_GATES_BWD_CHUNKED"),
+            "chunked_folds": (launch, ("ROW_TERMS_IN_STATE_ROWS", "FOLD_GATES_FWD_CHUNKED", "FOLD_GATES_BWD_CHUNKED"))}
 
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
@@ -189,11 +193,19 @@ def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     _BWD; score_matrix: launch.SCORE_MATRIX forced off / on; score_matrix_states: launch.SCORE_MATRIX_STATES, the
     path chunk by chunk with states; low_precision_states: function.LOW_PRECISION_STATES, chunk states stored in the
     input dtype; state_terms_from_rows: launch.STATE_TERMS_FROM_ROWS, the gate gradients' A_c from the row sums;
-    row_terms_in_state_rows: launch.ROW_TERMS_IN_STATE_ROWS, the backward's row terms from the state-rows launch),
+    row_terms_in_state_rows: launch.ROW_TERMS_IN_STATE_ROWS, the backward's row terms from the state-rows launch;
+    fold_gates_fwd_chunked / _bwd_chunked: launch.FOLD_GATES_FWD_CHUNKED / _BWD_CHUNKED; chunked_folds: those three
+    together),
     alternating `rounds` times in this one process, since this host's speed drifts between processes
     more than the difference (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a
     CUDA-graph replay)."""
-    module, attribute = _ab_switches()[switch]
+    module, attributes = _ab_switches()[switch]
+    attributes = attributes if isinstance(attributes, tuple) else (attributes,)
+
+    def set_switch(on):
+        for attribute in attributes:
+            setattr(module, attribute, on)
+
     B, NH = max(1, round(50_000 / S)), 4
     q, k, v, i, f, dh = mlstm_inputs(B, NH, S, DH, requires_grad=True)
     leaves = (q, k, v, i, f)
@@ -201,21 +213,22 @@ def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     def step():
         mlstm_triton(q, k, v, i, f, gate=gate).backward(dh)
 
-    shipped = getattr(module, attribute)
+    shipped = {attribute: getattr(module, attribute) for attribute in attributes}
     walls = {False: [], True: []}
     graphs = {}
     try:
         for _ in range(rounds):
             for on in (False, True):
-                setattr(module, attribute, on)
+                set_switch(on)
                 for _ in range(3):
                     step()
                 walls[on].append(do_bench(step, warmup=20, rep=200, grad_to_none=leaves, return_mode="median"))
         for on in (False, True):
-            setattr(module, attribute, on)
+            set_switch(on)
             graphs[on] = cuda_graph_ms(step, leaves)
     finally:
-        setattr(module, attribute, shipped)
+        for attribute, value in shipped.items():
+            setattr(module, attribute, value)
     off_ms, on_ms = (sorted(w)[len(w) // 2] for w in (walls[False], walls[True]))
     spread = " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(walls[False], walls[True]))
     print(f"| {DH} | {S} | {B} | {gate} | {off_ms:.3f} | {on_ms:.3f} | {off_ms / on_ms:.2f} | {graphs[False]:.3f} | "

@@ -646,3 +646,95 @@ else:
                 assert torch.equal(a, b), (name, _rel(b, a))
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
               seed=91)
+
+    # launch.FOLD_GATES_BWD_CHUNKED: the gate gradients of a chunked call from the last dk + dv program of each
+    # (batch, head) row, over all its chunks, instead of a mlstm_gates_bwd launch.
+    CHUNKED_FOLD_CASES = {
+        "exp 24x16 L16": ((1, 2, 45, 24, 16, "exp", torch.float32), dict(chunk_size=16)),
+        "exp 16x24 L10 unnormalised, 2 key tiles": ((2, 1, 37, 16, 24, "exp", torch.float32),
+                                                    dict(normalize=False, chunk_size=10, tiles=dict(BS=8, BT=8))),
+        "sig 24x24 L16 fp16, row sums": ((1, 2, 70, 24, 24, "sig", torch.float16), dict(chunk_size=16, sig_rows=True)),
+        "exp 24x24 L8 token-major, every chunked fold": ((2, 3, 40, 24, 24, "exp", torch.float32),
+                                                         dict(chunk_size=8, token_major=True, all_folds=True)),
+    }
+
+    @pytest.mark.parametrize("case", list(CHUNKED_FOLD_CASES), ids=list(CHUNKED_FOLD_CASES))
+    def test_gate_gradients_folded_into_dkdv_on_chunked_calls(fused, monkeypatch, fresh_tiles, case):
+        (B, NH, S, DQK, DHV, gate, dtype), kw = CHUNKED_FOLD_CASES[case]
+        normalize = kw.get("normalize", True)
+        monkeypatch.setattr(launch, "ONE_PASS_DKDV", True)
+        monkeypatch.setattr(launch, "SIG_STATE_TERMS_FROM_ROWS", kw.get("sig_rows", False))
+        monkeypatch.setattr(launch, "ROW_TERMS_IN_STATE_ROWS", kw.get("all_folds", False))
+        monkeypatch.setattr(launch, "FOLD_GATES_FWD_CHUNKED", kw.get("all_folds", False))
+        if "tiles" in kw:
+            monkeypatch.setattr(launch, "TILE_OVERRIDES", {"dkdv": kw["tiles"]})
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, 93, False)
+        if kw.get("token_major"):
+            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
+        lay = launch.chunk_layout(S, kw["chunk_size"])
+        arch = launch.gpu_arch(torch.device(DEVICE))
+        launched = _record_launches(monkeypatch)
+        results = {}
+        for on in (False, True):
+            monkeypatch.setattr(launch, "FOLD_GATES_BWD_CHUNKED", on)
+            assert launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=False,
+                                           state_terms_from_rows=True) == on
+            launched.clear()
+            launch.POISON_OUTPUTS = True
+            try:
+                results[on] = _run(mlstm_triton, xs, gate, normalize, False, 93, chunk_size=kw["chunk_size"])
+            finally:
+                launch.POISON_OUTPUTS = False
+            assert ("mlstm_gates_bwd_kernel" in launched) != on, launched
+            if kw.get("all_folds"):  # seven launches: state rows, fwd state, fwd_h; state rows, bwd state, dq, dkdv
+                assert len(launched) == 7 + (not on), launched
+        for name, a, b in zip(["h"] + NAMES, sum(results[False], []), sum(results[True], [])):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.isfinite(b).all() and _rel(b, a) <= TOL_VS_DEFAULT[dtype], (name, _rel(b, a))
+        # the fold does not apply with an initial state or a final-state gradient (their end terms are dots)
+        assert not launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=True,
+                                           state_terms_from_rows=True)
+        assert not launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=False, has_init=True,
+                                           state_terms_from_rows=True)
+        check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, chunk_size=kw["chunk_size"], seed=93)
+
+    # launch.FOLD_GATES_FWD_CHUNKED: the gate vectors of a call with chunk states from its forward state-rows launch
+    # (each program walks the chunks before its own for the entering max state) instead of a mlstm_gates_fwd launch.
+    STATE_ROW_GATE_CASES = {
+        "exp 24x16 L16": ((1, 2, 45, 24, 16, "exp", torch.float32), dict(chunk_size=16)),
+        "exp 16x24 L10 states in and out": ((2, 1, 37, 16, 24, "exp", torch.float32),
+                                            dict(chunk_size=10, init=True, ret=True)),
+        "sig 24x24 L16 fp16 unnormalised": ((1, 2, 70, 24, 24, "sig", torch.float16),
+                                            dict(chunk_size=16, normalize=False)),
+        "exp 24x24 one chunk, final state, token-major": ((2, 3, 40, 24, 24, "exp", torch.float32),
+                                                          dict(chunk_size=64, ret=True, token_major=True)),
+        "exp 136x40 L32, two head-dim slices": ((1, 1, 70, 136, 40, "exp", torch.float32), dict(chunk_size=32)),
+    }
+
+    @pytest.mark.parametrize("case", list(STATE_ROW_GATE_CASES), ids=list(STATE_ROW_GATE_CASES))
+    def test_gate_vectors_from_the_state_rows_launch(fused, monkeypatch, fresh_tiles, case):
+        (B, NH, S, DQK, DHV, gate, dtype), kw = STATE_ROW_GATE_CASES[case]
+        init, ret, normalize = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True)
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, 95, init)
+        if kw.get("token_major"):
+            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
+        launched = _record_launches(monkeypatch)
+        results = {}
+        for on in (False, True):
+            monkeypatch.setattr(launch, "FOLD_GATES_FWD_CHUNKED", on)
+            launched.clear()
+            launch.POISON_OUTPUTS = True
+            try:
+                results[on] = _run(mlstm_triton, xs, gate, normalize, ret, 95, chunk_size=kw["chunk_size"])
+            finally:
+                launch.POISON_OUTPUTS = False
+            assert ("mlstm_gates_fwd_kernel" in launched) != on, launched
+        names = ["h", "C", "n", "m"][:len(results[False][0])] + NAMES
+        for name, a, b in zip(names, sum(results[False], []), sum(results[True], [])):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.isfinite(b).all() and _rel(b, a) <= TOL_VS_DEFAULT[dtype], (name, _rel(b, a))
+        # against float64 (the fold-off run above is the comparison with the default path)
+        check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
+              seed=95, vs_default=False)

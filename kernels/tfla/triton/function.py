@@ -195,11 +195,14 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
     q, k, v = (_in_layout(t, token_major) for t in (q, k, v))
     fused = _fused_gates(lay)
     keeps_states = _keeps_states(lay, has_init, return_state)
-    gates = gates_from = None
+    gates = gates_from = state_gates_from = None
     if fused:
         if launch.folds_gate_vectors(DQK, DHV, launch.gpu_arch(q.device), lay, keeps_states=keeps_states):
             gates = launch.gate_vector_buffers(i, lay)  # the fwd_h kernel writes them, from the gates
             gates_from = (i.contiguous(), f.contiguous())
+        elif launch.folds_gate_vectors_into_state_rows(DQK, lay, keeps_states=keeps_states):
+            gates = launch.gate_vector_buffers(i, lay)  # the state-rows launch writes them, from the gates
+            state_gates_from = (i.contiguous(), f.contiguous(), m0.contiguous() if m0 is not None else None)
         else:
             gates = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=exp_gate)  # [B, NH, ...]
         fv, av, mrow, mst = gates[:4]
@@ -219,7 +222,7 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
             Cst[:, :, 0] = C0.float()
             nst[:, :, 0] = n0.float()
     h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
-                      has_init=has_init, gates_from=gates_from)
+                      has_init=has_init, gates_from=gates_from, state_gates_from=state_gates_from)
     return (h, Cst, nst, mst, qn), gates
 
 
@@ -395,9 +398,10 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
     fv, av, mrow, mst = gates[:4]
     keeps = Cst is not None and Cst.numel() > 0
     state_pass = has_init or lay.NC > 1
-    state_row_terms = None
+    from_rows = launch.STATE_TERMS_FROM_ROWS and (exp_gate or launch.SIG_STATE_TERMS_FROM_ROWS)
+    state_row_terms = tickets = None
     if state_pass and launch.row_terms_in_state_rows(DQK):  # the state pass's first launch makes rs, dqn and dm
-        rs, dqn, dm_row = launch._row_sums(3, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
+        rs, dqn, dm_row, tickets = launch._row_sums(4, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
         state_row_terms = launch.RowTermInputs(_in_layout(h, token_major), qn, dm_row, normalize, exp_gate, eps)
         row_terms = None
     elif state_pass:  # the state pass reads rs and dqn before the dq kernel runs
@@ -408,10 +412,13 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
         rs, dqn, dm_row, tickets = launch._row_sums(4, B, NH, lay.SP, device=q.device, zeroed=False).unbind(0)
         row_terms = launch.RowTermInputs(_in_layout(h, token_major), qn, dm_row, normalize, exp_gate, eps)
     gate_grads = None
-    if row_terms is not None and launch.folds_gate_grads(DQK, DHV, launch.gpu_arch(q.device), lay,
-                                                         state_pass=state_pass, has_final_grad=has_final_grad):
+    if launch.folds_gate_grads(DQK, DHV, launch.gpu_arch(q.device), lay, state_pass=state_pass,
+                               has_final_grad=has_final_grad, has_init=has_init, state_terms_from_rows=from_rows):
+        if tickets is None:
+            tickets = launch._row_sums(B, NH, lay.SP, device=q.device, zeroed=False)
         i, f = i.contiguous(), f.contiguous()
-        gate_grads = launch.GateGradsInDkdv(i, f, mst, torch.empty_like(i), torch.empty_like(f), tickets, exp_gate)
+        gate_grads = launch.GateGradsInDkdv(i, f, mst, torch.empty_like(i), torch.empty_like(f), tickets, exp_gate,
+                                            dm_row)
     # The sequential state kernel writes every boundary of the state gradients (and, unless the gate kernel takes
     # the state terms from the row sums, launch.STATE_TERMS_FROM_ROWS, the shares of A_c).
     kernel_states = state_pass and not launch.PARALLEL_CHUNK_STATES
@@ -420,13 +427,12 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
                                      dtype=Cst.dtype if keeps else torch.float32)
     Cf = _flat(Cst) if keeps else None
     nf = _flat(nst) if keeps else None
-    from_rows = launch.STATE_TERMS_FROM_ROWS and (exp_gate or launch.SIG_STATE_TERMS_FROM_ROWS)
     dq, dk, dv, qdq, kdk, *shares = mlstm_bwd(
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
         row_terms_from=row_terms, state_dots=not from_rows, gate_grads=gate_grads, state_row_terms=state_row_terms,
     )
-    if gate_grads is not None:  # the dk + dv kernel wrote di and df (no initial state here, so no dm0)
+    if gate_grads is not None:  # the dk + dv kernel wrote di and df (no initial state, so no dm0 nor dC0, dn0)
         return dq, dk, dv, gate_grads.di, gate_grads.df, None, None, None
     A = shares[0] if shares else None
     if not from_rows and A is None and dCst is not None and keeps:  # no sequential state pass: A_c as one share

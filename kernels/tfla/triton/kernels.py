@@ -402,12 +402,61 @@ def _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc):
 
 
 @triton.jit
+def _chunk_gate_vectors(IG, FG, M0, FV, AV, MROW, MST, bh, c, S, L, NC, SP, EXP_GATE: tl.constexpr,
+                        HAS_M0: tl.constexpr, GL: tl.constexpr):
+    """Chunk c's gate vectors as mlstm_gates_fwd_kernel makes them (F, a, m for the padded chunk's rows, and the max
+    state leaving it; chunk 0 also the entering one), from the gates alone: the max state entering chunk c comes from
+    a walk over the chunks before it, one [GL] tile each (m_{c+1} = max(m_c + F_last, F_last + max_j (a_j - F_j))).
+    Every program of the chunk writes the same bits."""
+    offs = tl.arange(0, GL)
+    full = offs < L
+    if EXP_GATE:
+        if HAS_M0:
+            m_in = tl.load(M0 + bh).to(tl.float32)
+        else:
+            m_in = tl.max(tl.full((GL,), -float("inf"), tl.float32), 0)
+        for cp in range(0, c):  # chunks before the last one are full
+            g_rows = bh * S + cp * L + offs
+            fc = tl.cumsum(tl.where(full, _logsigmoid(tl.load(FG + g_rows, mask=full, other=0.0).to(tl.float32)),
+                                    0.0), 0)
+            a = tl.where(full, tl.load(IG + g_rows, mask=full, other=0.0).to(tl.float32), 0.0)
+            f_last = tl.sum(tl.where(offs == L - 1, fc, 0.0), 0)
+            m_in = tl.maximum(m_in + f_last, f_last + tl.max(tl.where(full, a - fc, -float("inf")), 0))
+    else:
+        m_in = tl.sum(tl.zeros((GL,), dtype=tl.float32), 0)
+    row0 = c * L
+    Lc = tl.minimum(L, S - row0)
+    ok = offs < Lc
+    g_rows = bh * S + row0 + offs
+    fc = tl.cumsum(tl.where(ok, _logsigmoid(tl.load(FG + g_rows, mask=ok, other=0.0).to(tl.float32)), 0.0), 0)
+    x = tl.load(IG + g_rows, mask=ok, other=0.0).to(tl.float32)
+    vec = bh * SP + row0 + offs
+    if EXP_GATE:
+        a = tl.where(ok, x, 0.0)
+        cmax = tl.associative_scan(a - fc, 0, _maximum)
+        is_last = offs == Lc - 1
+        f_last = tl.sum(tl.where(is_last, fc, 0.0), 0)
+        m_out = tl.maximum(m_in + f_last, f_last + tl.max(tl.where(is_last, cmax, -float("inf")), 0))
+        mrow = fc + tl.maximum(m_in, cmax)
+    else:
+        a = tl.where(ok, _logsigmoid(x), 0.0)
+        m_out = m_in
+        mrow = tl.zeros((GL,), dtype=tl.float32)
+    tl.store(FV + vec, fc, mask=full)
+    tl.store(AV + vec, a, mask=full)
+    tl.store(MROW + vec, mrow, mask=full)
+    tl.store(MST + bh * (NC + 1) + c + 1, m_out)
+    if c == 0:
+        tl.store(MST + bh * (NC + 1), m_in)
+
+
+@triton.jit
 def mlstm_state_rows_kernel(
-    X, XS, NSUM, FV, AV, MROW, MST, RS, DQN, H, DH, QN, DMROW,
+    X, XS, NSUM, FV, AV, MROW, MST, RS, DQN, H, DH, QN, DMROW, IG, FG, M0,
     S, L, NC, SP, DHV, scale, eps,
     D: tl.constexpr, BACKWARD: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NHT: tl.constexpr,
     ROW_TERMS: tl.constexpr = False, NORMALIZE: tl.constexpr = True, EXP_GATE: tl.constexpr = True,
-    BV: tl.constexpr = 16,
+    BV: tl.constexpr = 16, GATES_FWD: tl.constexpr = False, HAS_M0: tl.constexpr = False, GL: tl.constexpr = 16,
 ):
     """The rows of one chunk weighted for its state sums (one program per head-dim slice and (batch, head, chunk)),
     so that the state kernels' products are plain matrix products of loaded tiles (_chunk_outer).
@@ -418,7 +467,10 @@ def mlstm_state_rows_kernel(
     term, which the sequential state kernel then carries in place (the parallel one's scan does).
     ROW_TERMS (backward, one head-dim slice: launch.ROW_TERMS_IN_STATE_ROWS): rs, dqn and dm are computed here from
     delta = dh.h (_row_terms) and written to RS, DQN, DMROW, for every row of the padded chunk as
-    mlstm_bwd_rows_kernel writes them, in place of that kernel's launch."""
+    mlstm_bwd_rows_kernel writes them, in place of that kernel's launch.
+    GATES_FWD (forward: launch.FOLD_GATES_FWD_CHUNKED): the gate vectors F, a, m of the chunk's rows and its leaving
+    max state come from the gates IG, FG [BNH, S] (and M0 [BNH], HAS_M0) here, in place of a mlstm_gates_fwd_kernel
+    launch (_chunk_gate_vectors); the weights then read them back as without it."""
     pid_d = tl.program_id(0)
     pid_bc = tl.program_id(1)
     bh = (pid_bc // NC).to(tl.int64)
@@ -433,6 +485,9 @@ def mlstm_state_rows_kernel(
     st = bh * (NC + 1) + c  # where the chunk's own sum goes: the entering state's index backward (m_c's too) ...
     if not BACKWARD:
         st += 1  # ... the leaving state's forward
+    if GATES_FWD:
+        _chunk_gate_vectors(IG, FG, M0, FV, AV, MROW, MST, bh, c, S, L, NC, SP, EXP_GATE, HAS_M0, GL)
+        tl.debug_barrier()  # the vectors this program wrote, for all of its threads
     nsum = tl.zeros((BD,), dtype=tl.float32)
     for t0 in range(0, L if ROW_TERMS else Lc, BT):
         rows = t0 + tl.arange(0, BT)
@@ -769,12 +824,12 @@ def mlstm_bwd_dq_kernel(
         tl.store(RS + vec + t_loc, rs_t, mask=t_ok & first)
         tl.store(DQN + vec + t_loc, dqn_t, mask=t_ok & first)
         tl.store(DMROW + vec + t_loc, dm_t, mask=t_ok & first)
-        if ZERO_TICKETS:
-            if (pid_t == 0) & first:
-                tl.store(TICKETS + vec, 0.0)
     else:
         rs_t = tl.load(RS + vec + t_loc, mask=t_ok, other=0.0)
         dqn_t = tl.load(DQN + vec + t_loc, mask=t_ok, other=0.0)
+    if ZERO_TICKETS:  # the counter of a (batch, head) row sits at its first column: chunk 0's program zeroes it
+        if (pid_t == 0) & (pid_k == 0) & (c == 0):
+            tl.store(TICKETS + vec, 0.0)
     r_t = (f_t - m_t) * LOG2E + tl.log2(scale)
 
     acc = tl.zeros((BT, BKO), dtype=tl.float32)
@@ -1353,6 +1408,7 @@ def mlstm_bwd_dkdv_kernel(
     BV: tl.constexpr, BV2: tl.constexpr, SL: tl.constexpr, PREC: tl.constexpr, FAST_EXP2: tl.constexpr,
     NHT: tl.constexpr, DO_K: tl.constexpr = True, DO_V: tl.constexpr = True,
     GATES_BWD: tl.constexpr = False, EXP_GATE: tl.constexpr = True, BL: tl.constexpr = 16,
+    GATES_STATE_TERMS: tl.constexpr = False, GATES_CB: tl.constexpr = 1,
 ):
     """dk and dv of one key tile in one pass (head dims <= BK + BK2, BV + BV2: one program covers them), both
     accumulators live:
@@ -1364,11 +1420,12 @@ def mlstm_bwd_dkdv_kernel(
     then holds one accumulator, which lets wide head dims take 64-row key tiles (Hopper's wgmma) where both
     accumulators would spill; the launches read q and dh twice but do no extra products.
     BS is a multiple of BT: query tiles inside the key tile's rows take the causal mask, later ones do not.
-    GATES_BWD (one chunk without states, one pass): the gate gradients di, df of a (batch, head) row need k.dk
-    of all its key tiles, so the program that finishes its row's last key tile computes them (_gates_bwd_row),
-    instead of a mlstm_gates_bwd_kernel launch after this one. Programs of a row take tickets from a counter
-    TICKETS[bh * SP] (float32, zeroed by the dq kernel before); the ticket's order varies from run to run, the
-    arithmetic of whoever holds the last one does not, so results stay bitwise deterministic."""
+    GATES_BWD (one pass; one chunk without states, or launch.FOLD_GATES_BWD_CHUNKED): the gate gradients di, df of
+    a (batch, head) row need k.dk of all its key tiles, so the program that finishes its row's last key tile (of
+    every chunk) computes them (_gates_bwd_row; with GATES_STATE_TERMS the chunk boundaries' A_c from the row sums,
+    GATES_CB chunks a step), instead of a mlstm_gates_bwd_kernel launch after this one. Programs of a row take
+    tickets from a counter TICKETS[bh * SP] (float32, zeroed by the dq kernel before); the ticket's order varies
+    from run to run, the arithmetic of whoever holds the last one does not, so results stay bitwise deterministic."""
     RQK = NHT * DQK  # row strides of q / k and v / h (see _rows_base)
     RHV = NHT * DHV
     pid_s = tl.program_id(0)
@@ -1475,7 +1532,7 @@ def mlstm_bwd_dkdv_kernel(
         # program); acquire: the last ticket's holder then sees every other program's k.dk (the pattern of
         # CUTLASS's semaphore: barrier, then one thread's acq_rel atomic at GPU scope).
         tl.debug_barrier()
-        ticket = tl.atomic_add(TICKETS + vec, 1.0, sem="acq_rel", scope="gpu")
-        if ticket == tl.num_programs(0) - 1:
+        ticket = tl.atomic_add(TICKETS + bh * SP, 1.0, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) * NC - 1:
             _gates_bwd_row(bh, QDQ, KDK, DMROW, FV, AV, MST, FV, FV, FV, IG, FG, DI, DF, FV, S, L, NC, SP, NKO_Q, 1,
-                           BNH, 1, EXP_GATE, False, False, False, False, False, BL, 1, 1)
+                           BNH, 1, EXP_GATE, GATES_STATE_TERMS, False, False, False, False, BL, 1, GATES_CB)

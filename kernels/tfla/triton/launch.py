@@ -435,6 +435,20 @@ ROW_TERMS_IN_STATE_ROWS: bool = os.environ.get("TFLA_ROW_TERMS_IN_STATE_ROWS", "
 ROW_TERMS_MAX_HEAD_DIM = 256
 
 
+# The gate vectors (F, a, m per row, the chunk max states) of a call with chunk states made by its forward state-rows
+# launch (kernels._chunk_gate_vectors: each program walks the gates of the chunks before its own for the entering max
+# state) instead of a mlstm_gates_fwd launch before it: one launch less, at the head dims ROW_TERMS_MAX_HEAD_DIM
+# covers. Opt-in until its GPU check: TFLA_FOLD_GATES_FWD_CHUNKED=1.
+FOLD_GATES_FWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED", "0") == "1"
+
+
+def folds_gate_vectors_into_state_rows(DQK: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
+    """Whether mlstm_fwd can take state_gates_from (see FOLD_GATES_FWD_CHUNKED): a call with chunk states, chunks of
+    at most FOLD_GATES_MAX_CHUNK rows, padded DQK <= ROW_TERMS_MAX_HEAD_DIM."""
+    return (FOLD_GATES_FWD_CHUNKED and keeps_states and lay.L <= FOLD_GATES_MAX_CHUNK
+            and _pow2(DQK) <= ROW_TERMS_MAX_HEAD_DIM)
+
+
 def row_terms_in_state_rows(DQK: int) -> bool:
     """Whether the backward's state-rows launch makes the per-row terms (see ROW_TERMS_IN_STATE_ROWS)."""
     return ROW_TERMS_IN_STATE_ROWS and _pow2(DQK) <= ROW_TERMS_MAX_HEAD_DIM
@@ -451,11 +465,13 @@ def state_rows_tile(D: int, *, row_terms: bool = False) -> tuple[int, int]:
 
 def _state_rows(x: torch.Tensor, fv, av, mrow, mst, rs, dqn, nsum: torch.Tensor, lay: ChunkLayout, nht: int, *,
                 backward: bool, scale: float = 1.0, dh: Optional[torch.Tensor] = None,
-                rows: Optional["RowTermInputs"] = None) -> torch.Tensor:
+                rows: Optional["RowTermInputs"] = None, gates: Optional[tuple] = None,
+                exp_gate: bool = True) -> torch.Tensor:
     """mlstm_state_rows_kernel: the weighted rows of x (k forward, q backward) as a new contiguous [BNH, S, D]
     tensor in x's dtype; the chunks' own normaliser sums go into nsum ([BNH, NC + 1, D]: indices 1..NC forward,
     0..NC-1 backward). rows (backward, with dh; see ROW_TERMS_IN_STATE_ROWS): rs, dqn and rows.dm_row are outputs,
-    made here from h, dh and qn."""
+    made here from h, dh and qn. gates (forward: (i, f, m0 or None), contiguous; see FOLD_GATES_FWD_CHUNKED): fv,
+    av, mrow and mst are outputs, made here from the gates."""
     S, D = x.shape[-2:]
     BNH = _rows_of(x, S, D)
     xs = torch.empty(BNH, S, D, device=x.device, dtype=x.dtype)
@@ -465,10 +481,18 @@ def _state_rows(x: torch.Tensor, fv, av, mrow, mst, rs, dqn, nsum: torch.Tensor,
     DHV = dh.shape[-1] if rows is not None else 1
     row_consts = dict(ROW_TERMS=True, NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate,
                       BV=min(_pow2(DHV), 128)) if rows is not None else {}
+    if gates is not None:
+        if backward:
+            raise ValueError("the gate vectors come from the forward's state-rows launch only")
+        ig, fg, m0 = gates
+        row_consts = dict(GATES_FWD=True, EXP_GATE=exp_gate, HAS_M0=m0 is not None, GL=_pow2(lay.L))
+        gate_args = (ig, fg, m0 if m0 is not None else fv)
+    else:
+        gate_args = (fv, fv, fv)
     direct_launch(
         mlstm_state_rows_kernel, (_cdiv(D, BD), BNH * lay.NC),
         x, xs, nsum, fv, av, mrow, mst, fv if rs is None else rs, fv if dqn is None else dqn,
-        *((rows.h, dh, rows.qn, rows.dm_row) if rows is not None else (x, x, fv, fv)),
+        *((rows.h, dh, rows.qn, rows.dm_row) if rows is not None else (x, x, fv, fv)), *gate_args,
         S, lay.L, lay.NC, lay.SP, DHV, scale, rows.eps if rows is not None else 0.0,
         D=D, BACKWARD=backward, BT=BT, BD=BD, NHT=nht, **row_consts, num_warps=4,
     )
@@ -504,10 +528,13 @@ def mlstm_fwd(
     eps: float,
     has_init: bool,
     gates_from: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    state_gates_from: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns h (shaped as v) and qn [*lead, SP]; fills Cst/nst[:, 1:] (chunk states) when given.
     gates_from (i, f), contiguous (where folds_gate_vectors says so): fv, av, mrow and mst are outputs, written by the
-    fwd_h kernel from the gates (kernels.mlstm_fwd_h_kernel's GATES_FWD), in place of a mlstm_gates_fwd launch."""
+    fwd_h kernel from the gates (kernels.mlstm_fwd_h_kernel's GATES_FWD), in place of a mlstm_gates_fwd launch.
+    state_gates_from (i, f, m0 or None), contiguous (where folds_gate_vectors_into_state_rows says so, with Cst): the
+    same outputs, written by the state-rows launch (FOLD_GATES_FWD_CHUNKED)."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -516,7 +543,8 @@ def mlstm_fwd(
     scale = 1.0 / math.sqrt(DQK)
     if Cst is not None:
         cfg = tiles("fwd_state", DQK, DHV, gpu_arch(q.device))
-        ks = _state_rows(k, fv, av, mrow, mst, None, None, nst, lay, nht, backward=False)
+        ks = _state_rows(k, fv, av, mrow, mst, None, None, nst, lay, nht, backward=False, gates=state_gates_from,
+                         exp_gate=exp_gate)
         if PARALLEL_CHUNK_STATES:
             _launch_tiled(
                 mlstm_fwd_chunk_state_kernel, lambda t: (BNH * lay.NC, _cdiv(DQK, t["BK"]), _cdiv(DHV, t["BV"])), cfg,
@@ -529,6 +557,8 @@ def mlstm_fwd(
                 ks, v, fv, mrow, mst, Cst, nst, S, lay.L, lay.NC, lay.SP,
                 DQK=DQK, DHV=DHV, HAS_INIT=has_init, PREC=prec, NHT=nht,
             )
+    elif state_gates_from is not None:
+        raise ValueError("state_gates_from needs chunk states (folds_gate_vectors_into_state_rows)")
     if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
         return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
                                       Cst=Cst, nst=nst, mst=mst)
@@ -762,8 +792,8 @@ FOLD_GATES_MAX_CHUNK = 1024
 
 class GateGradsInDkdv(NamedTuple):
     """What mlstm_bwd's dk + dv kernel needs to write the gate gradients di, df (shaped as i, f) itself: the gate
-    pre-activations, the max states, the outputs, and a float32 ticket counter per row ([BNH, SP] with the counter at
-    column 0, written by the dq kernel). dm_row comes from row_terms_from."""
+    pre-activations, the max states, the outputs, a float32 ticket counter per row ([BNH, SP] with the counter at
+    column 0, written by the dq kernel) and the per-row max-state gradient dm_row [BNH, SP]."""
 
     i: torch.Tensor
     f: torch.Tensor
@@ -772,19 +802,36 @@ class GateGradsInDkdv(NamedTuple):
     df: torch.Tensor
     tickets: torch.Tensor
     exp_gate: bool
+    dm_row: torch.Tensor
+
+
+# Chunked calls (several chunks, no initial state, no final-state gradient, the state terms A_c from the row sums:
+# STATE_TERMS_FROM_ROWS) may fold the gate gradients into the one-pass dk + dv kernel as well: the program that
+# finishes a (batch, head) row's last key tile of any chunk walks all its chunks. One launch less; the chunked
+# calls that take the one-pass kernel (DH 96 at S 4096) are bound by the host on the H100 machine
+# (bench/results/session21/). Opt-in until its GPU check: TFLA_FOLD_GATES_BWD_CHUNKED=1.
+FOLD_GATES_BWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_BWD_CHUNKED", "0") == "1"
 
 
 def folds_gate_grads(DQK: int, DHV: int, arch: str, lay: ChunkLayout, *, state_pass: bool,
-                     has_final_grad: bool) -> bool:
-    """Whether mlstm_bwd can take GateGradsInDkdv: one chunk (of at most FOLD_GATES_MAX_CHUNK rows), no state pass,
-    no final-state gradient (the gate gradients then need no state terms), and dk, dv from one pass of
-    mlstm_bwd_dkdv_kernel. Not the split pass: where it runs (DH 192 on the H200) the backward is bound by the GPU,
-    and the fold cost 2 % of GPU time and no host time that showed (0.773 -> 0.788 ms, wall 0.780 -> 0.794 at
+                     has_final_grad: bool, has_init: bool = False, state_terms_from_rows: bool = False) -> bool:
+    """Whether mlstm_bwd can take GateGradsInDkdv: no final-state gradient, no initial state, dk and dv from one pass
+    of mlstm_bwd_dkdv_kernel, chunks of at most FOLD_GATES_MAX_CHUNK rows, and either one chunk without a state pass
+    (the gate gradients then need no state terms) or several with the state terms from the row sums
+    (FOLD_GATES_BWD_CHUNKED). Not the split pass: where it runs (DH 192 on the H200) the backward is bound by the
+    GPU, and the fold cost 2 % of GPU time and no host time that showed (0.773 -> 0.788 ms, wall 0.780 -> 0.794 at
     DH 192 / S 196; at DH 96, one pass, GPU 0.391 -> 0.396, wall 0.630 -> 0.592:
     bench/results/session13/fold_gates_bwd_ab_h200.log)."""
-    return (FOLD_GATES_BWD and lay.NC == 1 and lay.L <= FOLD_GATES_MAX_CHUNK and not state_pass
-            and not has_final_grad and dkdv_mode(DQK, DHV, arch) == "one_pass"
-            and not uses_score_matrix(DQK, DHV, lay, keeps_states=False))
+    if not FOLD_GATES_BWD or has_final_grad or has_init or lay.L > FOLD_GATES_MAX_CHUNK:
+        return False
+    if lay.NC == 1 and not state_pass:
+        one_chunk = True
+    elif lay.NC > 1 and FOLD_GATES_BWD_CHUNKED and state_terms_from_rows:
+        one_chunk = False
+    else:
+        return False
+    return (dkdv_mode(DQK, DHV, arch, with_states=not one_chunk) == "one_pass"
+            and not uses_score_matrix(DQK, DHV, lay, keeps_states=not one_chunk))
 
 
 def mlstm_bwd(
@@ -825,8 +872,9 @@ def mlstm_bwd(
     dCst / dnst: every boundary is written by the sequential state kernel (index NC is read instead when
     has_final_grad), so they may start uninitialised there; the parallel state kernels and the calls without a state
     pass need them zeroed.
-    gate_grads (where folds_gate_grads says so, with row_terms_from): the one-pass dk + dv kernel also writes di and
-    df into gate_grads' buffers, in place of a mlstm_gates_bwd launch by the caller.
+    gate_grads (where folds_gate_grads says so: one chunk with row_terms_from, or several with the state terms from
+    the row sums): the one-pass dk + dv kernel also writes di and df into gate_grads' buffers, in place of a
+    mlstm_gates_bwd launch by the caller.
     With row_terms_from and no state terms, where uses_score_matrix says so, dq, dk and dv come from the score-matrix
     kernels (mlstm_bwd_score_matrix) instead of the matrix kernels.
     state_row_terms (with a state pass, where row_terms_in_state_rows says so): rs and dqn are outputs, filled with
@@ -882,9 +930,9 @@ def mlstm_bwd(
     dq = _new(q)
     qdq = _row_sums(nko, BNH, lay.SP, device=q.device, zeroed=sum_slices)
     mode = dkdv_mode(DQK, DHV, arch, with_states=has_final) if fused_dkdv else "slices"
-    if gate_grads is not None and (rows is None or has_final or mode != "one_pass"):
-        raise ValueError("gate_grads needs row_terms_from, no final-state gradient and the one-pass dk + dv kernel "
-                         "(folds_gate_grads)")
+    if gate_grads is not None and (mode != "one_pass" or (lay.NC == 1 and (rows is None or has_final))):
+        raise ValueError("gate_grads needs the one-pass dk + dv kernel and, for one chunk, row_terms_from and no "
+                         "final-state gradient (folds_gate_grads)")
     _launch_tiled(
         mlstm_bwd_dq_kernel, lambda t: (_cdiv(lay.L, t["BT"]), nko, BNH * lay.NC), cfg,
         q, k, v, dh, fv, av, mrow, rs, dqn,
@@ -900,8 +948,10 @@ def mlstm_bwd(
         kdk = _row_sums(1, BNH, lay.SP, device=q.device, zeroed=sum_slices)
         gates = gate_grads  # one pass: k.dk of a row is complete once its programs are done
         if gates is not None:
-            gate_args = (rows.dm_row, gates.mst, gates.i, gates.f, gates.di, gates.df, gates.tickets)
-            gate_consts = dict(GATES_BWD=True, EXP_GATE=gates.exp_gate, BL=_pow2(lay.L))
+            gate_args = (gates.dm_row, gates.mst, gates.i, gates.f, gates.di, gates.df, gates.tickets)
+            BL = _pow2(lay.L)
+            gate_consts = dict(GATES_BWD=True, EXP_GATE=gates.exp_gate, BL=BL, GATES_STATE_TERMS=lay.NC > 1,
+                               GATES_CB=max(1, min(_pow2(lay.NC, lo=1), 1024 // BL)))
         else:
             gate_args, gate_consts = (dummy,) * 7, {}
         for name, do_k, do_v in _DKDV_PASSES[mode]:

@@ -54,8 +54,9 @@ def compile_kernel(name: str, DQK: int, DHV: int, S: int, tiles: dict, arch: int
     kernels only): chunks of that many rows with states, the score-matrix path's variant at S > 1024."""
     fn = KERNELS[name]
     consts = dict(DQK=DQK, DHV=DHV, PREC="tf32", FAST_EXP2=fast_exp2, NHT=1)  # NHT: tiles may set it
-    gates = dict(GATES_BWD=launch.FOLD_GATES_BWD, EXP_GATE=True, BL=launch._pow2(S))
-    no_gates = dict(GATES_BWD=False, EXP_GATE=True, BL=16)
+    gates = dict(GATES_BWD=launch.FOLD_GATES_BWD, EXP_GATE=True, BL=launch._pow2(S), GATES_STATE_TERMS=False,
+                 GATES_CB=1)
+    no_gates = dict(GATES_BWD=False, EXP_GATE=True, BL=16, GATES_STATE_TERMS=False, GATES_CB=1)
     flags = {"fwd_h": dict(HAS_INIT=False, NORMALIZE=True, EXP_GATE=True, GATES_FWD=launch.FOLD_GATES_FWD,
                            GT=min(launch.GATE_TILE_ROWS, launch._pow2(S))),
              "dq": dict(HAS_INIT=False, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True,
