@@ -612,6 +612,39 @@ else:
         with pytest.raises(ValueError, match="SCORE_PACK_ROWS"):
             launch._score_tiles("score_rows", 24, 16, "cpu", False)
 
+    def _inputs_in_layout(B, NH, S, DQK, DHV, dtype, seed, init, token_major):
+        xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, init)
+        if token_major:  # [B, NH, S, D] views of [B, S, NH, D], as vil's MatrixLSTM passes them
+            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
+        return xs
+
+    def _switch_both_ways(monkeypatch, attribute, folded_kernel, xs, gate, normalize, ret, seed, chunk_size,
+                          launches=None, exact=False):
+        """Outputs and gradients with launch.<attribute> off and on (outputs poisoned, same inputs): folded_kernel is
+        launched exactly when the switch is off, with `launches` (a callable of on) the number of launches, and the
+        two runs agree bitwise (exact) or to TOL_VS_DEFAULT."""
+        launched = _record_launches(monkeypatch)
+        results = {}
+        for on in (False, True):
+            monkeypatch.setattr(launch, attribute, on)
+            launched.clear()
+            launch.POISON_OUTPUTS = True
+            try:
+                results[on] = _run(mlstm_triton, xs, gate, normalize, ret, seed, chunk_size=chunk_size)
+            finally:
+                launch.POISON_OUTPUTS = False
+            assert (folded_kernel in launched) != on, launched
+            assert launches is None or len(launched) == launches(on), launched
+        names = ["h", "C", "n", "m"][:len(results[False][0])] + NAMES
+        for name, a, b in zip(names, sum(results[False], []), sum(results[True], [])):
+            assert (a is None) == (b is None), name
+            if a is None:
+                continue
+            if exact:
+                assert torch.equal(a, b), (name, _rel(b, a))
+            else:
+                assert torch.isfinite(b).all() and _rel(b, a) <= TOL_VS_DEFAULT[a.dtype], (name, _rel(b, a))
+
     # launch.ROW_TERMS_IN_STATE_ROWS: the backward's per-row terms (rs, dqn, dm) of a chunked call made by the
     # state-rows launch instead of a mlstm_bwd_rows launch: the same sums in the same order, so the same bits.
     ROW_TERM_CASES = {
@@ -626,24 +659,9 @@ else:
     def test_row_terms_in_the_state_rows_launch(fused, monkeypatch, fresh_tiles, case):
         (B, NH, S, DQK, DHV, gate, dtype), kw = ROW_TERM_CASES[case]
         init, ret, normalize = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True)
-        xs = _inputs(B, NH, S, DQK, DHV, dtype, 91, init)
-        if kw.get("token_major"):
-            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
-        launched = _record_launches(monkeypatch)
-        results = {}
-        for on in (False, True):
-            monkeypatch.setattr(launch, "ROW_TERMS_IN_STATE_ROWS", on)
-            launched.clear()
-            launch.POISON_OUTPUTS = True
-            try:
-                results[on] = _run(mlstm_triton, xs, gate, normalize, ret, 91, chunk_size=kw["chunk_size"])
-            finally:
-                launch.POISON_OUTPUTS = False
-            assert ("mlstm_bwd_rows_kernel" in launched) != on, launched
-        for name, a, b in zip(["h", "C", "n", "m"] + NAMES, sum(results[False], []), sum(results[True], [])):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                assert torch.equal(a, b), (name, _rel(b, a))
+        xs = _inputs_in_layout(B, NH, S, DQK, DHV, dtype, 91, init, kw.get("token_major"))
+        _switch_both_ways(monkeypatch, "ROW_TERMS_IN_STATE_ROWS", "mlstm_bwd_rows_kernel", xs, gate, normalize, ret,
+                          91, kw["chunk_size"], exact=True)
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
               seed=91)
 
@@ -668,35 +686,22 @@ else:
         monkeypatch.setattr(launch, "FOLD_GATES_FWD_CHUNKED", kw.get("all_folds", False))
         if "tiles" in kw:
             monkeypatch.setattr(launch, "TILE_OVERRIDES", {"dkdv": kw["tiles"]})
-        xs = _inputs(B, NH, S, DQK, DHV, dtype, 93, False)
-        if kw.get("token_major"):
-            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
+        xs = _inputs_in_layout(B, NH, S, DQK, DHV, dtype, 93, False, kw.get("token_major"))
+        # with every fold, seven launches: state rows, fwd state, fwd_h; state rows, bwd state, dq, dk + dv
+        launches = (lambda on: 7 + (not on)) if kw.get("all_folds") else None
+        _switch_both_ways(monkeypatch, "FOLD_GATES_BWD_CHUNKED", "mlstm_gates_bwd_kernel", xs, gate, normalize, False,
+                          93, kw["chunk_size"], launches=launches)
         lay = launch.chunk_layout(S, kw["chunk_size"])
         arch = launch.gpu_arch(torch.device(DEVICE))
-        launched = _record_launches(monkeypatch)
-        results = {}
-        for on in (False, True):
-            monkeypatch.setattr(launch, "FOLD_GATES_BWD_CHUNKED", on)
-            assert launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=False,
-                                           state_terms_from_rows=True) == on
-            launched.clear()
-            launch.POISON_OUTPUTS = True
-            try:
-                results[on] = _run(mlstm_triton, xs, gate, normalize, False, 93, chunk_size=kw["chunk_size"])
-            finally:
-                launch.POISON_OUTPUTS = False
-            assert ("mlstm_gates_bwd_kernel" in launched) != on, launched
-            if kw.get("all_folds"):  # seven launches: state rows, fwd state, fwd_h; state rows, bwd state, dq, dkdv
-                assert len(launched) == 7 + (not on), launched
-        for name, a, b in zip(["h"] + NAMES, sum(results[False], []), sum(results[True], [])):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                assert torch.isfinite(b).all() and _rel(b, a) <= TOL_VS_DEFAULT[dtype], (name, _rel(b, a))
-        # the fold does not apply with an initial state or a final-state gradient (their end terms are dots)
+        assert launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=False,
+                                       state_terms_from_rows=True)
+        # not with an initial state or a final-state gradient (their end terms are dots), nor without the row sums
         assert not launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=True,
                                            state_terms_from_rows=True)
         assert not launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=False, has_init=True,
                                            state_terms_from_rows=True)
+        assert not launch.folds_gate_grads(DQK, DHV, arch, lay, state_pass=True, has_final_grad=False,
+                                           state_terms_from_rows=False)
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, chunk_size=kw["chunk_size"], seed=93)
 
     # launch.FOLD_GATES_FWD_CHUNKED: the gate vectors of a call with chunk states from its forward state-rows launch
@@ -716,25 +721,9 @@ else:
     def test_gate_vectors_from_the_state_rows_launch(fused, monkeypatch, fresh_tiles, case):
         (B, NH, S, DQK, DHV, gate, dtype), kw = STATE_ROW_GATE_CASES[case]
         init, ret, normalize = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True)
-        xs = _inputs(B, NH, S, DQK, DHV, dtype, 95, init)
-        if kw.get("token_major"):
-            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs[:3]] + xs[3:]
-        launched = _record_launches(monkeypatch)
-        results = {}
-        for on in (False, True):
-            monkeypatch.setattr(launch, "FOLD_GATES_FWD_CHUNKED", on)
-            launched.clear()
-            launch.POISON_OUTPUTS = True
-            try:
-                results[on] = _run(mlstm_triton, xs, gate, normalize, ret, 95, chunk_size=kw["chunk_size"])
-            finally:
-                launch.POISON_OUTPUTS = False
-            assert ("mlstm_gates_fwd_kernel" in launched) != on, launched
-        names = ["h", "C", "n", "m"][:len(results[False][0])] + NAMES
-        for name, a, b in zip(names, sum(results[False], []), sum(results[True], [])):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                assert torch.isfinite(b).all() and _rel(b, a) <= TOL_VS_DEFAULT[dtype], (name, _rel(b, a))
+        xs = _inputs_in_layout(B, NH, S, DQK, DHV, dtype, 95, init, kw.get("token_major"))
+        _switch_both_ways(monkeypatch, "FOLD_GATES_FWD_CHUNKED", "mlstm_gates_fwd_kernel", xs, gate, normalize, ret,
+                          95, kw["chunk_size"])
         # against float64 (the fold-off run above is the comparison with the default path)
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
               seed=95, vs_default=False)
