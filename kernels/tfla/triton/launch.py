@@ -428,9 +428,12 @@ STATE_ROWS_TILE = (64, 128)  # rows per step and head-dim columns per program of
 # The backward's per-row terms of a chunked call (rs, dqn and dm, from delta = dh.h) made by its state-rows launch
 # (kernels.mlstm_state_rows_kernel's ROW_TERMS) instead of a mlstm_bwd_rows launch before it: one launch, and its
 # host time, less where one program covers the head dim (padded DQK <= ROW_TERMS_MAX_HEAD_DIM; wider, every slice
-# would read h and dh again). Chunked calls at DH 96 / 192 are bound by the host on the H100 machine (S 4096: DH 96
-# 1.13 ms wall against 0.74 ms of GPU time, bench/results/session21/). Opt-in until its GPU check:
-# TFLA_ROW_TERMS_IN_STATE_ROWS=1.
+# would read h and dh again). For hosts that bind chunked calls at DH 96 / 192 (S 4096 on one H100 machine: DH 96
+# 1.13 ms wall against 0.74 ms of GPU time, bench/results/session21/). With FOLD_GATES_FWD_CHUNKED and
+# FOLD_GATES_BWD_CHUNKED (three launches of ten less at DH 96) it passed the GPU check, but on a host that kept up
+# with the GPU the three cost GPU time: S 4096 fwd+bwd, H100, GPU 0.734 -> 0.757 ms at DH 96, 1.386 -> 1.413 at DH
+# 192, wall 0.749 -> 0.768 and 1.406 -> 1.433 (bench/results/session21/ab_chunked_folds.log). So they are opt-in, for
+# hosts whose launches cost more than that: TFLA_ROW_TERMS_IN_STATE_ROWS=1 (and the two below).
 ROW_TERMS_IN_STATE_ROWS: bool = os.environ.get("TFLA_ROW_TERMS_IN_STATE_ROWS", "0") == "1"
 ROW_TERMS_MAX_HEAD_DIM = 256
 
@@ -438,7 +441,7 @@ ROW_TERMS_MAX_HEAD_DIM = 256
 # The gate vectors (F, a, m per row, the chunk max states) of a call with chunk states made by its forward state-rows
 # launch (kernels._chunk_gate_vectors: each program walks the gates of the chunks before its own for the entering max
 # state) instead of a mlstm_gates_fwd launch before it: one launch less, at the head dims ROW_TERMS_MAX_HEAD_DIM
-# covers. Opt-in until its GPU check: TFLA_FOLD_GATES_FWD_CHUNKED=1.
+# covers. Opt-in (see ROW_TERMS_IN_STATE_ROWS for its GPU check and cost): TFLA_FOLD_GATES_FWD_CHUNKED=1.
 FOLD_GATES_FWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED", "0") == "1"
 
 
@@ -807,9 +810,9 @@ class GateGradsInDkdv(NamedTuple):
 
 # Chunked calls (several chunks, no initial state, no final-state gradient, the state terms A_c from the row sums:
 # STATE_TERMS_FROM_ROWS) may fold the gate gradients into the one-pass dk + dv kernel as well: the program that
-# finishes a (batch, head) row's last key tile of any chunk walks all its chunks. One launch less; the chunked
-# calls that take the one-pass kernel (DH 96 at S 4096) are bound by the host on the H100 machine
-# (bench/results/session21/). Opt-in until its GPU check: TFLA_FOLD_GATES_BWD_CHUNKED=1.
+# finishes a (batch, head) row's last key tile of any chunk walks all its chunks. One launch less for the chunked
+# calls that take the one-pass kernel (DH 96). Opt-in (see ROW_TERMS_IN_STATE_ROWS for its GPU check and cost):
+# TFLA_FOLD_GATES_BWD_CHUNKED=1.
 FOLD_GATES_BWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_BWD_CHUNKED", "0") == "1"
 
 
