@@ -482,13 +482,13 @@ def _state_rows(x: torch.Tensor, fv, av, mrow, mst, rs, dqn, nsum: torch.Tensor,
     if rows is not None and (not backward or dh is None or BD < D):
         raise ValueError("the row terms need the backward, dh and one program per head dim (row_terms_in_state_rows)")
     DHV = dh.shape[-1] if rows is not None else 1
-    row_consts = dict(ROW_TERMS=True, NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate,
-                      BV=min(_pow2(DHV), 128)) if rows is not None else {}
+    variant = dict(ROW_TERMS=True, NORMALIZE=rows.normalize, EXP_GATE=rows.exp_gate,
+                   BV=min(_pow2(DHV), 128)) if rows is not None else {}
     if gates is not None:
         if backward:
             raise ValueError("the gate vectors come from the forward's state-rows launch only")
         ig, fg, m0 = gates
-        row_consts = dict(GATES_FWD=True, EXP_GATE=exp_gate, HAS_M0=m0 is not None, GL=_pow2(lay.L))
+        variant = dict(GATES_FWD=True, EXP_GATE=exp_gate, HAS_M0=m0 is not None, GL=_pow2(lay.L))
         gate_args = (ig, fg, m0 if m0 is not None else fv)
     else:
         gate_args = (fv, fv, fv)
@@ -497,7 +497,7 @@ def _state_rows(x: torch.Tensor, fv, av, mrow, mst, rs, dqn, nsum: torch.Tensor,
         x, xs, nsum, fv, av, mrow, mst, fv if rs is None else rs, fv if dqn is None else dqn,
         *((rows.h, dh, rows.qn, rows.dm_row) if rows is not None else (x, x, fv, fv)), *gate_args,
         S, lay.L, lay.NC, lay.SP, DHV, scale, rows.eps if rows is not None else 0.0,
-        D=D, BACKWARD=backward, BT=BT, BD=BD, NHT=nht, **row_consts, num_warps=4,
+        D=D, BACKWARD=backward, BT=BT, BD=BD, NHT=nht, **variant, num_warps=4,
     )
     return xs
 
