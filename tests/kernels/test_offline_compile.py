@@ -91,12 +91,14 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
         compiled = compile_launch(kernel, consts, ints, options)
         assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, name
         assert sass_report(compiled)["stack"] == 0, name  # bf16 states, weighted rows: no spills
-    for backward in (False, True):  # the kernel that weights the state kernels' rows (launch._state_rows)
+    # the kernel that weights the state kernels' rows (launch._state_rows), both ways; forward also with the gate
+    # vectors (FOLD_GATES_FWD_CHUNKED)
+    for backward, gates_fwd in ((False, False), (True, False), (False, True)):
         BT, BD = launch.STATE_ROWS_TILE
         consts = dict(D=96, BACKWARD=backward, BT=BT, BD=BD, NHT=4, ROW_TERMS=False, NORMALIZE=True, EXP_GATE=True,
-                      BV=16, GATES_FWD=not backward, HAS_M0=False, GL=L)  # defaults are no constexprs to ASTSource
+                      BV=16, GATES_FWD=gates_fwd, HAS_M0=False, GL=L)  # defaults are no constexprs to ASTSource
         compiled = compile_launch(K.mlstm_state_rows_kernel, consts, ints, dict(num_warps=4))
-        assert sass_report(compiled)["stack"] == 0, backward  # forward: with the gate vectors (FOLD_GATES_FWD_CHUNKED)
+        assert sass_report(compiled)["stack"] == 0, (backward, gates_fwd)
     # the backward one with the row terms (launch.ROW_TERMS_IN_STATE_ROWS), at its tiles for DH 96 and DH 192
     for D in (96, 192):
         BT, BD = launch.state_rows_tile(D, row_terms=True)
