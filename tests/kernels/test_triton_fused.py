@@ -646,7 +646,7 @@ else:
                 assert torch.isfinite(b).all() and _rel(b, a) <= TOL_VS_DEFAULT[a.dtype], (name, _rel(b, a))
 
     # launch.ROW_TERMS_IN_STATE_ROWS: the backward's per-row terms (rs, dqn, dm) of a chunked call made by the
-    # state-rows launch instead of a mlstm_bwd_rows launch: the same sums in the same order, so the same bits.
+    # state-rows launch instead of a mlstm_bwd_rows launch (test_folds_into_the_state_rows_launch).
     ROW_TERM_CASES = {
         "exp 24x16 L16 states": ((1, 2, 45, 24, 16, "exp", torch.float32), dict(init=True, ret=True, chunk_size=16)),
         "sig 16x24 L10 unnormalised": ((2, 1, 37, 16, 24, "sig", torch.float32), dict(normalize=False, chunk_size=10)),
@@ -654,16 +654,6 @@ else:
         "exp 24x24 L16 token-major fp16": ((2, 3, 40, 24, 24, "exp", torch.float16),
                                            dict(chunk_size=16, token_major=True)),
     }
-
-    @pytest.mark.parametrize("case", list(ROW_TERM_CASES), ids=list(ROW_TERM_CASES))
-    def test_row_terms_in_the_state_rows_launch(fused, monkeypatch, fresh_tiles, case):
-        (B, NH, S, DQK, DHV, gate, dtype), kw = ROW_TERM_CASES[case]
-        init, ret, normalize = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True)
-        xs = _inputs_in_layout(B, NH, S, DQK, DHV, dtype, 91, init, kw.get("token_major"))
-        _switch_both_ways(monkeypatch, "ROW_TERMS_IN_STATE_ROWS", "mlstm_bwd_rows_kernel", xs, gate, normalize, ret,
-                          91, kw["chunk_size"], exact=True)
-        check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
-              seed=91)
 
     # launch.FOLD_GATES_BWD_CHUNKED: the gate gradients of a chunked call from the last dk + dv program of each
     # (batch, head) row, over all its chunks, instead of a mlstm_gates_bwd launch.
@@ -705,7 +695,8 @@ else:
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, chunk_size=kw["chunk_size"], seed=93)
 
     # launch.FOLD_GATES_FWD_CHUNKED: the gate vectors of a call with chunk states from its forward state-rows launch
-    # (each program walks the chunks before its own for the entering max state) instead of a mlstm_gates_fwd launch.
+    # (each program walks the chunks before its own for the entering max state) instead of a mlstm_gates_fwd launch
+    # (test_folds_into_the_state_rows_launch).
     STATE_ROW_GATE_CASES = {
         "exp 24x16 L16": ((1, 2, 45, 24, 16, "exp", torch.float32), dict(chunk_size=16)),
         "exp 16x24 L10 states in and out": ((2, 1, 37, 16, 24, "exp", torch.float32),
@@ -717,13 +708,22 @@ else:
         "exp 136x40 L32, two head-dim slices": ((1, 1, 70, 136, 40, "exp", torch.float32), dict(chunk_size=32)),
     }
 
-    @pytest.mark.parametrize("case", list(STATE_ROW_GATE_CASES), ids=list(STATE_ROW_GATE_CASES))
-    def test_gate_vectors_from_the_state_rows_launch(fused, monkeypatch, fresh_tiles, case):
-        (B, NH, S, DQK, DHV, gate, dtype), kw = STATE_ROW_GATE_CASES[case]
+    # The two folds into the state-rows launch: (switch, the launch it saves, cases, bitwise equal to the launch it
+    # saves, seed). The row terms are the same sums in the same order; the gate vectors' scans may group differently.
+    STATE_ROW_FOLDS = {
+        "row terms": ("ROW_TERMS_IN_STATE_ROWS", "mlstm_bwd_rows_kernel", ROW_TERM_CASES, True, 91),
+        "gate vectors": ("FOLD_GATES_FWD_CHUNKED", "mlstm_gates_fwd_kernel", STATE_ROW_GATE_CASES, False, 95),
+    }
+
+    @pytest.mark.parametrize("fold, case", [(fold, case) for fold, (*_, cases, _, _) in STATE_ROW_FOLDS.items()
+                                            for case in cases])
+    def test_folds_into_the_state_rows_launch(fused, monkeypatch, fresh_tiles, fold, case):
+        attribute, saved_kernel, cases, exact, seed = STATE_ROW_FOLDS[fold]
+        (B, NH, S, DQK, DHV, gate, dtype), kw = cases[case]
         init, ret, normalize = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True)
-        xs = _inputs_in_layout(B, NH, S, DQK, DHV, dtype, 95, init, kw.get("token_major"))
-        _switch_both_ways(monkeypatch, "FOLD_GATES_FWD_CHUNKED", "mlstm_gates_fwd_kernel", xs, gate, normalize, ret,
-                          95, kw["chunk_size"])
+        xs = _inputs_in_layout(B, NH, S, DQK, DHV, dtype, seed, init, kw.get("token_major"))
+        _switch_both_ways(monkeypatch, attribute, saved_kernel, xs, gate, normalize, ret, seed, kw["chunk_size"],
+                          exact=exact)
         # against float64 (the fold-off run above is the comparison with the default path)
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
-              seed=95, vs_default=False)
+              seed=seed, vs_default=False)
