@@ -88,7 +88,7 @@ class OpInFunction(torch.autograd.Function):
 def _direct_fns(q, k, v, i, f, dh, S: int):
     """The op's forward and backward called directly (no autograd), on detached inputs."""
     args = (q.detach(), k.detach(), v.detach(), i.detach(), f.detach(), None, None, None, True, True,
-            function.default_chunk_size(S), 1e-6, False)
+            function.default_chunk_size(S, q.shape[-1]), 1e-6, False)
     (h, Cst, nst, _, qn), gates = function._fwd_with_gates(*args)
 
     def bwd():

@@ -62,7 +62,7 @@ def main():
     print(f"Triton {triton.__version__}, sm_{args.arch}, DH={args.dh}, S={args.seq}, bf16, FAST_EXP2")
     print("| kernel | tiles | regs | spill stack B | smem KiB | blocks / SM | SASS | MUFU | HGMMA | HMMA | LDL+STL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    one_chunk = function.default_chunk_size(args.seq) >= args.seq  # what launch.tiles() is told (short entries)
+    one_chunk = args.seq <= function.SINGLE_CHUNK_MAX_SEQ_LEN  # what launch.tiles() is told (short entries)
     sections = {}
     for name in args.kernel:
         tiles = launch.tiles(name, args.dh, args.dh, f"sm{args.arch}", rows=args.seq if one_chunk else 0,

@@ -4,7 +4,7 @@ same shapes, beside the state terms' cost inside our fused kernels, as a ceiling
 Usage (CUDA machine, repo root):
     PYTHONPATH=kernels python bench/state_gemm_ceiling.py --dh 96 192 384 512 --seq 4096
 
-Above function.SINGLE_CHUNK_MAX_SEQ_LEN the op runs chunks of L = function.DEFAULT_LONG_CHUNK_SIZE rows. Per chunk
+Above function.SINGLE_CHUNK_MAX_SEQ_LEN the op runs chunks of L = function.default_chunk_size(S, DH) rows. Per chunk
 and (batch, head) a fwd+bwd takes six products with a [DQK, DHV] chunk state, 2 L DQK DHV flops each:
     chunk terms of the states   (e k)^T v  (fwd_state),   (g rs q)^T dh  (bwd_state)          [D, L] @ [L, D]
     state terms of the outputs  h += (g q) C,  dq += (g rs dh) C^T,  dk += e v dC^T,  dv += e k dC   [L, D] @ [D, D]
@@ -121,17 +121,17 @@ def main() -> None:
     if args.seq <= function.SINGLE_CHUNK_MAX_SEQ_LEN:
         raise SystemExit(f"--seq {args.seq} runs as one chunk without states; give S > "
                          f"{function.SINGLE_CHUNK_MAX_SEQ_LEN}")
-    L = function.default_chunk_size(args.seq)
     B, NH = max(1, round(args.tokens / args.seq)), 4
-    lay = chunk_layout(args.seq, L)
-    batch = B * NH * lay.NC
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, B={B} "
-          f"NH={NH} S={args.seq} chunk L={L}: {batch} chunk matrices per product")
-    print("| DH | cuBLAS [L,D]@[D,D] us (TFLOP/s) | cuBLAS [D,L]@[L,D] us (TFLOP/s) | Triton [L,D]@[D,D] us (TFLOP/s; "
-          "tiles) | ours h: with / without state us (state part) | ours dv: with / without state us (state part) | "
-          "[S, D] write + read at 3 TB/s us |")
-    print("|---|---|---|---|---|---|---|")
+          f"NH={NH} S={args.seq}, chunks of function.default_chunk_size(S, DH) rows")
+    print("| DH | chunk L (matrices per product) | cuBLAS [L,D]@[D,D] us (TFLOP/s) | cuBLAS [D,L]@[L,D] us (TFLOP/s) | "
+          "Triton [L,D]@[D,D] us (TFLOP/s; tiles) | ours h: with / without state us (state part) | ours dv: with / "
+          "without state us (state part) | [S, D] write + read at 3 TB/s us |")
+    print("|---|---|---|---|---|---|---|---|")
     for D in args.dh:
+        L = function.default_chunk_size(args.seq, D)
+        lay = chunk_layout(args.seq, L)
+        batch = B * NH * lay.NC
         rows = torch.randn(batch, L, D, device="cuda", dtype=torch.bfloat16)
         state = torch.randn(batch, D, D, device="cuda", dtype=torch.bfloat16)
         cols = rows.transpose(1, 2)  # [D, L] views, as the state kernels read the rows (transposed operand)
@@ -144,7 +144,7 @@ def main() -> None:
         del rows, state, out_rows, out_state
         ours = fused_products_ms(B, NH, args.seq, D, lay)
         traffic_us = 2 * B * NH * args.seq * D * 2 / 3e12 * 1e6
-        print(f"| {D} | {ms_rows * 1e3:.0f} ({tflops(flops, ms_rows):.0f}) | {ms_state * 1e3:.0f} "
+        print(f"| {D} | {L} ({batch}) | {ms_rows * 1e3:.0f} ({tflops(flops, ms_rows):.0f}) | {ms_state * 1e3:.0f} "
               f"({tflops(flops, ms_state):.0f}) | {ms_triton * 1e3:.0f} ({tflops(flops, ms_triton):.0f}; {tiles}) | "
               f"{ours['rows_state'] * 1e3:.0f} / {ours['rows'] * 1e3:.0f} "
               f"({(ours['rows_state'] - ours['rows']) * 1e3:.0f}) | {ours['cols_state'] * 1e3:.0f} / "

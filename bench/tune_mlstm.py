@@ -155,15 +155,15 @@ def table_key(kernel: str, dh: int) -> str:
 
 def fwd(x, S):
     q, k, v, i, f, _ = x
-    return function.mlstm_fwd_op(q, k, v, i, f, None, None, None, True, True, function.default_chunk_size(S), 1e-6,
-                                 False)
+    return function.mlstm_fwd_op(q, k, v, i, f, None, None, None, True, True,
+                                 function.default_chunk_size(S, q.shape[-1]), 1e-6, False)
 
 
 def bwd(x, saved, S):
     q, k, v, i, f, dh = x
     h, Cst, nst, mst, qn, gate_rows = saved
     return function.mlstm_bwd_op(dh, None, None, None, q, k, v, i, f, None, None, None, h, Cst, nst, qn, mst, gate_rows,
-                                 True, True, function.default_chunk_size(S), 1e-6)
+                                 True, True, function.default_chunk_size(S, q.shape[-1]), 1e-6)
 
 
 def gpu_ms(step) -> float:
@@ -367,12 +367,12 @@ def _start_from_shipped(args, what: str, flag: str = "", needs_chunks: bool = Fa
     log = Log()
     S = args.seq
     B = max(1, round(args.tokens / S))
-    if needs_chunks and function.default_chunk_size(S) >= S:
+    if needs_chunks and S <= function.SINGLE_CHUNK_MAX_SEQ_LEN:
         raise SystemExit(f"{flag} needs chunks: S={S} runs as one chunk; use --seq 4096")
     arch = launch.gpu_arch(torch.device("cuda"))
     launch.reset_tile_caches()  # the shipped table: what these modes measure against
     log(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, "
-        f"B={B} NH={args.heads} S={S} chunk={function.default_chunk_size(S)}; {what}")
+        f"B={B} NH={args.heads} S={S} chunk={[function.default_chunk_size(S, dh) for dh in args.dh]}; {what}")
     result = {"gpu": torch.cuda.get_device_name(), "S": S, "B": B, "NH": args.heads, "dims": {}}
     return log, S, B, arch, result
 
@@ -442,7 +442,7 @@ def tune_states(args) -> None:
 def tune_split(args) -> None:
     """--split: see the module docstring."""
     log, S, B, arch, result = _start_from_shipped(args, "split dk + dv vs shipped backward")
-    chunked = function.default_chunk_size(S) < S
+    chunked = S > function.SINGLE_CHUNK_MAX_SEQ_LEN
     suffix = ":states" if chunked else ""
     tuned, won_at = {}, {}
     for dh in args.dh:
@@ -538,7 +538,7 @@ def tune_register_caps(args) -> None:
     """--register-caps: see the module docstring. At --seq <= launch.SHORT_CHUNK_ROWS the calls run the short-chunk
     tiles, so the caps are measured on those and written into the ":short" entries."""
     log, S, B, arch, result = _start_from_shipped(args, "register caps on the shipped tiles")
-    if function.default_chunk_size(S) < S:
+    if S > function.SINGLE_CHUNK_MAX_SEQ_LEN:
         raise SystemExit(f"--register-caps tunes the one-chunk kernels: S={S} is chunked; use --seq 1024 or less")
     caps = args.register_caps or [128, 168]
 
@@ -554,7 +554,7 @@ def tune_register_caps(args) -> None:
 def tune_short(args) -> None:
     """--short: see the module docstring."""
     log, S, B, arch, result = _start_from_shipped(args, "tiles of one short chunk")
-    if not (function.default_chunk_size(S) >= S and S <= launch.SHORT_CHUNK_ROWS):
+    if not (S <= function.SINGLE_CHUNK_MAX_SEQ_LEN and S <= launch.SHORT_CHUNK_ROWS):
         raise SystemExit(f"--short tunes one chunk of at most {launch.SHORT_CHUNK_ROWS} rows; got --seq {S}")
     _tune_shipped_kernels(args, log, S, B, arch, result, "short-chunk tiles", ":short")
 
@@ -609,10 +609,10 @@ def tune_score_matrix(args) -> None:
     state terms, coordinate descent from the shipped table with launch.SCORE_MATRIX forced on; winners under
     "scores_fwd:512:512" (padded dims; ":states" appended when chunked)."""
     log, S, B, arch, result = _start_from_shipped(args, "score-matrix path")
-    chunked = function.default_chunk_size(S) < S
+    chunked = S > function.SINGLE_CHUNK_MAX_SEQ_LEN
     if chunked and not launch.SCORE_MATRIX_STATES:
         raise SystemExit("a chunked --seq tunes the path with states, which launch.SCORE_MATRIX_STATES turns off")
-    if function.default_chunk_size(S) > launch.SCORE_MATRIX_MAX_CHUNK:
+    if max(function.default_chunk_size(S, dh) for dh in args.dh) > launch.SCORE_MATRIX_MAX_CHUNK:
         raise SystemExit(f"--score-matrix tunes chunks of at most {launch.SCORE_MATRIX_MAX_CHUNK} rows")
     # --kernels naming score kernels tunes only those (the rest keep the shipped tiles); else all four
     wanted = [k for k in SCORE_PHASES if k in args.kernels] or list(SCORE_PHASES)

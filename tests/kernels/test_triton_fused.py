@@ -340,7 +340,7 @@ else:
 
         assert function.FUSED_KERNELS or os.environ.get("TFLA_FUSED_KERNELS") == "0"
         monkeypatch.setattr(function, "FUSED_KERNELS", True)
-        for lay in (launch.chunk_layout(196, 196), launch.chunk_layout(4096, function.default_chunk_size(4096))):
+        for lay in (launch.chunk_layout(196, 196), launch.chunk_layout(4096, function.default_chunk_size(4096, 512))):
             assert function._fused_gates(lay)
         too_long = launch.FUSED_GATES_MAX_CHUNK + 1  # one program per row would not hold the chunk
         assert not function._fused_gates(launch.chunk_layout(too_long, too_long))
@@ -611,6 +611,24 @@ else:
         monkeypatch.setattr(launch, "TILE_OVERRIDES", {"score_rows": dict(BT=256, BS=64)})
         with pytest.raises(ValueError, match="SCORE_PACK_ROWS"):
             launch._score_tiles("score_rows", 24, 16, "cpu", False)
+
+    def test_narrow_heads_default_to_short_chunks_and_row_terms_in_the_state_rows_launch(monkeypatch):
+        """function.default_chunk_size: one chunk up to SINGLE_CHUNK_MAX_SEQ_LEN rows, then chunks of 128 for head
+        dims 65-128 (the wider of DQK, DHV) and of 256 otherwise; launch.row_terms_in_state_rows by default where the
+        padded DQK is at most 128, and never above ROW_TERMS_MAX_HEAD_DIM when forced on."""
+        import os
+
+        limit = function.SINGLE_CHUNK_MAX_SEQ_LEN
+        assert function.default_chunk_size(limit, 96) == limit
+        assert [function.default_chunk_size(4096, d) for d in (64, 65, 96, 128, 129, 192, 512)] == [
+            256, 128, 128, 128, 256, 256, 256]
+        assert launch.ROW_TERMS_IN_STATE_ROWS is None or os.environ.get("TFLA_ROW_TERMS_IN_STATE_ROWS") in ("0", "1")
+        monkeypatch.setattr(launch, "ROW_TERMS_IN_STATE_ROWS", None)
+        assert [launch.row_terms_in_state_rows(d) for d in (24, 96, 128, 136, 192)] == [True, True, True, False, False]
+        monkeypatch.setattr(launch, "ROW_TERMS_IN_STATE_ROWS", True)
+        assert launch.row_terms_in_state_rows(192) and not launch.row_terms_in_state_rows(384)
+        monkeypatch.setattr(launch, "ROW_TERMS_IN_STATE_ROWS", False)
+        assert not launch.row_terms_in_state_rows(96)
 
     def _inputs_in_layout(B, NH, S, DQK, DHV, dtype, seed, init, token_major):
         xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, init)

@@ -39,14 +39,23 @@ from .launch import ChunkLayout, chunk_layout, mlstm_bwd, mlstm_bwd_delta, mlstm
 FUSED_KERNELS: bool = os.environ.get("TFLA_FUSED_KERNELS", "1") != "0"
 
 # Sequences up to this length run as one chunk (the whole sequence, tiled inside): what ViL at 224-512 px needs.
-# Longer ones take chunks of 256 rows: the fastest of 128-1024 at S = 4096 with DH = 192 on the H100, and within
-# noise of the best at DH = 96 (bench/sweep_chunk_mlstm.py, bench/results/sweep_chunk_*_h100.log).
+# Longer ones take chunks of 256 rows: the fastest of 128-1024 at S = 4096 with DH = 192 / 384 / 512 on the H100
+# (bench/sweep_chunk_mlstm.py; bench/results/session18/sweep_s4096_h100.log, session21/sweep_chunk_dh384_s4096.log),
+# and within 1 % of 128 at DH 64. Head dims that pad to 128 (65-128) take chunks of 128: on an H100 at S 4096,
+# fwd+bwd GPU time 0.744 -> 0.703 ms at DH 96 (exp gate), 0.756 -> 0.738 (sig), 0.804 -> 0.788 at DH 128, and
+# 0.530 -> 0.535 at DH 64 (bench/results/session22/sweep_chunk_dh96.log, sweep_chunk_dh64_128.log).
 SINGLE_CHUNK_MAX_SEQ_LEN = 1024
 DEFAULT_LONG_CHUNK_SIZE = 256
+NARROW_HEAD_CHUNK_SIZE = 128
+NARROW_HEAD_DIMS = (65, 128)  # head dims (the wider of DQK, DHV) that take NARROW_HEAD_CHUNK_SIZE
 
 
-def default_chunk_size(S: int) -> int:
-    return S if S <= SINGLE_CHUNK_MAX_SEQ_LEN else DEFAULT_LONG_CHUNK_SIZE
+def default_chunk_size(S: int, head_dim: int) -> int:
+    """Rows per chunk for a sequence of S rows whose widest head dim (of DQK, DHV) is head_dim."""
+    if S <= SINGLE_CHUNK_MAX_SEQ_LEN:
+        return S
+    low, high = NARROW_HEAD_DIMS
+    return NARROW_HEAD_CHUNK_SIZE if low <= head_dim <= high else DEFAULT_LONG_CHUNK_SIZE
 
 
 def _gate_vectors(i: torch.Tensor, f: torch.Tensor, m0: Optional[torch.Tensor], exp_gate: bool, lay: ChunkLayout):
@@ -579,7 +588,7 @@ def mlstm_triton(
         dt = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     S = q.shape[-2]
-    L = default_chunk_size(S) if chunk_size is None else int(chunk_size)
+    L = default_chunk_size(S, max(q.shape[-1], v.shape[-1])) if chunk_size is None else int(chunk_size)
     C0 = n0 = m0 = None
     if initial_state is not None:
         C0, n0, m0 = initial_state

@@ -428,20 +428,25 @@ STATE_ROWS_TILE = (64, 128)  # rows per step and head-dim columns per program of
 # The backward's per-row terms of a chunked call (rs, dqn and dm, from delta = dh.h) made by its state-rows launch
 # (kernels.mlstm_state_rows_kernel's ROW_TERMS) instead of a mlstm_bwd_rows launch before it: one launch, and its
 # host time, less where one program covers the head dim (padded DQK <= ROW_TERMS_MAX_HEAD_DIM; wider, every slice
-# would read h and dh again). For hosts that bind chunked calls at DH 96 / 192 (S 4096 on one H100 machine: DH 96
-# 1.13 ms wall against 0.74 ms of GPU time, bench/results/session21/). With FOLD_GATES_FWD_CHUNKED and
-# FOLD_GATES_BWD_CHUNKED (three launches of ten less at DH 96) it passed the GPU check, but on a host that kept up
-# with the GPU the three cost GPU time: S 4096 fwd+bwd, H100, GPU 0.734 -> 0.757 ms at DH 96, 1.386 -> 1.413 at DH
-# 192, wall 0.749 -> 0.768 and 1.406 -> 1.433 (bench/results/session21/ab_chunked_folds.log). So they are opt-in, for
-# hosts whose launches cost more than that: TFLA_ROW_TERMS_IN_STATE_ROWS=1 (and the two below).
-ROW_TERMS_IN_STATE_ROWS: bool = os.environ.get("TFLA_ROW_TERMS_IN_STATE_ROWS", "0") == "1"
+# would read h and dh again). On by default where the padded DQK is at most ROW_TERMS_DEFAULT_MAX_HEAD_DIM: on an
+# H100 at DH 96 / S 4096 (chunks of 128) it took GPU time too, 0.711 -> 0.695 ms fwd+bwd, wall 1.208 -> 1.170 on a
+# host that bound that call (bench/results/session22/ab_folds_each.log). Wider heads were measured only with the two
+# gate folds below (DH 192 / S 4096, chunks of 256: all three cost 2 % of GPU time, session21/ab_chunked_folds.log),
+# so they keep the mlstm_bwd_rows launch. TFLA_ROW_TERMS_IN_STATE_ROWS=1 / 0 forces it on / off (the padded-DQK
+# limit stays); None: by head dim.
+ROW_TERMS_IN_STATE_ROWS: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_ROW_TERMS_IN_STATE_ROWS",
+                                                                                    ""))
 ROW_TERMS_MAX_HEAD_DIM = 256
+ROW_TERMS_DEFAULT_MAX_HEAD_DIM = 128
 
 
 # The gate vectors (F, a, m per row, the chunk max states) of a call with chunk states made by its forward state-rows
 # launch (kernels._chunk_gate_vectors: each program walks the gates of the chunks before its own for the entering max
 # state) instead of a mlstm_gates_fwd launch before it: one launch less, at the head dims ROW_TERMS_MAX_HEAD_DIM
-# covers. Opt-in (see ROW_TERMS_IN_STATE_ROWS for its GPU check and cost): TFLA_FOLD_GATES_FWD_CHUNKED=1.
+# covers. Opt-in (TFLA_FOLD_GATES_FWD_CHUNKED=1): GPU-checked with the other two chunked folds (0 failures in 9 at
+# S 4096, DH 96 / 192: bench/results/session21/check_chunked_folds.log), but it costs GPU time: 0.707 -> 0.745 ms
+# fwd+bwd at DH 96 / S 4096 in chunks of 128 on an H100 (bench/results/session22/ab_folds_each.log). Its programs
+# walk the gates of every chunk before their own, which grows with the square of the chunk count.
 FOLD_GATES_FWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED", "0") == "1"
 
 
@@ -454,7 +459,8 @@ def folds_gate_vectors_into_state_rows(DQK: int, lay: ChunkLayout, *, keeps_stat
 
 def row_terms_in_state_rows(DQK: int) -> bool:
     """Whether the backward's state-rows launch makes the per-row terms (see ROW_TERMS_IN_STATE_ROWS)."""
-    return ROW_TERMS_IN_STATE_ROWS and _pow2(DQK) <= ROW_TERMS_MAX_HEAD_DIM
+    on = _pow2(DQK) <= ROW_TERMS_DEFAULT_MAX_HEAD_DIM if ROW_TERMS_IN_STATE_ROWS is None else ROW_TERMS_IN_STATE_ROWS
+    return on and _pow2(DQK) <= ROW_TERMS_MAX_HEAD_DIM
 
 
 def state_rows_tile(D: int, *, row_terms: bool = False) -> tuple[int, int]:
@@ -811,8 +817,9 @@ class GateGradsInDkdv(NamedTuple):
 # Chunked calls (several chunks, no initial state, no final-state gradient, the state terms A_c from the row sums:
 # STATE_TERMS_FROM_ROWS) may fold the gate gradients into the one-pass dk + dv kernel as well: the program that
 # finishes a (batch, head) row's last key tile of any chunk walks all its chunks. One launch less for the chunked
-# calls that take the one-pass kernel (DH 96). Opt-in (see ROW_TERMS_IN_STATE_ROWS for its GPU check and cost):
-# TFLA_FOLD_GATES_BWD_CHUNKED=1.
+# calls that take the one-pass kernel (DH 96). Opt-in (TFLA_FOLD_GATES_BWD_CHUNKED=1; GPU-checked as
+# FOLD_GATES_FWD_CHUNKED): fwd+bwd GPU time 0.705 -> 0.716 ms at DH 96 / S 4096 in chunks of 128 on an H100, and no
+# wall time won on a host that bound that call (bench/results/session22/ab_folds_each.log).
 FOLD_GATES_BWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_BWD_CHUNKED", "0") == "1"
 
 
