@@ -186,7 +186,8 @@ HEAD_DIM_PIECES: bool = os.environ.get("TFLA_HEAD_DIM_PIECES", "1") != "0"
 # entering-state term pushed fwd_h and dq over the shared memory at three stages (bench/results/
 # sweep_s4096_pieces_ab_h200.log). A kernel whose tuned table has an entry for its state variant with pieces
 # ("dkdv:96:96:states", written by `bench/tune_mlstm.py --states` only where it beat the padded tiles) takes the
-# pieces with those tiles regardless.
+# pieces with those tiles regardless: fwd_h at DH 96 since session 22 (chunks of 128 at S 4096 on an H100, fwd+bwd GPU
+# 0.700 -> 0.684 ms; bench/results/session22/ab_tiles_chunk128_dh96.log).
 PIECES_WITH_STATES = False
 PIECES_MAX_HEAD_DIM = 256
 # kernel -> the (first, second) tile keys of its pieces, and whether each is along DQK (else DHV).
