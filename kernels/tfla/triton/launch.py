@@ -460,8 +460,9 @@ def folds_gate_vectors_into_state_rows(DQK: int, lay: ChunkLayout, *, keeps_stat
 
 def row_terms_in_state_rows(DQK: int) -> bool:
     """Whether the backward's state-rows launch makes the per-row terms (see ROW_TERMS_IN_STATE_ROWS)."""
-    on = _pow2(DQK) <= ROW_TERMS_DEFAULT_MAX_HEAD_DIM if ROW_TERMS_IN_STATE_ROWS is None else ROW_TERMS_IN_STATE_ROWS
-    return on and _pow2(DQK) <= ROW_TERMS_MAX_HEAD_DIM
+    padded = _pow2(DQK)
+    on = padded <= ROW_TERMS_DEFAULT_MAX_HEAD_DIM if ROW_TERMS_IN_STATE_ROWS is None else ROW_TERMS_IN_STATE_ROWS
+    return on and padded <= ROW_TERMS_MAX_HEAD_DIM
 
 
 def state_rows_tile(D: int, *, row_terms: bool = False) -> tuple[int, int]:
