@@ -96,14 +96,15 @@ def test_gate_and_state_kernels_compile_for_sm90(exp_gate):
     for backward, gates_fwd in ((False, False), (True, False), (False, True)):
         BT, BD = launch.STATE_ROWS_TILE
         consts = dict(D=96, BACKWARD=backward, BT=BT, BD=BD, NHT=4, ROW_TERMS=False, NORMALIZE=True, EXP_GATE=True,
-                      BV=16, GATES_FWD=gates_fwd, HAS_M0=False, GL=L)  # defaults are no constexprs to ASTSource
+                      BV=16, GATES_FWD=gates_fwd, HAS_M0=False, GL=L,  # defaults are no constexprs to ASTSource
+                      GW=launch.GATE_WALK_ROWS)
         compiled = compile_launch(K.mlstm_state_rows_kernel, consts, ints, dict(num_warps=4))
         assert sass_report(compiled)["stack"] == 0, (backward, gates_fwd)
     # the backward one with the row terms (launch.ROW_TERMS_IN_STATE_ROWS), at its tiles for DH 96 and DH 192
     for D in (96, 192):
         BT, BD = launch.state_rows_tile(D, row_terms=True)
         consts = dict(D=D, BACKWARD=True, BT=BT, BD=BD, NHT=4, ROW_TERMS=True, NORMALIZE=True, EXP_GATE=True,
-                      BV=min(launch._pow2(D), 128), GATES_FWD=False, HAS_M0=False, GL=16)
+                      BV=min(launch._pow2(D), 128), GATES_FWD=False, HAS_M0=False, GL=16, GW=16)
         compiled = compile_launch(K.mlstm_state_rows_kernel, consts, dict(ints, DHV=D), dict(num_warps=4))
         assert sass_report(compiled)["stack"] == 0, D
 

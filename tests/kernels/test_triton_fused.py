@@ -713,17 +713,19 @@ else:
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, chunk_size=kw["chunk_size"], seed=93)
 
     # launch.FOLD_GATES_FWD_CHUNKED: the gate vectors of a call with chunk states from its forward state-rows launch
-    # (each program walks the chunks before its own for the entering max state) instead of a mlstm_gates_fwd launch
+    # (each program walks the rows before its chunk for the entering max state, launch.GATE_WALK_ROWS a step: walk_rows
+    # lowers it to take several steps, the last one partial) instead of a mlstm_gates_fwd launch
     # (test_folds_into_the_state_rows_launch).
     STATE_ROW_GATE_CASES = {
         "exp 24x16 L16": ((1, 2, 45, 24, 16, "exp", torch.float32), dict(chunk_size=16)),
-        "exp 16x24 L10 states in and out": ((2, 1, 37, 16, 24, "exp", torch.float32),
-                                            dict(chunk_size=10, init=True, ret=True)),
+        "exp 16x24 L10 states in and out, walks of 16 rows": ((2, 1, 37, 16, 24, "exp", torch.float32),
+                                                              dict(chunk_size=10, init=True, ret=True, walk_rows=16)),
         "sig 24x24 L16 fp16 unnormalised": ((1, 2, 70, 24, 24, "sig", torch.float16),
                                             dict(chunk_size=16, normalize=False)),
         "exp 24x24 one chunk, final state, token-major": ((2, 3, 40, 24, 24, "exp", torch.float32),
                                                           dict(chunk_size=64, ret=True, token_major=True)),
-        "exp 136x40 L32, two head-dim slices": ((1, 1, 70, 136, 40, "exp", torch.float32), dict(chunk_size=32)),
+        "exp 136x40 L32, two head-dim slices, walks of 32 rows": ((1, 1, 70, 136, 40, "exp", torch.float32),
+                                                                  dict(chunk_size=32, walk_rows=32)),
     }
 
     # The two folds into the state-rows launch: (switch, the launch it saves, cases, bitwise equal to the launch it
@@ -739,9 +741,34 @@ else:
         attribute, saved_kernel, cases, exact, seed = STATE_ROW_FOLDS[fold]
         (B, NH, S, DQK, DHV, gate, dtype), kw = cases[case]
         init, ret, normalize = kw.get("init", False), kw.get("ret", False), kw.get("normalize", True)
+        if "walk_rows" in kw:
+            monkeypatch.setattr(launch, "GATE_WALK_ROWS", kw["walk_rows"])
         xs = _inputs_in_layout(B, NH, S, DQK, DHV, dtype, seed, init, kw.get("token_major"))
         _switch_both_ways(monkeypatch, attribute, saved_kernel, xs, gate, normalize, ret, seed, kw["chunk_size"],
                           exact=exact)
         # against float64 (the fold-off run above is the comparison with the default path)
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
               seed=seed, vs_default=False)
+
+    @pytest.mark.parametrize("S, L, walk_rows, with_m0", [(70, 8, 16, True), (45, 16, 2048, False), (33, 16, 16, False)])
+    def test_gate_vectors_from_the_state_rows_launch_match_the_gate_launch(S, L, walk_rows, with_m0, monkeypatch):
+        """The max states themselves (FOLD_GATES_FWD_CHUNKED's walk over the rows before each chunk, GATE_WALK_ROWS a
+        step) against mlstm_gates_fwd's: the op's outputs hide an error in m wherever the normaliser's floor is not
+        active, so the end-to-end cases above cannot catch one."""
+        monkeypatch.setattr(launch, "GATE_WALK_ROWS", walk_rows)
+        g = torch.Generator().manual_seed(7)
+        BNH, D = 3, 16
+        i = (torch.randn(BNH, S, generator=g) * 2.0).to(DEVICE)
+        f = (torch.randn(BNH, S, generator=g) * 1.5 + 2.0).to(DEVICE)
+        m0 = torch.randn(BNH, generator=g).to(DEVICE) if with_m0 else None
+        k = torch.randn(BNH, S, D, generator=g).to(DEVICE)
+        lay = launch.chunk_layout(S, L)
+        want = launch.mlstm_gates_fwd(i, f, m0, lay, exp_gate=True)
+        got = launch.gate_vector_buffers(i, lay)
+        nsum = torch.zeros(BNH, lay.NC + 1, D, device=DEVICE)
+        launch._state_rows(k, *got[:4], None, None, nsum, lay, 1, backward=False, gates=(i, f, m0), exp_gate=True)
+        for name, a, b in zip(("F", "a", "m per row", "m per chunk"), got[:4], want[:4]):
+            rows = [slice(c * lay.L, c * lay.L + min(lay.L, S - c * lay.L)) for c in range(lay.NC)]
+            if name != "m per chunk":  # the padded tail of the last chunk is not read
+                a, b = torch.cat([a[:, r] for r in rows], 1), torch.cat([b[:, r] for r in rows], 1)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -403,10 +403,13 @@ def _leaving_weight(FV, AV, MROW, vec, s_loc, s_ok, Lc):
 
 @triton.jit
 def _chunk_gate_vectors(IG, FG, M0, FV, AV, MROW, MST, bh, c, S, L, NC, SP, EXP_GATE: tl.constexpr,
-                        HAS_M0: tl.constexpr, GL: tl.constexpr):
+                        HAS_M0: tl.constexpr, GL: tl.constexpr, GW: tl.constexpr):
     """Chunk c's gate vectors as mlstm_gates_fwd_kernel makes them (F, a, m for the padded chunk's rows, and the max
-    state leaving it; chunk 0 also the entering one), from the gates alone: the max state entering chunk c comes from
-    a walk over the chunks before it, one [GL] tile each (m_{c+1} = max(m_c + F_last, F_last + max_j (a_j - F_j))).
+    state leaving it; chunk 0 also the entering one), from the gates alone. The max state entering chunk c comes from
+    a walk over the rows before it, GW rows a step (m' = max(m + F_last, F_last + max_j (a_j - F_j)) over a step's
+    rows, F summed from the step's start): a program of the last chunk at S 4096 takes 2 steps of 2048 rows, where
+    one chunk a step took 31 chains of a cumsum and two reductions. The grouping of F's sums differs from
+    mlstm_gates_fwd_kernel's by rounding only; m is the stabiliser, and every kernel reads the values written here.
     Every program of the chunk writes the same bits."""
     offs = tl.arange(0, GL)
     full = offs < L
@@ -415,13 +418,17 @@ def _chunk_gate_vectors(IG, FG, M0, FV, AV, MROW, MST, bh, c, S, L, NC, SP, EXP_
             m_in = tl.load(M0 + bh).to(tl.float32)
         else:
             m_in = tl.max(tl.full((GL,), -float("inf"), tl.float32), 0)
-        for cp in range(0, c):  # chunks before the last one are full
-            g_rows = bh * S + cp * L + offs
-            fc = tl.cumsum(tl.where(full, _logsigmoid(tl.load(FG + g_rows, mask=full, other=0.0).to(tl.float32)),
+        walk = tl.arange(0, GW)
+        before = c * L  # the rows of the chunks before c, all full
+        for r0 in range(0, before, GW):
+            rows = r0 + walk
+            ok = rows < before
+            # rows past `before` add 0 to the cumsum: its last entry is the step's total
+            fw = tl.cumsum(tl.where(ok, _logsigmoid(tl.load(FG + bh * S + rows, mask=ok, other=0.0).to(tl.float32)),
                                     0.0), 0)
-            a = tl.where(full, tl.load(IG + g_rows, mask=full, other=0.0).to(tl.float32), 0.0)
-            f_last = tl.sum(tl.where(offs == L - 1, fc, 0.0), 0)
-            m_in = tl.maximum(m_in + f_last, f_last + tl.max(tl.where(full, a - fc, -float("inf")), 0))
+            a = tl.load(IG + bh * S + rows, mask=ok, other=0.0).to(tl.float32)
+            f_last = tl.sum(tl.where(walk == GW - 1, fw, 0.0), 0)
+            m_in = tl.maximum(m_in + f_last, f_last + tl.max(tl.where(ok, a - fw, -float("inf")), 0))
     else:
         m_in = tl.sum(tl.zeros((GL,), dtype=tl.float32), 0)
     row0 = c * L
@@ -457,6 +464,7 @@ def mlstm_state_rows_kernel(
     D: tl.constexpr, BACKWARD: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NHT: tl.constexpr,
     ROW_TERMS: tl.constexpr = False, NORMALIZE: tl.constexpr = True, EXP_GATE: tl.constexpr = True,
     BV: tl.constexpr = 16, GATES_FWD: tl.constexpr = False, HAS_M0: tl.constexpr = False, GL: tl.constexpr = 16,
+    GW: tl.constexpr = 16,
 ):
     """The rows of one chunk weighted for its state sums (one program per head-dim slice and (batch, head, chunk)),
     so that the state kernels' products are plain matrix products of loaded tiles (_chunk_outer).
@@ -486,7 +494,7 @@ def mlstm_state_rows_kernel(
     if not BACKWARD:
         st += 1  # ... the leaving state's forward
     if GATES_FWD:
-        _chunk_gate_vectors(IG, FG, M0, FV, AV, MROW, MST, bh, c, S, L, NC, SP, EXP_GATE, HAS_M0, GL)
+        _chunk_gate_vectors(IG, FG, M0, FV, AV, MROW, MST, bh, c, S, L, NC, SP, EXP_GATE, HAS_M0, GL, GW)
         tl.debug_barrier()  # the vectors this program wrote, for all of its threads
     nsum = tl.zeros((BD,), dtype=tl.float32)
     for t0 in range(0, L if ROW_TERMS else Lc, BT):

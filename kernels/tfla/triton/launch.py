@@ -449,6 +449,9 @@ ROW_TERMS_DEFAULT_MAX_HEAD_DIM = 128
 # fwd+bwd at DH 96 / S 4096 in chunks of 128 on an H100 (bench/results/session22/ab_folds_each.log). Its programs
 # walk the gates of every chunk before their own, which grows with the square of the chunk count.
 FOLD_GATES_FWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED", "0") == "1"
+# Rows a step of that walk over the chunks before a program's own (kernels._chunk_gate_vectors); tests lower it to
+# take several steps. 2048 float32 rows are 16 per thread of the launch's 4 warps.
+GATE_WALK_ROWS = 2048
 
 
 def folds_gate_vectors_into_state_rows(DQK: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
@@ -496,7 +499,8 @@ def _state_rows(x: torch.Tensor, fv, av, mrow, mst, rs, dqn, nsum: torch.Tensor,
         if backward:
             raise ValueError("the gate vectors come from the forward's state-rows launch only")
         ig, fg, m0 = gates
-        variant = dict(GATES_FWD=True, EXP_GATE=exp_gate, HAS_M0=m0 is not None, GL=_pow2(lay.L))
+        variant = dict(GATES_FWD=True, EXP_GATE=exp_gate, HAS_M0=m0 is not None, GL=_pow2(lay.L),
+                       GW=max(_pow2(lay.L), min(GATE_WALK_ROWS, _pow2(S))))
         gate_args = (ig, fg, m0 if m0 is not None else fv)
     else:
         gate_args = (fv, fv, fv)
