@@ -184,7 +184,8 @@ def _ab_switches() -> dict:
             "row_terms_in_state_rows": (launch, "ROW_TERMS_IN_STATE_ROWS"),
             "fold_gates_fwd_chunked": (launch, "FOLD_GATES_FWD_CHUNKED"),
             "fold_gates_bwd_chunked": (launch, "FOLD_GATES_BWD_CHUNKED"),
-            "chunked_folds": (launch, ("ROW_TERMS_IN_STATE_ROWS", "FOLD_GATES_FWD_CHUNKED", "FOLD_GATES_BWD_CHUNKED"))}
+            "chunked_folds": (launch, ("ROW_TERMS_IN_STATE_ROWS", "FOLD_GATES_FWD_CHUNKED", "FOLD_GATES_BWD_CHUNKED")),
+            "chunked_gate_folds": (launch, ("FOLD_GATES_FWD_CHUNKED", "FOLD_GATES_BWD_CHUNKED"))}
 
 
 def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
@@ -195,7 +196,7 @@ def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     input dtype; state_terms_from_rows: launch.STATE_TERMS_FROM_ROWS, the gate gradients' A_c from the row sums;
     row_terms_in_state_rows: launch.ROW_TERMS_IN_STATE_ROWS, the backward's row terms from the state-rows launch;
     fold_gates_fwd_chunked / _bwd_chunked: launch.FOLD_GATES_FWD_CHUNKED / _BWD_CHUNKED; chunked_folds: those three
-    together),
+    together; chunked_gate_folds: the two gate folds together, the row terms as shipped),
     alternating `rounds` times in this one process, since this host's speed drifts between processes
     more than the difference (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a
     CUDA-graph replay)."""
