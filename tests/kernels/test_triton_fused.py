@@ -615,7 +615,8 @@ else:
     def test_narrow_heads_default_to_short_chunks_and_row_terms_in_the_state_rows_launch(monkeypatch):
         """function.default_chunk_size: one chunk up to SINGLE_CHUNK_MAX_SEQ_LEN rows, then chunks of 128 for head
         dims 65-128 (the wider of DQK, DHV) and of 256 otherwise; launch.row_terms_in_state_rows by default where the
-        padded DQK is at most 128, and never above ROW_TERMS_MAX_HEAD_DIM when forced on."""
+        padded DQK is at most 128, and never above ROW_TERMS_MAX_HEAD_DIM when forced on; the forward's gate vectors
+        from the state-rows launch by default at those head dims up to FOLD_GATES_FWD_CHUNKED_MAX_CHUNKS chunks."""
         import os
 
         limit = function.SINGLE_CHUNK_MAX_SEQ_LEN
@@ -629,6 +630,21 @@ else:
         assert launch.row_terms_in_state_rows(192) and not launch.row_terms_in_state_rows(384)
         monkeypatch.setattr(launch, "ROW_TERMS_IN_STATE_ROWS", False)
         assert not launch.row_terms_in_state_rows(96)
+
+        assert launch.FOLD_GATES_FWD_CHUNKED is None or os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED") in ("0", "1")
+        monkeypatch.setattr(launch, "FOLD_GATES_FWD_CHUNKED", None)
+        most = launch.FOLD_GATES_FWD_CHUNKED_MAX_CHUNKS
+
+        def folds(DQK, chunks, keeps_states=True):
+            lay = launch.chunk_layout(128 * chunks, 128)
+            return launch.folds_gate_vectors_into_state_rows(DQK, lay, keeps_states=keeps_states)
+
+        assert [folds(d, most) for d in (64, 96, 128, 136, 192)] == [True, True, True, False, False]
+        assert not folds(96, most + 1) and not folds(96, 4, keeps_states=False)
+        monkeypatch.setattr(launch, "FOLD_GATES_FWD_CHUNKED", True)
+        assert folds(192, most + 1) and not folds(384, 4)
+        monkeypatch.setattr(launch, "FOLD_GATES_FWD_CHUNKED", False)
+        assert not folds(96, 4)
 
     def _inputs_in_layout(B, NH, S, DQK, DHV, dtype, seed, init, token_major):
         xs = _inputs(B, NH, S, DQK, DHV, dtype, seed, init)

@@ -442,23 +442,31 @@ ROW_TERMS_DEFAULT_MAX_HEAD_DIM = 128
 
 
 # The gate vectors (F, a, m per row, the chunk max states) of a call with chunk states made by its forward state-rows
-# launch (kernels._chunk_gate_vectors: each program walks the gates of the chunks before its own for the entering max
-# state) instead of a mlstm_gates_fwd launch before it: one launch less, at the head dims ROW_TERMS_MAX_HEAD_DIM
-# covers. Opt-in (TFLA_FOLD_GATES_FWD_CHUNKED=1): GPU-checked with the other two chunked folds (0 failures in 9 at
-# S 4096, DH 96 / 192: bench/results/session21/check_chunked_folds.log), but it costs GPU time: 0.707 -> 0.745 ms
-# fwd+bwd at DH 96 / S 4096 in chunks of 128 on an H100 (bench/results/session22/ab_folds_each.log). Its programs
-# walk the gates of every chunk before their own, which grows with the square of the chunk count.
-FOLD_GATES_FWD_CHUNKED: bool = os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED", "0") == "1"
-# Rows a step of that walk over the chunks before a program's own (kernels._chunk_gate_vectors); tests lower it to
-# take several steps. 2048 float32 rows are 16 per thread of the launch's 4 warps.
+# launch (kernels._chunk_gate_vectors: each program walks the gates of the rows before its chunk, GATE_WALK_ROWS a
+# step, for the entering max state) instead of a mlstm_gates_fwd launch before it: one launch less. None (the
+# default): on where the backward's row terms are (padded DQK <= ROW_TERMS_DEFAULT_MAX_HEAD_DIM) and the call has at
+# most FOLD_GATES_FWD_CHUNKED_MAX_CHUNKS chunks; TFLA_FOLD_GATES_FWD_CHUNKED=1 / 0 forces it at the head dims
+# ROW_TERMS_MAX_HEAD_DIM covers. The walk's work grows with the square of the chunk count. On an H100, fwd+bwd GPU
+# time off -> on (bench/results/session23/ab_gate_walk*.log): S 4096, 32 chunks of 128 at DH 96 / 128, 0.684 -> 0.682
+# and 0.784 -> 0.778 ms, 16 chunks of 256 at DH 64 0.530 -> 0.531; 128 chunks (DH 96 / S 16384) 1.045 -> 1.070. The
+# walk took one chunk a step until session 23, which cost 0.707 -> 0.745 ms at DH 96 / S 4096. GPU-checked with both
+# gate folds on (0 failures in 9 at S 4096, DH 96 / 192: session23/check_gate_walk.log).
+FOLD_GATES_FWD_CHUNKED: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED", ""))
+FOLD_GATES_FWD_CHUNKED_MAX_CHUNKS = 32
+# Rows a step of that walk (kernels._chunk_gate_vectors); tests lower it to take several steps. 2048 float32 rows
+# are 16 per thread of the launch's 4 warps (121 registers, no spills, for sm_90 under Triton 3.6).
 GATE_WALK_ROWS = 2048
 
 
 def folds_gate_vectors_into_state_rows(DQK: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
     """Whether mlstm_fwd can take state_gates_from (see FOLD_GATES_FWD_CHUNKED): a call with chunk states, chunks of
-    at most FOLD_GATES_MAX_CHUNK rows, padded DQK <= ROW_TERMS_MAX_HEAD_DIM."""
-    return (FOLD_GATES_FWD_CHUNKED and keeps_states and lay.L <= FOLD_GATES_MAX_CHUNK
-            and _pow2(DQK) <= ROW_TERMS_MAX_HEAD_DIM)
+    at most FOLD_GATES_MAX_CHUNK rows, padded DQK <= ROW_TERMS_MAX_HEAD_DIM; by default also padded DQK <=
+    ROW_TERMS_DEFAULT_MAX_HEAD_DIM and at most FOLD_GATES_FWD_CHUNKED_MAX_CHUNKS chunks."""
+    padded = _pow2(DQK)
+    on = FOLD_GATES_FWD_CHUNKED
+    if on is None:
+        on = padded <= ROW_TERMS_DEFAULT_MAX_HEAD_DIM and lay.NC <= FOLD_GATES_FWD_CHUNKED_MAX_CHUNKS
+    return on and keeps_states and lay.L <= FOLD_GATES_MAX_CHUNK and padded <= ROW_TERMS_MAX_HEAD_DIM
 
 
 def row_terms_in_state_rows(DQK: int) -> bool:
