@@ -766,7 +766,8 @@ else:
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=kw["chunk_size"],
               seed=seed, vs_default=False)
 
-    @pytest.mark.parametrize("S, L, walk_rows, with_m0", [(70, 8, 16, True), (45, 16, 2048, False), (33, 16, 16, False)])
+    @pytest.mark.parametrize("S, L, walk_rows, with_m0",
+                             [(70, 8, 16, True), (45, 16, 2048, False), (33, 16, 16, False)])
     def test_gate_vectors_from_the_state_rows_launch_match_the_gate_launch(S, L, walk_rows, with_m0, monkeypatch):
         """The max states themselves (FOLD_GATES_FWD_CHUNKED's walk over the rows before each chunk, GATE_WALK_ROWS a
         step) against mlstm_gates_fwd's: the op's outputs hide an error in m wherever the normaliser's floor is not
@@ -783,8 +784,8 @@ else:
         got = launch.gate_vector_buffers(i, lay)
         nsum = torch.zeros(BNH, lay.NC + 1, D, device=DEVICE)
         launch._state_rows(k, *got[:4], None, None, nsum, lay, 1, backward=False, gates=(i, f, m0), exp_gate=True)
+        rows = [slice(c * lay.L, c * lay.L + min(lay.L, S - c * lay.L)) for c in range(lay.NC)]
         for name, a, b in zip(("F", "a", "m per row", "m per chunk"), got[:4], want[:4]):
-            rows = [slice(c * lay.L, c * lay.L + min(lay.L, S - c * lay.L)) for c in range(lay.NC)]
             if name != "m per chunk":  # the padded tail of the last chunk is not read
                 a, b = torch.cat([a[:, r] for r in rows], 1), torch.cat([b[:, r] for r in rows], 1)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
