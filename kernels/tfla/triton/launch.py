@@ -43,6 +43,12 @@ from .score_kernels import (
 POISON_OUTPUTS = False
 
 
+def _env_override(name: str) -> Optional[bool]:
+    """A switch's value forced from the environment: True for name=1, False for name=0, None (decide by the
+    switch's own rule) when unset or anything else."""
+    return {"1": True, "0": False}.get(os.environ.get(name, ""))
+
+
 def _new(like: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(like)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
@@ -435,8 +441,7 @@ STATE_ROWS_TILE = (64, 128)  # rows per step and head-dim columns per program of
 # gate folds below (DH 192 / S 4096, chunks of 256: all three cost 2 % of GPU time, session21/ab_chunked_folds.log),
 # so they keep the mlstm_bwd_rows launch. TFLA_ROW_TERMS_IN_STATE_ROWS=1 / 0 forces it on / off (the padded-DQK
 # limit stays); None: by head dim.
-ROW_TERMS_IN_STATE_ROWS: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_ROW_TERMS_IN_STATE_ROWS",
-                                                                                    ""))
+ROW_TERMS_IN_STATE_ROWS: Optional[bool] = _env_override("TFLA_ROW_TERMS_IN_STATE_ROWS")
 ROW_TERMS_MAX_HEAD_DIM = 256
 ROW_TERMS_DEFAULT_MAX_HEAD_DIM = 128
 
@@ -451,7 +456,7 @@ ROW_TERMS_DEFAULT_MAX_HEAD_DIM = 128
 # and 0.784 -> 0.778 ms, 16 chunks of 256 at DH 64 0.530 -> 0.531; 128 chunks (DH 96 / S 16384) 1.045 -> 1.070. The
 # walk took one chunk a step until session 23, which cost 0.707 -> 0.745 ms at DH 96 / S 4096. GPU-checked with both
 # gate folds on (0 failures in 9 at S 4096, DH 96 / 192: session23/check_gate_walk.log).
-FOLD_GATES_FWD_CHUNKED: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_FOLD_GATES_FWD_CHUNKED", ""))
+FOLD_GATES_FWD_CHUNKED: Optional[bool] = _env_override("TFLA_FOLD_GATES_FWD_CHUNKED")
 FOLD_GATES_FWD_CHUNKED_MAX_CHUNKS = 32
 # Rows a step of that walk (kernels._chunk_gate_vectors); tests lower it to take several steps. 2048 float32 rows
 # are 16 per thread of the launch's 4 warps (121 registers, no spills, for sm_90 under Triton 3.6).
@@ -610,7 +615,7 @@ def mlstm_fwd(
 # SCORE_MATRIX (TFLA_SCORE_MATRIX=1 / 0 in the environment) forces it on or off for every call it may take (tests,
 # benchmarks). Memory: two such matrices live in the backward, B*NH*NC*L*L/2 elements each (plus up to one row block
 # per chunk), about as much as q at DH = L/2.
-SCORE_MATRIX: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("TFLA_SCORE_MATRIX", ""))
+SCORE_MATRIX: Optional[bool] = _env_override("TFLA_SCORE_MATRIX")
 SCORE_MATRIX_MAX_CHUNK = 1024
 # Calls with states (several chunks: S above function.default_chunk_size's one-chunk limit, or an initial or final
 # state) take the path too, chunk by chunk with the state terms in its products (score_kernels.py's docstring);
