@@ -72,16 +72,16 @@ class OpInFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f):
         args = (q, k, v, i, f, None, None, None, True, True, q.shape[2], 1e-6, False)
-        (h, Cst, nst, _, qn), gates = function._fwd_with_gates(*args)
-        ctx.kept = (args, h, Cst, nst, qn, gates)
+        (h, Cst, nst, _, qn), gates, scores = function._fwd_with_gates(*args)
+        ctx.kept = (args, h, Cst, nst, qn, gates, scores)
         return h
 
     @staticmethod
     def backward(ctx, dh):
         BACKWARD_THREAD["ident"] = threading.get_ident()
-        args, h, Cst, nst, qn, gates = ctx.kept
+        args, h, Cst, nst, qn, gates, scores = ctx.kept
         grads = function._bwd_any(dh, None, None, None, *args[:8], h, Cst, nst, qn, True, True, args[10], 1e-6,
-                                  gates=gates)
+                                  gates=gates, scores=scores)
         return grads[:5]
 
 
@@ -89,10 +89,11 @@ def _direct_fns(q, k, v, i, f, dh, S: int):
     """The op's forward and backward called directly (no autograd), on detached inputs."""
     args = (q.detach(), k.detach(), v.detach(), i.detach(), f.detach(), None, None, None, True, True,
             function.default_chunk_size(S, q.shape[-1]), 1e-6, False)
-    (h, Cst, nst, _, qn), gates = function._fwd_with_gates(*args)
+    (h, Cst, nst, _, qn), gates, scores = function._fwd_with_gates(*args)
 
     def bwd():
-        function._bwd_any(dh, None, None, None, *args[:8], h, Cst, nst, qn, True, True, args[10], 1e-6, gates=gates)
+        function._bwd_any(dh, None, None, None, *args[:8], h, Cst, nst, qn, True, True, args[10], 1e-6, gates=gates,
+                          scores=scores)
 
     def fwd_bwd():
         function._fwd_with_gates(*args)

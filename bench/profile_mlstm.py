@@ -178,7 +178,7 @@ def _ab_switches() -> dict:
     return {"direct_launch": (direct_launch, "DIRECT_LAUNCH"), "fold_gates_fwd": (launch, "FOLD_GATES_FWD"),
             "fold_gates_bwd": (launch, "FOLD_GATES_BWD"), "score_matrix": (launch, "SCORE_MATRIX"),
             "split_scores_bwd": (launch, "SPLIT_SCORES_BWD"),
-            "score_matrix_states": (launch, "SCORE_MATRIX_STATES"),
+            "score_matrix_states": (launch, "SCORE_MATRIX_STATES"), "keep_scores": (launch, "KEEP_SCORES"),
             "low_precision_states": (function, "LOW_PRECISION_STATES"),
             "state_terms_from_rows": (launch, "STATE_TERMS_FROM_ROWS"),
             "row_terms_in_state_rows": (launch, "ROW_TERMS_IN_STATE_ROWS"),
@@ -192,7 +192,8 @@ def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     """One row: eager fwd+bwd wall ms (do_bench median) with a switch of the op off and on (direct_launch: every
     launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates_fwd / _bwd: launch.FOLD_GATES_FWD /
     _BWD; score_matrix: launch.SCORE_MATRIX forced off / on; score_matrix_states: launch.SCORE_MATRIX_STATES, the
-    path chunk by chunk with states; low_precision_states: function.LOW_PRECISION_STATES, chunk states stored in the
+    path chunk by chunk with states; keep_scores: launch.KEEP_SCORES, the forward's weights kept for the backward
+    (6 products instead of 7 on the score-matrix path); low_precision_states: function.LOW_PRECISION_STATES, chunk states stored in the
     input dtype; state_terms_from_rows: launch.STATE_TERMS_FROM_ROWS, the gate gradients' A_c from the row sums;
     row_terms_in_state_rows: launch.ROW_TERMS_IN_STATE_ROWS, the backward's row terms from the state-rows launch;
     fold_gates_fwd_chunked / _bwd_chunked: launch.FOLD_GATES_FWD_CHUNKED / _BWD_CHUNKED; chunked_folds: those three

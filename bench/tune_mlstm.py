@@ -161,9 +161,9 @@ def fwd(x, S):
 
 def bwd(x, saved, S):
     q, k, v, i, f, dh = x
-    h, Cst, nst, mst, qn, gate_rows = saved
+    h, Cst, nst, mst, qn, gate_rows, scores = saved
     return function.mlstm_bwd_op(dh, None, None, None, q, k, v, i, f, None, None, None, h, Cst, nst, qn, mst, gate_rows,
-                                 True, True, function.default_chunk_size(S, q.shape[-1]), 1e-6)
+                                 scores, True, True, function.default_chunk_size(S, q.shape[-1]), 1e-6)
 
 
 def gpu_ms(step) -> float:
@@ -562,22 +562,30 @@ def tune_short(args) -> None:
 # the reduction's BK (BK = BV for scores_bwd) or the output slice BO. Query-side kernels need BT % BS == 0, the key
 # side (score_cols) BS % BT == 0, and every row tile must divide launch.SCORE_PACK_ROWS (128).
 SCORE_CANDIDATES = {
-    "scores_fwd": [(64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (64, 64, 64, 4, 2), (128, 64, 64, 8, 3),
-                   (128, 64, 128, 8, 2), (64, 32, 128, 4, 3), (128, 128, 64, 8, 2), (64, 64, 128, 8, 2)],
-    "scores_bwd": [(64, 64, 64, 4, 3), (64, 64, 128, 4, 2), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3),
-                   (128, 64, 128, 8, 2), (64, 64, 64, 8, 3), (64, 32, 128, 4, 3), (64, 64, 128, 8, 3),
-                   (64, 64, 128, 4, 3)],
-    "score_rows": [(64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 256, 8, 3), (128, 64, 256, 8, 2),
-                   (128, 128, 128, 8, 2), (64, 32, 128, 4, 4), (128, 32, 256, 8, 3)],
-    "score_cols": [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 64, 256, 8, 3), (64, 128, 256, 8, 2),
-                   (128, 128, 128, 8, 2), (32, 64, 128, 4, 3), (32, 128, 256, 8, 3)],
+    # output (or reduction) slices of 64 right after the default: DH 192 in three exact slices rather than 128 + a
+    # half-masked 128 (the tuner's budget may end the list early)
+    "scores_fwd": [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4),
+                   (64, 64, 128, 4, 3), (64, 64, 64, 4, 2), (128, 64, 64, 8, 3), (128, 64, 128, 8, 2),
+                   (64, 32, 128, 4, 3), (128, 128, 64, 8, 2), (64, 64, 128, 8, 2)],
+    "scores_bwd": [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 128, 4, 2),
+                   (128, 64, 64, 8, 3), (64, 32, 64, 4, 3), (128, 64, 128, 8, 2), (64, 64, 64, 8, 3),
+                   (64, 32, 128, 4, 3), (64, 64, 128, 8, 3), (64, 64, 128, 4, 3)],
+    "score_rows": [(64, 64, 128, 4, 3), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3),
+                   (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 128, 8, 3), (64, 64, 256, 8, 3),
+                   (128, 64, 256, 8, 2), (128, 128, 128, 8, 2), (64, 32, 128, 4, 4), (128, 32, 256, 8, 3)],
+    "score_cols": [(64, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
+                   (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 128, 8, 3), (64, 64, 256, 8, 3),
+                   (64, 128, 256, 8, 2), (128, 128, 128, 8, 2), (32, 64, 128, 4, 3), (32, 128, 256, 8, 3)],
 }
 # Chunked calls (--seq 4096): the products kernels also form the state term, a [rows, DH] x [DH, BO] product per
 # program that reads a state slice (in the input dtype with function.LOW_PRECISION_STATES, which made BD 64 win over
 # 32 on the H100: bench/results/session17/): larger row tiles read each chunk's state fewer times. (BT, BS, BO, warps,
 # stages, BD); the first is the default.
 SCORE_STATE_CANDIDATES = {
-    "score_rows": [(64, 64, 128, 4, 3, 64), (128, 64, 128, 8, 3, 64), (128, 64, 128, 8, 2, 32),
+    "score_rows": [(64, 64, 128, 4, 3, 64),
+                   # output slices of 64 (DH 192: three exact slices) first, as in SCORE_CANDIDATES
+                   (64, 64, 64, 4, 3, 64), (128, 64, 64, 4, 3, 64), (128, 64, 64, 8, 3, 64),
+                   (128, 64, 128, 8, 3, 64), (128, 64, 128, 8, 2, 32),
                    (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
                    (128, 64, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128),
                    # one accumulator since session 19: 128-row tiles fit 8 warps without spilling (166 registers
@@ -586,7 +594,8 @@ SCORE_STATE_CANDIDATES = {
                    # of these beat the first on the H100 but DH 512's score_cols with the cap (session 19)
                    (128, 64, 128, 8, 3, 64, 128), (128, 64, 256, 8, 2, 64), (128, 64, 128, 4, 3, 64),
                    (64, 64, 128, 4, 2, 64)],
-    "score_cols": [(64, 64, 128, 4, 3, 64), (64, 128, 128, 8, 3, 64), (64, 128, 128, 8, 2, 32),
+    "score_cols": [(64, 64, 128, 4, 3, 64), (64, 64, 64, 4, 3, 64), (64, 128, 64, 4, 3, 64), (64, 128, 64, 8, 3, 64),
+                   (64, 128, 128, 8, 3, 64), (64, 128, 128, 8, 2, 32),
                    (128, 128, 128, 8, 2, 64), (64, 64, 128, 4, 3, 32), (64, 64, 256, 8, 2, 64),
                    (64, 128, 256, 8, 2, 32), (64, 64, 128, 8, 3, 128),
                    (64, 128, 128, 8, 3, 64, 128), (32, 128, 128, 8, 3, 64), (64, 64, 128, 4, 2, 64)],

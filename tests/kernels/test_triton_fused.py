@@ -514,6 +514,18 @@ else:
         "40x33 sig S97 chunks of 64 split dS / Wr": ((1, 2, 97, 40, 33, "sig", torch.float32),
                                                      dict(pack=32, tiles=SMALL_SCORE_TILES, split=True, chunk=64,
                                                           init=True)),
+        # the forward's weights kept for the backward (launch.KEEP_SCORES): dv = W^T (rs dh), no Wr
+        "24x16 exp S150 kept weights": ((2, 2, 150, 24, 16, "exp", torch.float32),
+                                        dict(pack=32, tiles=SMALL_SCORE_TILES, keep=True)),
+        "40x33 sig S97 unnormalised kept weights": ((1, 2, 97, 40, 33, "sig", torch.float32),
+                                                    dict(pack=32, tiles=SMALL_SCORE_TILES, normalize=False,
+                                                         keep=True)),
+        "16x24 fp16 S63 default tiles kept weights": ((2, 1, 63, 16, 24, "exp", torch.float16),
+                                                      dict(pack=128, tiles={}, keep=True)),
+        "24x16 exp S150 chunks of 64, states in and out, kept weights": ((2, 2, 150, 24, 16, "exp", torch.float32),
+                                                                         dict(pack=32, tiles=SMALL_SCORE_TILES,
+                                                                              chunk=64, init=True, ret=True,
+                                                                              keep=True)),
     }
 
     @pytest.mark.parametrize("case", list(SCORE_CASES), ids=list(SCORE_CASES))
@@ -530,9 +542,18 @@ else:
         monkeypatch.setattr(launch, "TILE_OVERRIDES", kw["tiles"])
         monkeypatch.setattr(function, "TOKEN_MAJOR_IN_PLACE", True)
         monkeypatch.setattr(launch, "SPLIT_SCORES_BWD", kw.get("split", False))
+        monkeypatch.setattr(launch, "KEEP_SCORES", kw.get("keep", False))
         normalize = kw.get("normalize", True)
         xs = _inputs(B, NH, S, DQK, DHV, dtype, 11, init)
         launched = _record_launches(monkeypatch)
+        recorded_launch = launch.direct_launch
+        product_flags = []  # (kernel, DO_WR, X_ROW_SCALE) of the score-matrix backward's launches
+
+        def record_flags(kernel, grid, *args, **kwargs):
+            product_flags.append((kernel.fn.__name__, kwargs.get("DO_WR"), kwargs.get("X_ROW_SCALE", False)))
+            recorded_launch(kernel, grid, *args, **kwargs)
+
+        monkeypatch.setattr(launch, "direct_launch", record_flags)
         results = {}
         score_kernels = {"mlstm_scores_fwd_kernel", "mlstm_scores_bwd_kernel", "mlstm_score_rows_kernel",
                          "mlstm_score_cols_kernel"}
@@ -556,6 +577,11 @@ else:
                                                   + ["mlstm_scores_bwd_kernel"] * (2 if kw.get("split") else 1)), launched
             else:
                 assert not score_kernels & set(launched) and matrix_kernels & set(launched), launched
+            if on:  # kept weights: dS alone (no Wr) and dv from W with dh's rows scaled; else Wr formed, unscaled
+                keep = kw.get("keep", False)
+                assert [f[1] for f in product_flags if f[0] == "mlstm_scores_bwd_kernel"][-1] is (not keep)
+                assert [f[2] for f in product_flags if f[0] == "mlstm_score_cols_kernel"][-2:] == [False, keep]
+            product_flags.clear()
         (outs0, grads0), (outs1, grads1) = results[False], results[True]
         out_names = ["h", "C", "n", "m"][:len(outs0)]
         for name, a, b in zip(out_names + NAMES, outs0 + grads0, outs1 + grads1):

@@ -153,13 +153,17 @@ else:
 
     @pytest.mark.parametrize("in_place", [False, True], ids=["copied", "in-place"])
     @pytest.mark.parametrize("init", [False, True])
-    def test_fake_kernels_match_real_strides(init, in_place, monkeypatch):
+    @pytest.mark.parametrize("kept_scores", [False, True])
+    def test_fake_kernels_match_real_strides(init, kept_scores, in_place, monkeypatch):
         # The ViL layer hands the op transposed views ([B, S, NH, DH] memory); torch.compile trusts the fake kernels'
-        # strides and asserts them on the real outputs, so fake and real must agree for such inputs and for states.
-        from tfla.triton import function
+        # strides and asserts them on the real outputs, so fake and real must agree for such inputs and for states,
+        # and for the score-matrix path's weights that the forward keeps for the backward (launch.KEEP_SCORES).
+        from tfla.triton import function, launch
         from tfla.triton.function import mlstm_bwd_op, mlstm_fwd_op
 
         monkeypatch.setattr(function, "TOKEN_MAJOR_IN_PLACE", in_place)
+        monkeypatch.setattr(launch, "SCORE_MATRIX", True if kept_scores else None)
+        monkeypatch.setattr(launch, "KEEP_SCORES", kept_scores)
         B, NH, S, DH = 1, 2, 21, 16
         g = torch.Generator().manual_seed(4)
         q, k, v = (torch.randn(B, S, NH, DH, generator=g).transpose(1, 2) for _ in range(3))
@@ -169,10 +173,11 @@ else:
                        torch.randn(B, NH, generator=g)) if init else (None, None, None))
         fwd_args = (q, k, v, i, f, C0, n0, m0, True, True, 8, 1e-6, True)
         torch.library.opcheck(mlstm_fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
-        h, Cst, nst, mst, qn, gate_rows = mlstm_fwd_op(*fwd_args)
+        h, Cst, nst, mst, qn, gate_rows, scores = mlstm_fwd_op(*fwd_args)
+        assert (scores.numel() > 0) == kept_scores
         dh = torch.randn(B, S, NH, DH, generator=g).transpose(1, 2)
-        bwd_args = (dh, None, None, None, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, True, True, 8,
-                    1e-6)
+        bwd_args = (dh, None, None, None, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, scores, True,
+                    True, 8, 1e-6)
         torch.library.opcheck(mlstm_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
     def test_compiled_graph_uses_the_custom_op_and_matches_eager():

@@ -135,13 +135,13 @@ _LIB = torch.library.Library("tfla", "DEF")
 _LIB.define(
     "mlstm_fwd(Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, Tensor? C0, Tensor? n0, Tensor? m0, bool exp_gate, "
     "bool normalize, SymInt chunk_size, float eps, bool return_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-    "Tensor)",
+    "Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 _LIB.define(
     "mlstm_bwd(Tensor dh, Tensor? dC, Tensor? dn, Tensor? dm, Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, "
     "Tensor? C0, Tensor? n0, Tensor? m0, Tensor h, Tensor Cst, Tensor nst, Tensor qn, Tensor mst, Tensor gate_rows, "
-    "bool exp_gate, bool normalize, SymInt chunk_size, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor scores, bool exp_gate, bool normalize, SymInt chunk_size, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
     "Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
@@ -149,7 +149,8 @@ _LIB.define(
 
 def _mlstm_fwd_kernels(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
     """h [B,NH,S,DHV]; states C [B,NH,NC+1,DQK,DHV], n [B,NH,NC+1,DQK], m [B,NH,NC+1] (empty when not kept); qn;
-    the gate vectors F, a, m [3,B,NH,SP] for the backward (empty on the unfused path, whose backward makes its own)."""
+    the gate vectors F, a, m [3,B,NH,SP] for the backward (empty on the unfused path, whose backward makes its own);
+    the score-matrix path's packed weights for the backward (launch.KEEP_SCORES; empty where none are kept)."""
     return _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
 
 
@@ -182,18 +183,19 @@ def _state_dtype(dtype: torch.dtype, lay: ChunkLayout, has_init: bool, return_st
 
 
 def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
-    (h, Cst, nst, mst, qn), gates = _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps,
-                                                    return_state)
+    (h, Cst, nst, mst, qn), gates, scores = _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize,
+                                                            chunk_size, eps, return_state)
     if Cst is None:  # the op's schema returns tensors: empty ones stand for states that were not kept
         Cst, nst = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     gate_rows = gates.rows if gates is not None else q.new_empty(0, dtype=torch.float32)
-    return h, Cst, nst, mst, qn, gate_rows
+    return h, Cst, nst, mst, qn, gate_rows, scores if scores is not None else q.new_empty(0)
 
 
 def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
     """The op's outputs (with None for the states C, n when they are not kept; _fwd_impl gives the op empty tensors
-    there), and the gate vectors (launch.GateVectors) where the fused backward can reuse them (else None): both paths
-    keep them for the backward (one launch less there, and the backward sees the forward's own vectors).
+    there), the gate vectors (launch.GateVectors) where the fused backward can reuse them (else None): both paths
+    keep them for the backward (one launch less there, and the backward sees the forward's own vectors), and the
+    score-matrix path's weights where the fused backward takes them (launch.KEEP_SCORES; else None).
     Tensors keep their [B, NH, ...] shape on the fused path: the launch wrappers take any leading dims, and every
     reshape is one more dispatch of host time (this op is host-bound at ViL-T's shapes, bench/results)."""
     B, NH, S, DQK = q.shape
@@ -230,9 +232,9 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
         if has_init:
             Cst[:, :, 0] = C0.float()
             nst[:, :, 0] = n0.float()
-    h, qn = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
-                      has_init=has_init, gates_from=gates_from, state_gates_from=state_gates_from)
-    return (h, Cst, nst, mst, qn), gates
+    h, qn, scores = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize,
+                              eps=eps, has_init=has_init, gates_from=gates_from, state_gates_from=state_gates_from)
+    return (h, Cst, nst, mst, qn), gates, scores if fused else None
 
 
 @torch.library.register_fake("tfla::mlstm_fwd", lib=_LIB)
@@ -250,24 +252,28 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
         nst = q.new_empty(0, **f32)
     mst = q.new_empty(B, NH, lay.NC + 1, **f32)
     h = _new_in_layout(v, (B, NH, S, DHV), _token_major(q, lay))
-    gate_rows = q.new_empty(3, B, NH, lay.SP, **f32) if _fused_gates(lay) else q.new_empty(0, **f32)
-    return h, Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32), gate_rows
+    fused = _fused_gates(lay)
+    gate_rows = q.new_empty(3, B, NH, lay.SP, **f32) if fused else q.new_empty(0, **f32)
+    kept = launch.kept_scores_numel(DQK, DHV, B * NH, lay, keeps_states=_keeps_states(lay, C0 is not None,
+                                                                                         return_state))
+    scores = q.new_empty(kept if fused else 0)
+    return h, Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32), gate_rows, scores
 
 
-def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, exp_gate, normalize,
-                       chunk_size, eps):
+def _mlstm_bwd_kernels(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, scores, exp_gate,
+                       normalize, chunk_size, eps):
     """dq, dk, dv, di, df, dC0, dn0, dm0 (the last three empty without an initial state), all contiguous."""
     gates = launch.GateVectors(*gate_rows.unbind(0), mst, gate_rows) if gate_rows.numel() else None
     grads = _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps,
-                     gates=gates)
+                     gates=gates, scores=scores if scores.numel() else None)
     return tuple(q.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
 
 
 def _bwd_any(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps,
-             gates=None):
+             gates=None, scores=None):
     lay = chunk_layout(q.shape[2], chunk_size)
     args = (dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps)
-    grads = _bwd_impl_fused(*args, gates=gates) if _fused_gates(lay) else _bwd_impl(*args)
+    grads = _bwd_impl_fused(*args, gates=gates, scores=scores) if _fused_gates(lay) else _bwd_impl(*args)
     # Some come back as slices of padded or per-chunk buffers; the fake kernel (and so torch.compile) promises
     # dq, dk, dv in the layout of the kernels (_token_major) and the rest contiguous, whatever the inputs' strides.
     token_major = _token_major(q, lay)
@@ -389,10 +395,11 @@ def _bwd_impl(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_ga
 
 
 def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size,
-                    eps, gates=None):
+                    eps, gates=None, scores=None):
     """_bwd_impl with the gate bookkeeping in kernels (the default, see FUSED_KERNELS): same math, same dq, dk, dv
     kernels. Tensors keep their [B, NH, ...] shape (see _fwd_with_gates); the state terms work on [B*NH, ...] views.
-    gates: the forward's launch.GateVectors when it kept them; recomputed otherwise."""
+    gates: the forward's launch.GateVectors when it kept them; recomputed otherwise. scores: the forward's weights
+    on the score-matrix path (launch.KEEP_SCORES), or None."""
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
     BNH = B * NH
@@ -440,6 +447,7 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
         q, k, v, dh, fv, av, mrow, rs, dqn, mst, Cf, nf, dCst, dnst, lay,
         has_final_grad=has_final_grad, state_pass=state_pass, sum_slices=False, fused_dkdv=True,
         row_terms_from=row_terms, state_dots=not from_rows, gate_grads=gate_grads, state_row_terms=state_row_terms,
+        scores=scores,
     )
     if gate_grads is not None:  # the dk + dv kernel wrote di and df (no initial state, so no dm0 nor dC0, dn0)
         return dq, dk, dv, gate_grads.di, gate_grads.df, None, None, None
@@ -465,7 +473,8 @@ def _bwd_impl_fused(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, 
 
 
 @torch.library.register_fake("tfla::mlstm_bwd", lib=_LIB)
-def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, exp_gate, normalize, chunk_size, eps):
+def _(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, scores, exp_gate, normalize,
+      chunk_size, eps):
     f32 = dict(dtype=torch.float32)
     if C0 is not None:
         dC0, dn0, dm0 = C0.new_empty(C0.shape, **f32), n0.new_empty(n0.shape, **f32), m0.new_empty(m0.shape, **f32)
@@ -490,8 +499,8 @@ mlstm_bwd_op = torch.ops.tfla.mlstm_bwd.default
 
 def _setup_context(ctx, inputs, output):
     q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state = inputs
-    h, Cst, nst, mst, qn, gate_rows = output
-    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows)
+    h, Cst, nst, mst, qn, gate_rows, scores = output
+    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, scores)
     ctx.cfg = (exp_gate, normalize, chunk_size, eps)
     ctx.init_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
     ctx.return_state = return_state
@@ -500,15 +509,16 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dh, dCst, dnst, dmst, dqn, dgate_rows):
-    *saved, mst, gate_rows = ctx.saved_tensors
-    return _input_grads(ctx, saved, dh, dCst, dnst, dmst, functools.partial(_bwd_op, mst=mst, gate_rows=gate_rows))
+def _backward(ctx, dh, dCst, dnst, dmst, dqn, dgate_rows, dscores):
+    *saved, mst, gate_rows, scores = ctx.saved_tensors
+    return _input_grads(ctx, saved, dh, dCst, dnst, dmst,
+                        functools.partial(_bwd_op, mst=mst, gate_rows=gate_rows, scores=scores))
 
 
 def _bwd_op(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps, *, mst,
-            gate_rows):
-    return mlstm_bwd_op(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, exp_gate, normalize,
-                        chunk_size, eps)
+            gate_rows, scores):
+    return mlstm_bwd_op(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, scores, exp_gate,
+                        normalize, chunk_size, eps)
 
 
 def _input_grads(ctx, saved, dh, dCst, dnst, dmst, bwd):
@@ -548,7 +558,7 @@ class _EagerMLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
         inputs = (q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
-        (h, Cst, nst, mst, qn), ctx.gates = _fwd_with_gates(*inputs)
+        (h, Cst, nst, mst, qn), ctx.gates, ctx.scores = _fwd_with_gates(*inputs)
         ctx.cfg = (exp_gate, normalize, chunk_size, eps)
         ctx.init_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
         ctx.return_state = return_state
@@ -565,7 +575,8 @@ class _EagerMLSTM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dCst=None, dnst=None, dmst=None):
         saved = ctx.saved_tensors if ctx.return_state else (*ctx.saved_tensors, *ctx.states)
-        return _input_grads(ctx, (*saved, ctx.qn), dh, dCst, dnst, dmst, functools.partial(_bwd_any, gates=ctx.gates))
+        return _input_grads(ctx, (*saved, ctx.qn), dh, dCst, dnst, dmst,
+                            functools.partial(_bwd_any, gates=ctx.gates, scores=ctx.scores))
 
 
 def mlstm_triton(
@@ -594,7 +605,7 @@ def mlstm_triton(
         C0, n0, m0 = initial_state
     args = (q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
     if torch.compiler.is_compiling():
-        h, Cst, nst, mst, _, _ = mlstm_fwd_op(*args)
+        h, Cst, nst, mst, *_ = mlstm_fwd_op(*args)
     elif return_state:
         h, Cst, nst, mst = _EagerMLSTM.apply(*args)
     else:

@@ -558,7 +558,8 @@ def mlstm_fwd(
     gates_from: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     state_gates_from: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns h (shaped as v) and qn [*lead, SP]; fills Cst/nst[:, 1:] (chunk states) when given.
+    """Returns h (shaped as v), qn [*lead, SP] and the score-matrix path's weights where KEEP_SCORES keeps them for
+    the backward (mlstm_bwd's scores), else None; fills Cst/nst[:, 1:] (chunk states) when given.
     gates_from (i, f), contiguous (where folds_gate_vectors says so): fv, av, mrow and mst are outputs, written by the
     fwd_h kernel from the gates (kernels.mlstm_fwd_h_kernel's GATES_FWD), in place of a mlstm_gates_fwd launch.
     state_gates_from (i, f, m0 or None), contiguous (where folds_gate_vectors_into_state_rows says so, with Cst): the
@@ -588,8 +589,9 @@ def mlstm_fwd(
     elif state_gates_from is not None:
         raise ValueError("state_gates_from needs chunk states (folds_gate_vectors_into_state_rows)")
     if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
-        return mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize, eps=eps,
-                                      Cst=Cst, nst=nst, mst=mst)
+        h, qn, w = mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize,
+                                          eps=eps, Cst=Cst, nst=nst, mst=mst)
+        return h, qn, w if KEEP_SCORES else None
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
@@ -605,7 +607,7 @@ def mlstm_fwd(
         HAS_INIT=Cst is not None, NORMALIZE=normalize, EXP_GATE=exp_gate, PREC=prec, FAST_EXP2=_fast_exp2(q),
         NHT=nht, **(dict(GATES_FWD=True, GT=min(GATE_TILE_ROWS, _pow2(lay.L))) if gates_from is not None else {}),
     )
-    return h, qn
+    return h, qn, None
 
 
 # The score-matrix path (score_kernels.py): each chunk's weights are formed once and stored (lower triangle, in the
@@ -635,6 +637,12 @@ SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of ev
 # H200 (bench/results/session14/ab_split_scores_bwd_h200.log, measured with both triangles allocated): off by default,
 # TFLA_SPLIT_SCORES_BWD=1 to halve the path's extra memory.
 SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
+# The forward's weights W kept for the backward (mlstm_fwd returns them, mlstm_bwd takes them as scores): the backward
+# then forms dS alone, one product instead of two (dS and Wr = W rs), and takes dv = W^T (rs dh) from the kept W: 6
+# causal products per fwd+bwd instead of 7. Memory: W lives from the forward to the backward (one triangle per chunk
+# and head, what the backward's Wr took before only while it ran), so the backward's peak is the same and a model's
+# activations grow by one triangle per layer. TFLA_KEEP_SCORES=1 / 0 in the environment.
+KEEP_SCORES: bool = os.environ.get("TFLA_KEEP_SCORES", "0") == "1"
 
 
 def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
@@ -651,11 +659,24 @@ def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: boo
     return padded > ONE_PASS_DKDV_MAX_HEAD_DIM
 
 
+def _score_matrix_elements(lay: ChunkLayout) -> int:
+    """Elements of one packed lower-triangular [L, L] matrix (score_kernels.py: row blocks of SCORE_PACK_ROWS)."""
+    blocks = _cdiv(lay.L, SCORE_PACK_ROWS)
+    return SCORE_PACK_ROWS * SCORE_PACK_ROWS * blocks * (blocks + 1) // 2
+
+
+def kept_scores_numel(DQK: int, DHV: int, BNH: int, lay: ChunkLayout, *, keeps_states: bool) -> int:
+    """Elements of the weights mlstm_fwd keeps for the backward (KEEP_SCORES) in a call of this shape, 0 where it
+    keeps none: what the registered op's fake kernel promises."""
+    if not (KEEP_SCORES and uses_score_matrix(DQK, DHV, lay, keeps_states=keeps_states)):
+        return 0
+    return BNH * lay.NC * _score_matrix_elements(lay)
+
+
 def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout) -> tuple[torch.Tensor, int]:
     """An uninitialised packed lower-triangular [L, L] matrix per (batch, head, chunk) in like's dtype, and its
     elements per matrix."""
-    blocks = _cdiv(lay.L, SCORE_PACK_ROWS)
-    per_matrix = SCORE_PACK_ROWS * SCORE_PACK_ROWS * blocks * (blocks + 1) // 2
+    per_matrix = _score_matrix_elements(lay)
     buf = torch.empty(BNH * lay.NC * per_matrix, device=like.device, dtype=like.dtype)
     if POISON_OUTPUTS:
         buf.fill_(float("nan"))
@@ -675,12 +696,14 @@ _SCORE_PRODUCTS = {"score_rows": (mlstm_score_rows_kernel, "BT"), "score_cols": 
 
 def _apply_scores(name: str, m: torch.Tensor, per_matrix: int, x: torch.Tensor, out: torch.Tensor,
                   y: Optional[torch.Tensor], lay: ChunkLayout, BNH: int, nht: int, prec: str, *tail,
-                  state: Optional[tuple] = None, **consts) -> Optional[torch.Tensor]:
+                  state: Optional[tuple] = None, x_scale: Optional[torch.Tensor] = None,
+                  **consts) -> Optional[torch.Tensor]:
     """One product over stored score matrices (name: "score_rows" or "score_cols", see _SCORE_PRODUCTS) into out;
     with y, also the row sums y.out per output slice, returned as [slices, BNH, SP]. tail: the kernel's arguments after
     the matrix's size up to the state term's (the rows kernel's qn, m and eps); then the state term's, state =
     (kind, a, chunk states, n-vector or None, *gate vectors) for the kernel's STATE = kind (1, 2), or None: no state
-    term (its gate-vector arguments then get dummies: rows kernel fv, mst, rs, dqn, scale; cols kernel fv, av, m)."""
+    term (its gate-vector arguments then get dummies: rows kernel fv, mst, rs, dqn, scale; cols kernel fv, av, m).
+    x_scale ([BNH, SP] float32, score_cols only): x's rows scaled by it before the products (X_ROW_SCALE)."""
     D = x.shape[-1]
     cfg = _score_tiles(name, D, D, gpu_arch(x.device), lay.NC > 1 or state is not None)
     cfg["BO"] = min(cfg["BO"], _pow2(D))
@@ -688,6 +711,11 @@ def _apply_scores(name: str, m: torch.Tensor, per_matrix: int, x: torch.Tensor, 
     # zeroed past S: the gate gradients' reversed cumsum runs over the padding of the last chunk
     rsum = _row_sums(n_slices, BNH, lay.SP, device=x.device, zeroed=lay.SP != lay.S) if y is not None else None
     kernel, outer = _SCORE_PRODUCTS[name]
+    if x_scale is not None and name != "score_cols":
+        raise ValueError("x_scale: only the score_cols kernel scales x's rows")
+    row_scale = ((x_scale if x_scale is not None else m,) if name == "score_cols" else ())
+    if x_scale is not None:
+        consts["X_ROW_SCALE"] = True
     if state is not None:
         kind, a, st, nvec, *gates = state
         state_args = (a, st, nvec if nvec is not None else st, *gates)
@@ -697,17 +725,18 @@ def _apply_scores(name: str, m: torch.Tensor, per_matrix: int, x: torch.Tensor, 
         state_consts = {}
     _launch_tiled(
         kernel, lambda t: (_cdiv(lay.L, t[outer]), n_slices, BNH * lay.NC), cfg,
-        m, x, out, y if y is not None else x, rsum if rsum is not None else m, lay.S, lay.L, lay.NC, lay.SP,
-        per_matrix, *tail, *state_args,
+        m, x, out, y if y is not None else x, rsum if rsum is not None else m, *row_scale, lay.S, lay.L, lay.NC,
+        lay.SP, per_matrix, *tail, *state_args,
         D=D, PREC=prec, NHT=nht, PACK=SCORE_PACK_ROWS, ROW_DOT=y is not None, **state_consts, **consts,
     )
     return rsum
 
 
 def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate: bool, normalize: bool,
-                           eps: float, Cst=None, nst=None, mst=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """mlstm_fwd through the stored weights (uses_score_matrix): h and qn; with Cst (the chunk states, filled), nst
-    and mst, the entering states' terms too (as fwd_h's HAS_INIT)."""
+                           eps: float, Cst=None, nst=None, mst=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mlstm_fwd through the stored weights (uses_score_matrix): h, qn and the weights W (the packed triangles, which
+    the caller may keep for the backward: KEEP_SCORES); with Cst (the chunk states, filled), nst and mst, the entering
+    states' terms too (as fwd_h's HAS_INIT)."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -729,15 +758,17 @@ def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate:
     _apply_scores("score_rows", w, per_matrix, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,
                   state=(1, q, Cst, None, fv, mst, fv, fv, scale) if has_state else None,
                   NORMALIZE=normalize, EXP_GATE=exp_gate)
-    return h, qn
+    return h, qn, w
 
 
 def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInputs], rs, dqn, lay: ChunkLayout, *,
-                           Cst=None, nst=None, mst=None, dCst=None, dnst=None) -> tuple[torch.Tensor, ...]:
+                           Cst=None, nst=None, mst=None, dCst=None, dnst=None,
+                           scores: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """mlstm_bwd through stored score matrices (uses_score_matrix): dq, dk, dv and the row sums q.dq, k.dk per output
     slice ([slices, BNH, SP]). With rows (one chunk without a state pass), rs, dqn and rows.dm_row are written here;
     without, rs and dqn are inputs. Cst / nst / mst (the forward's chunk states): dq's entering-state terms (as the
-    dq kernel's HAS_INIT); dCst / dnst (the state gradients, filled): dk's and dv's (as HAS_FINAL)."""
+    dq kernel's HAS_INIT); dCst / dnst (the state gradients, filled): dk's and dv's (as HAS_FINAL).
+    scores: the forward's weights W (KEEP_SCORES): dv = W^T (rs dh) from them, and Wr is not formed."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -747,7 +778,7 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInpu
     cfg = _score_tiles("scores_bwd", DQK, DHV, arch, lay.NC > 1 or Cst is not None or dCst is not None)
     scale = 1.0 / math.sqrt(DQK)
 
-    def scores(ds, wr, do_ds: bool, do_wr: bool) -> None:
+    def form(ds, wr, do_ds: bool, do_wr: bool) -> None:
         _launch_tiled(
             mlstm_scores_bwd_kernel, lambda t: (_cdiv(lay.L, t["BT"]), BNH * lay.NC), cfg,
             q, k, v, dh, rows.h if rows else dh, fv, av, mrow, rows.qn if rows else fv, rs, dqn,
@@ -760,11 +791,16 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInpu
 
     ds, per_matrix = _score_matrix(q, BNH, lay)
     wr = None
-    if SPLIT_SCORES_BWD:  # dS first (it writes the row terms that the Wr pass reads)
-        scores(ds, ds, True, False)
+    if scores is not None:  # dS alone (with the row terms rs); dv from the kept W, dh's rows scaled by rs
+        if scores.numel() != BNH * lay.NC * per_matrix:
+            raise ValueError(f"scores: {scores.numel()} elements, expected {BNH * lay.NC * per_matrix} (the forward's "
+                             "packed weights of this call's layout)")
+        form(ds, ds, True, False)
+    elif SPLIT_SCORES_BWD:  # dS first (it writes the row terms that the Wr pass reads)
+        form(ds, ds, True, False)
     else:
         wr, _ = _score_matrix(q, BNH, lay)
-        scores(ds, wr, True, True)
+        form(ds, wr, True, True)
     dq, dk, dv = _new(q), _new(k), _new(v)
     qdq = _apply_scores("score_rows", ds, per_matrix, k, dq, q, lay, BNH, nht, prec, fv, mrow, 0.0,
                         state=(2, dh, Cst, nst, fv, mst, rs, dqn, scale) if Cst is not None else None,
@@ -772,9 +808,13 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInpu
     final = dCst is not None
     kdk = _apply_scores("score_cols", ds, per_matrix, q, dk, k, lay, BNH, nht, prec,
                         state=(1, v, dCst, dnst, fv, av, mrow) if final else None)
+    if scores is not None:
+        _apply_scores("score_cols", scores, per_matrix, dh, dv, None, lay, BNH, nht, prec,
+                      state=(2, k, dCst, None, fv, av, mrow) if final else None, x_scale=rs)
+        return dq, dk, dv, qdq, kdk
     if SPLIT_SCORES_BWD:  # then Wr in dS's memory: one triangle at a time
         wr = ds
-        scores(wr, wr, False, True)
+        form(wr, wr, False, True)
     _apply_scores("score_cols", wr, per_matrix, dh, dv, None, lay, BNH, nht, prec,
                   state=(2, k, dCst, None, fv, av, mrow) if final else None)
     return dq, dk, dv, qdq, kdk
@@ -888,6 +928,7 @@ def mlstm_bwd(
     state_dots: bool = False,
     gate_grads: Optional[GateGradsInDkdv] = None,
     state_row_terms: Optional[RowTermInputs] = None,
+    scores: Optional[torch.Tensor] = None,
 ) -> tuple:
     """Returns dq, dk, dv and the row sums q.dq [BNH, SP], k.dk [BNH, SP] (float32); with sum_slices=False the row
     sums come per output slice, [NKO, BNH, SP], for the fused gate kernel to add up. fused_dkdv takes
@@ -908,7 +949,8 @@ def mlstm_bwd(
     kernels (mlstm_bwd_score_matrix) instead of the matrix kernels.
     state_row_terms (with a state pass, where row_terms_in_state_rows says so): rs and dqn are outputs, filled with
     state_row_terms.dm_row by the state-rows launch (ROW_TERMS_IN_STATE_ROWS), in place of a mlstm_bwd_rows launch
-    by the caller."""
+    by the caller.
+    scores: the weights mlstm_fwd kept (KEEP_SCORES), for the score-matrix path; ignored by the matrix kernels."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -948,7 +990,7 @@ def mlstm_bwd(
     if (gate_grads is None and (rows is not None or state_pass)
             and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None or has_final)):
         dq, dk, dv, qdq, kdk = mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows, rs, dqn, lay, Cst=Cst,
-                                                      nst=nst, mst=mst, dCst=dCst, dnst=dnst)
+                                                      nst=nst, mst=mst, dCst=dCst, dnst=dnst, scores=scores)
         out = (dq, dk, dv, qdq, kdk) if not sum_slices else (dq, dk, dv, qdq.sum(0), kdk.sum(0))
         return (*out, apart) if state_dots else out
     dcst, dnst_ = (dCst, dnst) if has_final else (dummy, dummy)

@@ -297,17 +297,31 @@ def mlstm_score_rows_kernel(
 
 
 @triton.jit
+def _scaled_rows(x_base, XS, vec, t_loc, t_ok, offs_o, D: tl.constexpr, R: tl.constexpr, BO: tl.constexpr,
+                 X_ROW_SCALE: tl.constexpr):
+    """Rows t_loc of x's output slice (mlstm_score_cols_kernel), times XS[vec + t] with X_ROW_SCALE."""
+    x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
+    if X_ROW_SCALE:
+        xs = tl.load(XS + vec + t_loc, mask=t_ok, other=0.0)
+        x = (x.to(tl.float32) * xs[:, None]).to(x.dtype)
+    return x
+
+
+@triton.jit
 def mlstm_score_cols_kernel(
-    M, X, OUT, Y, RSUM,
+    M, X, OUT, Y, RSUM, XS,
     S, L, NC, SP, TRI,
     A, ST, NV, FV, AV, MROW,
     D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr,
     PREC: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr, ROW_DOT: tl.constexpr,
     STATE: tl.constexpr = 0, DA: tl.constexpr = 16, SW: tl.constexpr = 16, BD: tl.constexpr = 64,
+    X_ROW_SCALE: tl.constexpr = False,
 ):
     """out[j, o-slice] = sum_{t >= j} M[t, j] x[t, o-slice] for one key tile of one chunk and output slice:
     dk = dS^T q and dv = Wr^T dh in the backward (ROW_DOT: with the row sums y.out of this slice, y = k, stored at
     RSUM[pid_o]). BS is a multiple of BT: the query tiles inside the key tile's rows take the causal mask.
+    X_ROW_SCALE: x's rows scaled by XS ([BNH, SP], float32) before the products, rounded to x's dtype: dv = W^T (rs dh)
+    from the forward's kept weights W (launch.KEEP_SCORES), which is Wr^T dh without forming Wr.
     STATE adds the leaving chunk state's gradient term, e_j times: 1 (dk) v_j dC_{c+1}^T[:, o-slice] +
     dn_{c+1}[o-slice]; 2 (dv) k_j dC_{c+1}[:, o-slice]. A: v or k (DA wide), ST: dC ([DQK, DHV], rows SW apart),
     NV: dn, FV / AV / MROW: the gate vectors."""
@@ -327,12 +341,12 @@ def mlstm_score_cols_kernel(
         t_ok = t_loc < Lc
         m = tl.load(_tri_ptrs(M, mat, TRI, t0, t_loc, s_loc, PACK),
                     mask=(s_loc[None, :] <= t_loc[:, None]) & t_ok[:, None], other=0.0)
-        x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
+        x = _scaled_rows(x_base, XS, vec, t_loc, t_ok, offs_o, D, R, BO, X_ROW_SCALE)
         acc += tl.dot(tl.trans(m), x, input_precision=PREC)
     for t0 in range(s_lo + BS, Lc, BT):
         t_loc = t0 + tl.arange(0, BT)
         t_ok = t_loc < Lc
         m = tl.load(_tri_ptrs(M, mat, TRI, t0, t_loc, s_loc, PACK), mask=t_ok[:, None], other=0.0)
-        x = _load_rows(x_base, t_loc, t_ok, offs_o, D, R, True, D % BO != 0)
+        x = _scaled_rows(x_base, XS, vec, t_loc, t_ok, offs_o, D, R, BO, X_ROW_SCALE)
         acc += tl.dot(tl.trans(m), x, input_precision=PREC)
     _store_slice(OUT, Y, RSUM, acc, bh, row0, pid_o, s_loc, s_ok, offs_o, vec, S, NC, SP, D, NHT, ROW_DOT)
