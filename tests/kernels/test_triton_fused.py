@@ -608,6 +608,7 @@ else:
         import os
 
         assert launch.SCORE_MATRIX is None or os.environ.get("TFLA_SCORE_MATRIX") in ("0", "1")
+        assert launch.KEEP_SCORES or os.environ.get("TFLA_KEEP_SCORES") == "0"  # the forward's weights kept
         monkeypatch.setattr(launch, "SCORE_MATRIX", None)
         one = launch.chunk_layout(196, 196)
         assert launch.uses_score_matrix(384, 384, one, keeps_states=False)

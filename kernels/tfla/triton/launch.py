@@ -590,7 +590,7 @@ def mlstm_fwd(
         raise ValueError("state_gates_from needs chunk states (folds_gate_vectors_into_state_rows)")
     if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
         h, qn, w = mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize,
-                                          eps=eps, Cst=Cst, nst=nst, mst=mst)
+                                          eps=eps, Cst=Cst, nst=nst, mst=mst, keep=KEEP_SCORES)
         return h, qn, w if KEEP_SCORES else None
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
@@ -639,10 +639,15 @@ SCORE_PACK_ROWS = 128  # rows per block of the packed triangle: a multiple of ev
 SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
 # The forward's weights W kept for the backward (mlstm_fwd returns them, mlstm_bwd takes them as scores): the backward
 # then forms dS alone, one product instead of two (dS and Wr = W rs), and takes dv = W^T (rs dh) from the kept W: 6
-# causal products per fwd+bwd instead of 7. Memory: W lives from the forward to the backward (one triangle per chunk
-# and head, what the backward's Wr took before only while it ran), so the backward's peak is the same and a model's
-# activations grow by one triangle per layer. TFLA_KEEP_SCORES=1 / 0 in the environment.
-KEEP_SCORES: bool = os.environ.get("TFLA_KEEP_SCORES", "0") == "1"
+# causal products per fwd+bwd instead of 7. On an H100, bf16, fwd+bwd GPU time off -> on (`python
+# bench/profile_mlstm.py --ab keep_scores 384:1024 512:1024 384:4096 192:4096 384:196`, session 24): DH 384 / S 1024
+# 2.479 -> 2.174 ms, DH 512 / S 1024 3.347 -> 2.812, DH 384 / S 4096 2.727 -> 2.598, DH 192 / S 4096 1.369 -> 1.293,
+# DH 384 / S 196 1.453 -> 1.397 (measured before the kept buffer was zero-filled, a memset of W: about 70 us at DH 384
+# / S 1024 at 3 TB/s). Memory: W lives from the forward to the backward (one triangle per chunk and head, what the
+# backward's Wr took before only while it ran): the op's peak is unchanged (bench/results/session24/), a model's
+# activations grow by one triangle per layer (ViL-B at 224 px, batch 128: about 50 MB a block). TFLA_KEEP_SCORES=0
+# turns it off.
+KEEP_SCORES: bool = os.environ.get("TFLA_KEEP_SCORES", "1") != "0"
 
 
 def uses_score_matrix(DQK: int, DHV: int, lay: ChunkLayout, *, keeps_states: bool) -> bool:
@@ -673,10 +678,12 @@ def kept_scores_numel(DQK: int, DHV: int, BNH: int, lay: ChunkLayout, *, keeps_s
     return BNH * lay.NC * _score_matrix_elements(lay)
 
 
-def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout) -> tuple[torch.Tensor, int]:
-    """An uninitialised packed lower-triangular [L, L] matrix per (batch, head, chunk) in like's dtype, and its
-    elements per matrix."""
+def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout, zeroed: bool = False) -> tuple[torch.Tensor, int]:
+    """A packed lower-triangular [L, L] matrix per (batch, head, chunk) in like's dtype, uninitialised unless zeroed,
+    and its elements per matrix."""
     per_matrix = _score_matrix_elements(lay)
+    if zeroed:
+        return torch.zeros(BNH * lay.NC * per_matrix, device=like.device, dtype=like.dtype), per_matrix
     buf = torch.empty(BNH * lay.NC * per_matrix, device=like.device, dtype=like.dtype)
     if POISON_OUTPUTS:
         buf.fill_(float("nan"))
@@ -733,10 +740,13 @@ def _apply_scores(name: str, m: torch.Tensor, per_matrix: int, x: torch.Tensor, 
 
 
 def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate: bool, normalize: bool,
-                           eps: float, Cst=None, nst=None, mst=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mlstm_fwd through the stored weights (uses_score_matrix): h, qn and the weights W (the packed triangles, which
-    the caller may keep for the backward: KEEP_SCORES); with Cst (the chunk states, filled), nst and mst, the entering
-    states' terms too (as fwd_h's HAS_INIT)."""
+                           eps: float, Cst=None, nst=None, mst=None,
+                           keep: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mlstm_fwd through the stored weights (uses_score_matrix): h, qn and the weights W (the packed triangles); with
+    Cst (the chunk states, filled), nst and mst, the entering states' terms too (as fwd_h's HAS_INIT). keep: W is
+    kept for the backward (KEEP_SCORES) and so becomes an output of the registered op, which must be deterministic:
+    its buffer starts zeroed, since the kernels leave the packed blocks' elements above the diagonal tiles and past
+    S unwritten (no kernel reads them; torch.library.opcheck's AOT-dispatch test compares them)."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -744,7 +754,7 @@ def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate:
     prec = _precision(q.dtype)
     arch = gpu_arch(q.device)
     scale = 1.0 / math.sqrt(DQK)
-    w, per_matrix = _score_matrix(q, BNH, lay)
+    w, per_matrix = _score_matrix(q, BNH, lay, zeroed=keep)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     has_state = Cst is not None
     _launch_tiled(
