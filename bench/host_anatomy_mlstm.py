@@ -72,7 +72,7 @@ class OpInFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f):
         args = (q, k, v, i, f, None, None, None, True, True, q.shape[2], 1e-6, False)
-        (h, Cst, nst, _, qn), gates, scores = function._fwd_with_gates(*args)
+        (h, Cst, nst, _, qn), gates, scores = function._fwd_with_gates(*args, function._keeps_scores(True))
         ctx.kept = (args, h, Cst, nst, qn, gates, scores)
         return h
 
@@ -89,14 +89,14 @@ def _direct_fns(q, k, v, i, f, dh, S: int):
     """The op's forward and backward called directly (no autograd), on detached inputs."""
     args = (q.detach(), k.detach(), v.detach(), i.detach(), f.detach(), None, None, None, True, True,
             function.default_chunk_size(S, q.shape[-1]), 1e-6, False)
-    (h, Cst, nst, _, qn), gates, scores = function._fwd_with_gates(*args)
+    (h, Cst, nst, _, qn), gates, scores = function._fwd_with_gates(*args, function._keeps_scores(True))
 
     def bwd():
         function._bwd_any(dh, None, None, None, *args[:8], h, Cst, nst, qn, True, True, args[10], 1e-6, gates=gates,
                           scores=scores)
 
     def fwd_bwd():
-        function._fwd_with_gates(*args)
+        function._fwd_with_gates(*args, function._keeps_scores(True))
         bwd()
 
     return fwd_bwd, bwd

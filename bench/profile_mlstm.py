@@ -193,11 +193,11 @@ def switch_ab(switch: str, DH: int, S: int, gate: str, rounds: int = 5) -> None:
     launch through Triton's kernel[grid] vs tfla's direct_launch; fold_gates_fwd / _bwd: launch.FOLD_GATES_FWD /
     _BWD; score_matrix: launch.SCORE_MATRIX forced off / on; score_matrix_states: launch.SCORE_MATRIX_STATES, the
     path chunk by chunk with states; keep_scores: launch.KEEP_SCORES, the forward's weights kept for the backward
-    (6 products instead of 7 on the score-matrix path); low_precision_states: function.LOW_PRECISION_STATES, chunk states stored in the
-    input dtype; state_terms_from_rows: launch.STATE_TERMS_FROM_ROWS, the gate gradients' A_c from the row sums;
-    row_terms_in_state_rows: launch.ROW_TERMS_IN_STATE_ROWS, the backward's row terms from the state-rows launch;
-    fold_gates_fwd_chunked / _bwd_chunked: launch.FOLD_GATES_FWD_CHUNKED / _BWD_CHUNKED; chunked_folds: those three
-    together; chunked_gate_folds: the two gate folds together, the row terms as shipped),
+    (6 products instead of 7 on the score-matrix path); low_precision_states: function.LOW_PRECISION_STATES, chunk
+    states stored in the input dtype; state_terms_from_rows: launch.STATE_TERMS_FROM_ROWS, the gate gradients' A_c
+    from the row sums; row_terms_in_state_rows: launch.ROW_TERMS_IN_STATE_ROWS, the backward's row terms from the
+    state-rows launch; fold_gates_fwd_chunked / _bwd_chunked: launch.FOLD_GATES_FWD_CHUNKED / _BWD_CHUNKED;
+    chunked_folds: those three together; chunked_gate_folds: the two gate folds together, the row terms as shipped),
     alternating `rounds` times in this one process, since this host's speed drifts between processes
     more than the difference (bench/results/session12/host_timeline_direct_ab*_h200.log); then the GPU time of each (a
     CUDA-graph replay)."""

@@ -156,7 +156,7 @@ def table_key(kernel: str, dh: int) -> str:
 def fwd(x, S):
     q, k, v, i, f, _ = x
     return function.mlstm_fwd_op(q, k, v, i, f, None, None, None, True, True,
-                                 function.default_chunk_size(S, q.shape[-1]), 1e-6, False)
+                                 function.default_chunk_size(S, q.shape[-1]), 1e-6, False, function._keeps_scores(True))
 
 
 def bwd(x, saved, S):

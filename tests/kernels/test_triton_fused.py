@@ -601,6 +601,31 @@ else:
         check(B, NH, S, DQK, DHV, gate, dtype, normalize=normalize, init=init, ret=ret, chunk_size=chunk, seed=11,
               vs_default=False)
 
+    def test_weights_are_kept_only_where_a_backward_runs(monkeypatch, fresh_tiles):
+        """launch.KEEP_SCORES keeps the forward's weights (a zero-filled buffer, held until the backward) only for
+        calls whose backward will run: not for inputs without gradients, not under no_grad; and where they are kept,
+        the backward takes dv from them (no Wr formed)."""
+        real = launch.mlstm_fwd_score_matrix
+        kept = []
+
+        def spy(*args, **kwargs):
+            kept.append(kwargs["keep"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(launch, "mlstm_fwd_score_matrix", spy)
+        monkeypatch.setattr(launch, "SCORE_MATRIX", True)
+        monkeypatch.setattr(launch, "KEEP_SCORES", True)
+        monkeypatch.setattr(launch, "TILE_OVERRIDES", SMALL_SCORE_TILES)
+        monkeypatch.setattr(launch, "SCORE_PACK_ROWS", 32)
+        xs = _inputs(1, 2, 40, 16, 16, torch.float32, 5, False)
+        mlstm_triton(*xs)
+        with torch.no_grad():
+            mlstm_triton(*[x.requires_grad_() for x in xs])
+        launched = _record_launches(monkeypatch)
+        mlstm_triton(*xs).sum().backward()
+        assert kept == [False, False, True]
+        assert "mlstm_score_cols_kernel" in launched and all(x.grad is not None for x in xs)
+
     def test_score_matrix_is_the_default_for_wide_heads_in_one_chunk(monkeypatch, fresh_tiles):
         """launch.uses_score_matrix: by default where the matrix kernels slice their outputs (padded head dims above
         256; chunked calls from 256 up), in chunks of at most SCORE_MATRIX_MAX_CHUNK rows, with states unless

@@ -171,7 +171,7 @@ else:
         assert not q.is_contiguous()
         C0, n0, m0 = ((torch.randn(B, NH, DH, DH, generator=g), torch.randn(B, NH, DH, generator=g),
                        torch.randn(B, NH, generator=g)) if init else (None, None, None))
-        fwd_args = (q, k, v, i, f, C0, n0, m0, True, True, 8, 1e-6, True)
+        fwd_args = (q, k, v, i, f, C0, n0, m0, True, True, 8, 1e-6, True, kept_scores)
         # with kept weights, also the AOT-dispatch test: it compares every output of two runs, the kept W's unused
         # elements included (which is why its buffer starts zeroed: launch.mlstm_fwd_score_matrix)
         aot = ("test_aot_dispatch_dynamic",) if kept_scores else ()

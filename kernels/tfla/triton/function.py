@@ -134,24 +134,32 @@ def _new_in_layout(like: torch.Tensor, shape, token_major: bool) -> torch.Tensor
 _LIB = torch.library.Library("tfla", "DEF")
 _LIB.define(
     "mlstm_fwd(Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, Tensor? C0, Tensor? n0, Tensor? m0, bool exp_gate, "
-    "bool normalize, SymInt chunk_size, float eps, bool return_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-    "Tensor, Tensor)",
+    "bool normalize, SymInt chunk_size, float eps, bool return_state, bool keep_scores=False) -> (Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 _LIB.define(
     "mlstm_bwd(Tensor dh, Tensor? dC, Tensor? dn, Tensor? dm, Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, "
     "Tensor? C0, Tensor? n0, Tensor? m0, Tensor h, Tensor Cst, Tensor nst, Tensor qn, Tensor mst, Tensor gate_rows, "
-    "Tensor scores, bool exp_gate, bool normalize, SymInt chunk_size, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-    "Tensor, Tensor)",
+    "Tensor scores, bool exp_gate, bool normalize, SymInt chunk_size, float eps) -> (Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 
 
-def _mlstm_fwd_kernels(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+def _mlstm_fwd_kernels(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state,
+                       keep_scores=False):
     """h [B,NH,S,DHV]; states C [B,NH,NC+1,DQK,DHV], n [B,NH,NC+1,DQK], m [B,NH,NC+1] (empty when not kept); qn;
     the gate vectors F, a, m [3,B,NH,SP] for the backward (empty on the unfused path, whose backward makes its own);
-    the score-matrix path's packed weights for the backward (launch.KEEP_SCORES; empty where none are kept)."""
-    return _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
+    the score-matrix path's packed weights for the backward where keep_scores asks for them (_keeps_scores; empty
+    where none are kept)."""
+    return _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state, keep_scores)
+
+
+def _keeps_scores(needs_grad: bool) -> bool:
+    """Whether a forward keeps the score-matrix path's weights for its backward (launch.KEEP_SCORES): only where a
+    backward will run, since keeping them costs a zero fill (launch.mlstm_fwd_score_matrix) and memory."""
+    return launch.KEEP_SCORES and needs_grad
 
 
 def _keeps_states(lay: ChunkLayout, has_init: bool, return_state: bool) -> bool:
@@ -182,20 +190,21 @@ def _state_dtype(dtype: torch.dtype, lay: ChunkLayout, has_init: bool, return_st
     return torch.float32
 
 
-def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+def _fwd_impl(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state, keep_scores=False):
     (h, Cst, nst, mst, qn), gates, scores = _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize,
-                                                            chunk_size, eps, return_state)
+                                                            chunk_size, eps, return_state, keep_scores)
     if Cst is None:  # the op's schema returns tensors: empty ones stand for states that were not kept
         Cst, nst = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     gate_rows = gates.rows if gates is not None else q.new_empty(0, dtype=torch.float32)
     return h, Cst, nst, mst, qn, gate_rows, scores if scores is not None else q.new_empty(0)
 
 
-def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state,
+                    keep_scores=False):
     """The op's outputs (with None for the states C, n when they are not kept; _fwd_impl gives the op empty tensors
     there), the gate vectors (launch.GateVectors) where the fused backward can reuse them (else None): both paths
     keep them for the backward (one launch less there, and the backward sees the forward's own vectors), and the
-    score-matrix path's weights where the fused backward takes them (launch.KEEP_SCORES; else None).
+    score-matrix path's weights where keep_scores asks for them and the fused backward takes them (else None).
     Tensors keep their [B, NH, ...] shape on the fused path: the launch wrappers take any leading dims, and every
     reshape is one more dispatch of host time (this op is host-bound at ViL-T's shapes, bench/results)."""
     B, NH, S, DQK = q.shape
@@ -233,12 +242,13 @@ def _fwd_with_gates(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, 
             Cst[:, :, 0] = C0.float()
             nst[:, :, 0] = n0.float()
     h, qn, scores = mlstm_fwd(q, k, v, fv, av, mrow, mst, Cst, nst, lay, exp_gate=exp_gate, normalize=normalize,
-                              eps=eps, has_init=has_init, gates_from=gates_from, state_gates_from=state_gates_from)
-    return (h, Cst, nst, mst, qn), gates, scores if fused else None
+                              eps=eps, has_init=has_init, gates_from=gates_from, state_gates_from=state_gates_from,
+                              keep_scores=keep_scores and fused)
+    return (h, Cst, nst, mst, qn), gates, scores
 
 
 @torch.library.register_fake("tfla::mlstm_fwd", lib=_LIB)
-def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state, keep_scores=False):
     B, NH, S, DQK = q.shape
     DHV = v.shape[-1]
     lay = chunk_layout(S, chunk_size)
@@ -256,7 +266,7 @@ def _(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_st
     gate_rows = q.new_empty(3, B, NH, lay.SP, **f32) if fused else q.new_empty(0, **f32)
     kept = launch.kept_scores_numel(DQK, DHV, B * NH, lay, keeps_states=_keeps_states(lay, C0 is not None,
                                                                                          return_state))
-    scores = q.new_empty(kept if fused else 0)
+    scores = q.new_empty(kept if fused and keep_scores else 0)
     return h, Cst, nst, mst, q.new_empty(B, NH, lay.SP, **f32), gate_rows, scores
 
 
@@ -498,7 +508,7 @@ mlstm_bwd_op = torch.ops.tfla.mlstm_bwd.default
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state = inputs
+    q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state, *_ = inputs
     h, Cst, nst, mst, qn, gate_rows, scores = output
     ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, mst, gate_rows, scores)
     ctx.cfg = (exp_gate, normalize, chunk_size, eps)
@@ -511,8 +521,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh, dCst, dnst, dmst, dqn, dgate_rows, dscores):
     *saved, mst, gate_rows, scores = ctx.saved_tensors
-    return _input_grads(ctx, saved, dh, dCst, dnst, dmst,
-                        functools.partial(_bwd_op, mst=mst, gate_rows=gate_rows, scores=scores))
+    grads = _input_grads(ctx, saved, dh, dCst, dnst, dmst,
+                         functools.partial(_bwd_op, mst=mst, gate_rows=gate_rows, scores=scores))
+    return (*grads, None)  # keep_scores
 
 
 def _bwd_op(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate, normalize, chunk_size, eps, *, mst,
@@ -556,9 +567,9 @@ class _EagerMLSTM(torch.autograd.Function):
     normaliser sums and internal states are kept on ctx as intermediates (no reference cycle: they are not outputs)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state):
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state, keep_scores):
         inputs = (q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_size, eps, return_state)
-        (h, Cst, nst, mst, qn), ctx.gates, ctx.scores = _fwd_with_gates(*inputs)
+        (h, Cst, nst, mst, qn), ctx.gates, ctx.scores = _fwd_with_gates(*inputs, keep_scores)
         ctx.cfg = (exp_gate, normalize, chunk_size, eps)
         ctx.init_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
         ctx.return_state = return_state
@@ -575,8 +586,9 @@ class _EagerMLSTM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dCst=None, dnst=None, dmst=None):
         saved = ctx.saved_tensors if ctx.return_state else (*ctx.saved_tensors, *ctx.states)
-        return _input_grads(ctx, (*saved, ctx.qn), dh, dCst, dnst, dmst,
-                            functools.partial(_bwd_any, gates=ctx.gates, scores=ctx.scores))
+        grads = _input_grads(ctx, (*saved, ctx.qn), dh, dCst, dnst, dmst,
+                             functools.partial(_bwd_any, gates=ctx.gates, scores=ctx.scores))
+        return (*grads, None)  # keep_scores
 
 
 def mlstm_triton(
@@ -603,7 +615,9 @@ def mlstm_triton(
     C0 = n0 = m0 = None
     if initial_state is not None:
         C0, n0, m0 = initial_state
-    args = (q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state)
+    # whether a backward will run (known here: an autograd.Function's forward runs with grad mode off)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, i, f, C0, n0, m0))
+    args = (q, k, v, i, f, C0, n0, m0, gate == "exp", normalize, L, eps, return_state, _keeps_scores(needs_grad))
     if torch.compiler.is_compiling():
         h, Cst, nst, mst, *_ = mlstm_fwd_op(*args)
     elif return_state:

@@ -557,9 +557,11 @@ def mlstm_fwd(
     has_init: bool,
     gates_from: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     state_gates_from: Optional[tuple] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns h (shaped as v), qn [*lead, SP] and the score-matrix path's weights where KEEP_SCORES keeps them for
-    the backward (mlstm_bwd's scores), else None; fills Cst/nst[:, 1:] (chunk states) when given.
+    keep_scores: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Returns h (shaped as v), qn [*lead, SP] and, with keep_scores on the score-matrix path, its weights for the
+    backward (mlstm_bwd's scores; the caller asks where KEEP_SCORES and a backward will run), else None; fills
+    Cst/nst[:, 1:] (chunk states) when given.
     gates_from (i, f), contiguous (where folds_gate_vectors says so): fv, av, mrow and mst are outputs, written by the
     fwd_h kernel from the gates (kernels.mlstm_fwd_h_kernel's GATES_FWD), in place of a mlstm_gates_fwd launch.
     state_gates_from (i, f, m0 or None), contiguous (where folds_gate_vectors_into_state_rows says so, with Cst): the
@@ -590,8 +592,8 @@ def mlstm_fwd(
         raise ValueError("state_gates_from needs chunk states (folds_gate_vectors_into_state_rows)")
     if gates_from is None and uses_score_matrix(DQK, DHV, lay, keeps_states=Cst is not None):
         h, qn, w = mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay, exp_gate=exp_gate, normalize=normalize,
-                                          eps=eps, Cst=Cst, nst=nst, mst=mst, keep=KEEP_SCORES)
-        return h, qn, w if KEEP_SCORES else None
+                                          eps=eps, Cst=Cst, nst=nst, mst=mst, keep=keep_scores)
+        return h, qn, w if keep_scores else None
     h = _new(v)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     dummy = fv
@@ -645,8 +647,8 @@ SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
 # DH 384 / S 196 1.453 -> 1.397 (measured before the kept buffer was zero-filled, a memset of W: about 70 us at DH 384
 # / S 1024 at 3 TB/s). Memory: W lives from the forward to the backward (one triangle per chunk and head, what the
 # backward's Wr took before only while it ran): the op's peak is unchanged (bench/results/session24/), a model's
-# activations grow by one triangle per layer (ViL-B at 224 px, batch 128: about 50 MB a block). TFLA_KEEP_SCORES=0
-# turns it off.
+# activations grow by one triangle per layer (ViL-B at 224 px, batch 128: about 50 MB a block). Only calls whose
+# backward will run keep them (function._keeps_scores): inference pays no fill. TFLA_KEEP_SCORES=0 turns it off.
 KEEP_SCORES: bool = os.environ.get("TFLA_KEEP_SCORES", "1") != "0"
 
 
@@ -671,9 +673,9 @@ def _score_matrix_elements(lay: ChunkLayout) -> int:
 
 
 def kept_scores_numel(DQK: int, DHV: int, BNH: int, lay: ChunkLayout, *, keeps_states: bool) -> int:
-    """Elements of the weights mlstm_fwd keeps for the backward (KEEP_SCORES) in a call of this shape, 0 where it
-    keeps none: what the registered op's fake kernel promises."""
-    if not (KEEP_SCORES and uses_score_matrix(DQK, DHV, lay, keeps_states=keeps_states)):
+    """Elements of the weights mlstm_fwd keeps for the backward when asked to (keep_scores) in a call of this shape,
+    0 where the call does not take the score-matrix path: what the registered op's fake kernel promises."""
+    if not uses_score_matrix(DQK, DHV, lay, keeps_states=keeps_states):
         return 0
     return BNH * lay.NC * _score_matrix_elements(lay)
 
