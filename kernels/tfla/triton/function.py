@@ -533,8 +533,9 @@ def _bwd_op(dh, dC, dn, dm, q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn, exp_gate
 
 
 def _input_grads(ctx, saved, dh, dCst, dnst, dmst, bwd):
-    """The gradients of the op's 13 inputs, from the forward's tensors saved = (q, k, v, i, f, C0, n0, m0, h, Cst, nst,
-    qn) and ctx's settings (_setup_context, _EagerMLSTM.forward); bwd computes them (the op, or _bwd_any)."""
+    """The gradients of the op's first 13 inputs (the callers add keep_scores' None), from the forward's tensors
+    saved = (q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn) and ctx's settings (_setup_context, _EagerMLSTM.forward);
+    bwd computes them (the op, or _bwd_any)."""
     q, k, v, i, f, C0, n0, m0, h, Cst, nst, qn = saved
     exp_gate, normalize, chunk_size, eps = ctx.cfg
     if dh is None:
