@@ -603,8 +603,8 @@ else:
 
     def test_weights_are_kept_only_where_a_backward_runs(monkeypatch, fresh_tiles):
         """launch.KEEP_SCORES keeps the forward's weights (a zero-filled buffer, held until the backward) only for
-        calls whose backward will run: not for inputs without gradients, not under no_grad; and where they are kept,
-        the backward takes dv from them (no Wr formed)."""
+        calls whose backward will run: not for inputs without gradients, not under no_grad. (What the backward does
+        with them: test_score_matrix_path's kept-weights cases.)"""
         real = launch.mlstm_fwd_score_matrix
         kept = []
 
@@ -624,7 +624,7 @@ else:
         launched = _record_launches(monkeypatch)
         mlstm_triton(*xs).sum().backward()
         assert kept == [False, False, True]
-        assert "mlstm_score_cols_kernel" in launched and all(x.grad is not None for x in xs)
+        assert "mlstm_scores_bwd_kernel" in launched and all(x.grad is not None for x in xs)
 
     def test_score_matrix_is_the_default_for_wide_heads_in_one_chunk(monkeypatch, fresh_tiles):
         """launch.uses_score_matrix: by default where the matrix kernels slice their outputs (padded head dims above

@@ -803,12 +803,12 @@ def mlstm_bwd_score_matrix(q, k, v, dh, fv, av, mrow, rows: Optional[RowTermInpu
 
     ds, per_matrix = _score_matrix(q, BNH, lay)
     wr = None
-    if scores is not None:  # dS alone (with the row terms rs); dv from the kept W, dh's rows scaled by rs
-        if scores.numel() != BNH * lay.NC * per_matrix:
-            raise ValueError(f"scores: {scores.numel()} elements, expected {BNH * lay.NC * per_matrix} (the forward's "
-                             "packed weights of this call's layout)")
-        form(ds, ds, True, False)
-    elif SPLIT_SCORES_BWD:  # dS first (it writes the row terms that the Wr pass reads)
+    if scores is not None and scores.numel() != BNH * lay.NC * per_matrix:
+        raise ValueError(f"scores: {scores.numel()} elements, expected {BNH * lay.NC * per_matrix} (the forward's "
+                         "packed weights of this call's layout)")
+    # dS alone (with the row terms rs): with kept weights (dv from W, dh's rows scaled by rs) and before the split
+    # pass's Wr launch (which reads rs)
+    if scores is not None or SPLIT_SCORES_BWD:
         form(ds, ds, True, False)
     else:
         wr, _ = _score_matrix(q, BNH, lay)
