@@ -602,7 +602,7 @@ else:
               vs_default=False)
 
     def test_weights_are_kept_only_where_a_backward_runs(monkeypatch, fresh_tiles):
-        """launch.KEEP_SCORES keeps the forward's weights (a zero-filled buffer, held until the backward) only for
+        """launch.KEEP_SCORES keeps the forward's weights (every element written, held until the backward) only for
         calls whose backward will run: not for inputs without gradients, not under no_grad. (What the backward does
         with them: test_score_matrix_path's kept-weights cases.)"""
         real = launch.mlstm_fwd_score_matrix
@@ -625,6 +625,48 @@ else:
         mlstm_triton(*xs).sum().backward()
         assert kept == [False, False, True]
         assert "mlstm_scores_bwd_kernel" in launched and all(x.grad is not None for x in xs)
+
+    @pytest.mark.parametrize("S, chunk", [(40, None), (150, 64)], ids=["one chunk S40", "chunks of 64 S150"])
+    def test_kept_weights_are_written_everywhere(monkeypatch, fresh_tiles, S, chunk):
+        """Kept for the backward (launch.KEEP_SCORES), the weights are an output of the registered op, so the forward
+        writes every element of their buffer (the scores kernel's ZERO_REST): into a buffer poisoned with NaN, the
+        weights (q_t.k_j) exp(F_t - F_j + a_j - m_t)/sqrt(d) on and below the diagonal, zeros right of it (row tiles
+        of 16 in blocks of 32: a diagonal tile leaves columns of its block) and in the rows and columns past the
+        chunk's end (S 40: the second block's rows 40-63, the last row tile of them all past the end)."""
+        from tfla.triton.function import _gate_vectors, mlstm_fwd_op
+
+        P = 32
+        monkeypatch.setattr(launch, "SCORE_PACK_ROWS", P)
+        monkeypatch.setattr(launch, "TILE_OVERRIDES", dict(SMALL_SCORE_TILES, scores_fwd=dict(BT=16, BS=16, BK=16)))
+        monkeypatch.setattr(launch, "SCORE_MATRIX", True)
+        B, NH, DH = 1, 2, 24
+        q, k, v, i, f = _inputs(B, NH, S, DH, DH, torch.float32, 3, False)
+        lay = launch.chunk_layout(S, chunk or S)
+        launch.POISON_OUTPUTS = True
+        try:
+            scores = mlstm_fwd_op(q, k, v, i, f, None, None, None, True, True, lay.L, 1e-6, False, True)[-1]
+        finally:
+            launch.POISON_OUTPUTS = False
+        nb = -(-lay.L // P)
+        per_matrix = P * P * nb * (nb + 1) // 2
+        assert scores.numel() == B * NH * lay.NC * per_matrix and torch.isfinite(scores).all()
+        Fc, a, mrow = (t.double() for t in _gate_vectors(i.view(-1, S), f.view(-1, S), None, True, lay)[:3])
+        qc, kc = (torch.nn.functional.pad(x.double().view(-1, S, DH), (0, 0, 0, lay.SP - S)).view(-1, lay.NC, lay.L, DH)
+                  for x in (q, k))
+        rows = torch.arange(nb * P)
+        for bh in range(B * NH):
+            for c in range(lay.NC):
+                Lc = min(lay.L, S - c * lay.L)
+                packed = scores[(bh * lay.NC + c) * per_matrix:][:per_matrix].double()
+                dense = torch.zeros(nb * P, nb * P, dtype=torch.float64)
+                for blk in range(nb):  # block blk: rows [blk P, (blk + 1) P), columns [0, (blk + 1) P), row-major
+                    start = P * P * blk * (blk + 1) // 2
+                    dense[blk * P:(blk + 1) * P, :(blk + 1) * P] = packed[start:start + P * P * (blk + 1)].view(P, -1)
+                want = torch.zeros_like(dense)
+                decay = Fc[bh, c, :Lc, None] - Fc[bh, c, None, :Lc] + a[bh, c, None, :Lc] - mrow[bh, c, :Lc, None]
+                causal = rows[:Lc, None] >= rows[None, :Lc]
+                want[:Lc, :Lc] = torch.where(causal, qc[bh, c, :Lc] @ kc[bh, c, :Lc].T * decay.exp() / DH ** 0.5, 0.0)
+                assert torch.allclose(dense, want, rtol=1e-4, atol=1e-5), (bh, c, (dense - want).abs().max())
 
     def test_score_matrix_is_the_default_for_wide_heads_in_one_chunk(monkeypatch, fresh_tiles):
         """launch.uses_score_matrix: by default where the matrix kernels slice their outputs (padded head dims above

@@ -158,7 +158,8 @@ def _mlstm_fwd_kernels(q, k, v, i, f, C0, n0, m0, exp_gate, normalize, chunk_siz
 
 def _keeps_scores(needs_grad: bool) -> bool:
     """Whether a forward keeps the score-matrix path's weights for its backward (launch.KEEP_SCORES): only where a
-    backward will run, since keeping them costs a zero fill (launch.mlstm_fwd_score_matrix) and memory."""
+    backward will run, since keeping them costs memory and the zeros written into the elements without a weight
+    (launch.mlstm_fwd_score_matrix)."""
     return launch.KEEP_SCORES and needs_grad
 
 

@@ -680,12 +680,10 @@ def kept_scores_numel(DQK: int, DHV: int, BNH: int, lay: ChunkLayout, *, keeps_s
     return BNH * lay.NC * _score_matrix_elements(lay)
 
 
-def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout, zeroed: bool = False) -> tuple[torch.Tensor, int]:
-    """A packed lower-triangular [L, L] matrix per (batch, head, chunk) in like's dtype, uninitialised unless zeroed,
-    and its elements per matrix."""
+def _score_matrix(like: torch.Tensor, BNH: int, lay: ChunkLayout) -> tuple[torch.Tensor, int]:
+    """A packed lower-triangular [L, L] matrix per (batch, head, chunk) in like's dtype, uninitialised (NaN with
+    POISON_OUTPUTS), and its elements per matrix."""
     per_matrix = _score_matrix_elements(lay)
-    if zeroed:
-        return torch.zeros(BNH * lay.NC * per_matrix, device=like.device, dtype=like.dtype), per_matrix
     buf = torch.empty(BNH * lay.NC * per_matrix, device=like.device, dtype=like.dtype)
     if POISON_OUTPUTS:
         buf.fill_(float("nan"))
@@ -747,8 +745,9 @@ def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate:
     """mlstm_fwd through the stored weights (uses_score_matrix): h, qn and the weights W (the packed triangles); with
     Cst (the chunk states, filled), nst and mst, the entering states' terms too (as fwd_h's HAS_INIT). keep: W is
     kept for the backward (KEEP_SCORES) and so becomes an output of the registered op, which must be deterministic:
-    its buffer starts zeroed, since the kernels leave the packed blocks' elements above the diagonal tiles and past
-    S unwritten (no kernel reads them; torch.library.opcheck's AOT-dispatch test compares them)."""
+    the forming kernel then also writes zeros into the packed blocks' elements that hold no weight (right of the
+    diagonal tiles, rows past the chunk's end), which no kernel reads but torch.library.opcheck's AOT-dispatch test
+    compares (ZERO_REST; until session 25 a zero fill of the whole buffer before the launch did that)."""
     S, DQK = q.shape[-2:]
     DHV = v.shape[-1]
     BNH = _rows_of(q, S, DQK)
@@ -756,15 +755,18 @@ def mlstm_fwd_score_matrix(q, k, v, fv, av, mrow, lay: ChunkLayout, *, exp_gate:
     prec = _precision(q.dtype)
     arch = gpu_arch(q.device)
     scale = 1.0 / math.sqrt(DQK)
-    w, per_matrix = _score_matrix(q, BNH, lay, zeroed=keep)
+    w, per_matrix = _score_matrix(q, BNH, lay)
     qn = _row_sums(*q.shape[:-2], lay.SP, device=q.device, zeroed=lay.SP != S)
     has_state = Cst is not None
+    # kept: every row of the last row block (its padded rows get zeros); else the chunk's rows
+    rows = _cdiv(lay.L, SCORE_PACK_ROWS) * SCORE_PACK_ROWS if keep else lay.L
     _launch_tiled(
-        mlstm_scores_fwd_kernel, lambda t: (_cdiv(lay.L, t["BT"]), BNH * lay.NC),
+        mlstm_scores_fwd_kernel, lambda t: (_cdiv(rows, t["BT"]), BNH * lay.NC),
         _score_tiles("scores_fwd", DQK, DHV, arch, lay.NC > 1 or has_state),
         q, k, fv, av, mrow, qn, w, nst if has_state else fv, mst if has_state else fv,
         S, lay.L, lay.NC, lay.SP, per_matrix, scale,
         DQK=DQK, PREC=prec, FAST_EXP2=_fast_exp2(q), NHT=nht, PACK=SCORE_PACK_ROWS, HAS_STATE=has_state,
+        ZERO_REST=keep,
     )
     h = _new(v)
     _apply_scores("score_rows", w, per_matrix, v, h, None, lay, BNH, nht, prec, qn, mrow, eps,

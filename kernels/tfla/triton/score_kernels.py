@@ -104,31 +104,55 @@ def _state_product(acc, A, ST, bh, row0, rows, r_ok, offs_o, S, st, DA: tl.const
 
 
 @triton.jit
+def _store_weights(W, mat, TRI, t_lo, t_loc, t_ok, s_loc, w, PACK: tl.constexpr, EVERY_ROW: tl.constexpr):
+    """Store a tile of weights into packed matrix mat: the rows before the chunk's end, or (EVERY_ROW) every row of
+    the tile, zeros past the end (a select, not a product: such a row's weight may be inf times a zero score)."""
+    if EVERY_ROW:
+        w = tl.where(t_ok[:, None], w, 0.0)
+        tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty))
+    else:
+        tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
+
+
+@triton.jit
 def mlstm_scores_fwd_kernel(
     Q, K, FV, AV, MROW, QN, W, NST, MST,
     S, L, NC, SP, TRI, scale,
     DQK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, FAST_EXP2: tl.constexpr, NHT: tl.constexpr, PACK: tl.constexpr,
-    HAS_STATE: tl.constexpr = False,
+    HAS_STATE: tl.constexpr = False, ZERO_REST: tl.constexpr = False,
 ):
     """W[t, j] for one query tile of one chunk (the weights of kernels._weight_tile, in W's dtype; zeros above the
     diagonal of the diagonal tiles) and qn_t = sum_j W[t, j] of the float32 weights, plus g_t q_t.n_c with
-    HAS_STATE (NST, MST: the chunk states' n and m). BT is a multiple of BS."""
+    HAS_STATE (NST, MST: the chunk states' n and m). BT is a multiple of BS.
+    ZERO_REST (the weights kept for the backward, launch.KEEP_SCORES): the program also writes zeros into the rest of
+    its rows' part of the row block (the columns right of the diagonal tiles, and the rows past the chunk's end), so
+    that no element of W is left unwritten: kept, W is an output of the registered op, which must not depend on what
+    its memory held before. The launch then covers every row of the last row block (programs past the chunk's end
+    write zeros only)."""
     RQK = NHT * DQK
     bh, c, row0, Lc, mat, t_lo, t_loc, t_ok, q_base, k_base, vec = _score_program(Q, K, S, L, NC, SP, DQK, NHT, BT)
     r_t = _row_decay_term(FV, MROW, vec, t_loc, t_ok, scale)
     q_res, q_res2 = _resident(q_base, t_loc, t_ok, DQK, RQK, BK, 0, Q.dtype.element_ty)
     qn = tl.zeros((BT,), dtype=tl.float32)
-    for j0 in range(0, t_lo, BS):
+    live = t_lo < Lc  # False only for ZERO_REST's programs past the chunk's end
+    for j0 in range(0, tl.where(live, t_lo, 0), BS):
         w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK,
                                    BS, BK, 0, False, PREC, FAST_EXP2)
         qn += tl.sum(w, 1)
-        tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
-    for j0 in range(t_lo, tl.minimum(t_lo + BT, Lc), BS):
+        _store_weights(W, mat, TRI, t_lo, t_loc, t_ok, s_loc, w, PACK, ZERO_REST)
+    diag_end = tl.minimum(t_lo + BT, Lc)
+    for j0 in range(t_lo, diag_end, BS):
         w, s_loc, _ = _weight_tile(q_res, q_res2, j0, q_base, k_base, FV, AV, vec, t_loc, t_ok, r_t, Lc, DQK, RQK,
                                    BS, BK, 0, True, PREC, FAST_EXP2)
         qn += tl.sum(w, 1)
-        tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, s_loc, PACK), w.to(W.dtype.element_ty), mask=t_ok[:, None])
+        _store_weights(W, mat, TRI, t_lo, t_loc, t_ok, s_loc, w, PACK, ZERO_REST)
+    if ZERO_REST:
+        # the columns from the first one the diagonal tiles left (all of them past the chunk's end) to the block's end
+        zero_from = tl.where(live, t_lo + tl.cdiv(diag_end - t_lo, BS) * BS, 0)
+        zeros = tl.zeros((BT, BS), dtype=W.dtype.element_ty)
+        for j0 in range(zero_from, (t_lo // PACK + 1) * PACK, BS):
+            tl.store(_tri_ptrs(W, mat, TRI, t_lo, t_loc, j0 + tl.arange(0, BS), PACK), zeros)
     if HAS_STATE:
         st = bh * (NC + 1) + c
         qn_c = tl.zeros((BT,), dtype=tl.float32)
