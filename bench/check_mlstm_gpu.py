@@ -242,16 +242,19 @@ def main() -> int:
           f"err {errors(h_ac, ref)[0]:.1e}",
           flush=True)
     failures += not ac_ok
-    try:
-        from tfla.triton.function import mlstm_fwd_op
+    from tfla.triton.function import mlstm_fwd_op
 
-        q, k, v, i, f = (x.detach() for x in xs)
-        torch.library.opcheck(mlstm_fwd_op, (q, k, v, i, f, None, None, None, True, True, 197, 1e-6, False),
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-        print("ok   torch.library.opcheck (schema, fake tensor, aot dispatch)", flush=True)
-    except Exception as e:  # report, do not hide
-        print(f"FAIL torch.library.opcheck: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        failures += 1
+    q, k, v, i, f = (x.detach() for x in xs)
+    # keep_scores: the forward's weights as an output too (launch.KEEP_SCORES; a call on the score-matrix path, e.g.
+    # under TFLA_SCORE_MATRIX=1, keeps them), which the AOT-dispatch test compares element by element
+    for keep in (False, True):
+        try:
+            torch.library.opcheck(mlstm_fwd_op, (q, k, v, i, f, None, None, None, True, True, 197, 1e-6, False, keep),
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+            print(f"ok   torch.library.opcheck (schema, fake tensor, aot dispatch), keep_scores={keep}", flush=True)
+        except Exception as e:  # report, do not hide
+            print(f"FAIL torch.library.opcheck keep_scores={keep}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            failures += 1
 
     if args.out:
         with open(args.out, "w") as fh:
@@ -265,7 +268,8 @@ def main() -> int:
                 cells = [f"{res[k][0]:.1e}" if k in res else "" for k in keys]
                 fh.write(f"| {label} | {'yes' if ok else 'NO'} | " + " | ".join(cells) + " |\n")
             fh.write(f"\nDeterministic: {det}. torch.compile: {comp_ok}. autocast: {ac_ok}.\n")
-    print(f"{failures} failure(s) in {len(rows) + 4} checks", flush=True)
+    extra_checks = 6  # determinism at two shapes, torch.compile, autocast, opcheck without and with kept weights
+    print(f"{failures} failure(s) in {len(rows) + extra_checks} checks", flush=True)
     return 1 if failures else 0
 
 
