@@ -297,6 +297,11 @@ def main():
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
+                    # fresh gradients, as do_bench's grad_to_none: accumulating into the last step's would add an
+                    # elementwise add per leaf (at DH 384 / S 4096, 3 x 146 us a step: the "vectorized_elementwise"
+                    # rows of the tables before session 25)
+                    for x in leaves:
+                        x.grad = None
                     step()
                 torch.cuda.synchronize()
             cuda_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1e3
