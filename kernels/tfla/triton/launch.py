@@ -645,10 +645,11 @@ SPLIT_SCORES_BWD: bool = os.environ.get("TFLA_SPLIT_SCORES_BWD", "0") == "1"
 # bench/profile_mlstm.py --ab keep_scores 384:1024 512:1024 384:4096 192:4096 384:196`, session 24): DH 384 / S 1024
 # 2.479 -> 2.174 ms, DH 512 / S 1024 3.347 -> 2.812, DH 384 / S 4096 2.727 -> 2.598, DH 192 / S 4096 1.369 -> 1.293,
 # DH 384 / S 196 1.453 -> 1.397 (with nothing written where no weight lives; with the scores kernel's zeros there,
-# ZERO_REST, session 25: DH 384 / S 1024 2.580 -> 2.213, S 4096 2.758 -> 2.592, bench/results/session25/). Memory: W lives from the forward to the backward (one triangle per chunk and head, what the
-# backward's Wr took before only while it ran): the op's peak is unchanged (bench/results/session24/), a model's
-# activations grow by one triangle per layer (ViL-B at 224 px, batch 128: about 50 MB a block). Only calls whose
-# backward will run keep them (function._keeps_scores): inference pays nothing. TFLA_KEEP_SCORES=0 turns it off.
+# ZERO_REST, session 25: DH 384 / S 1024 2.580 -> 2.213, S 4096 2.758 -> 2.592, bench/results/session25/).
+# Memory: W lives from the forward to the backward (one triangle per chunk and head, what the backward's Wr took
+# before only while it ran): the op's peak is unchanged (bench/results/session24/), a model's activations grow by one
+# triangle per layer (ViL-B at 224 px, batch 128: about 50 MB a block). Only calls whose backward will run keep them
+# (function._keeps_scores): inference pays nothing. TFLA_KEEP_SCORES=0 turns it off.
 KEEP_SCORES: bool = os.environ.get("TFLA_KEEP_SCORES", "1") != "0"
 
 
